@@ -1,0 +1,52 @@
+# gradtrace: every target installs what it needs into .venv first (a fresh clone needs only python3).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+# pytest workers; the suite is sized for 2 cores.
+JOBS   ?= 2
+
+.PHONY: install test test-fast lint format demo reproduce-table1 sweep sweep-local bench clean
+
+# Reinstalls whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) --durations=15
+
+# Everything but the slow real-data and multi-process tests.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+demo: $(STAMP)
+	$(BIN)/python -m gradtrace.experiments.demo
+
+reproduce-table1: $(STAMP)
+	$(BIN)/python -m gradtrace.experiments.table1 --budget $(or $(BUDGET),full)
+
+sweep: $(STAMP)
+	$(BIN)/python -m gradtrace.experiments.sweep agents $(SWEEP) $(if $(GPUS),--gpus $(GPUS))
+
+sweep-local: $(STAMP)
+	$(BIN)/python -m gradtrace.experiments.sweep local $(SWEEP) $(if $(GPUS),--gpus $(GPUS))
+
+bench: $(STAMP)
+	$(BIN)/python -m gradtrace.bench $(if $(QUICK),--quick)
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache runs lightning_logs wandb
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
