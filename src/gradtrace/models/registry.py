@@ -103,7 +103,9 @@ def model_info(name: str) -> ModelInfo:
     except KeyError:
         close = difflib.get_close_matches(name, _REGISTRY, n=5, cutoff=0.4)
         hint = f"closest: {', '.join(close)}" if close else f"known: {', '.join(list_models())}"
-        raise ValueError(f"unknown model {name!r}; {hint} (see gradtrace.models.list_models())")
+        raise ValueError(
+            f"unknown model {name!r}; {hint} (see gradtrace.models.list_models())"
+        ) from None
 
 
 def create_model(
