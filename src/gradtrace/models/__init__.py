@@ -5,6 +5,13 @@ Importing this package registers every family. Families that need optional packa
 """
 
 from gradtrace.models import coursework_vgg  # noqa: F401  (registers vgg, vgg08, vgg38)
-from gradtrace.models.registry import ModelInfo, create_model, list_models, model_info
+from gradtrace.models.layers import AuxLogits
+from gradtrace.models.registry import (
+    ModelInfo,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+)
 
-__all__ = ["ModelInfo", "create_model", "list_models", "model_info"]
+__all__ = ["AuxLogits", "ModelInfo", "create_model", "list_models", "model_info", "register_model"]

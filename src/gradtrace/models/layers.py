@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
+import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "INITS", "init_weights", "make_activation"]
+__all__ = ["ACTIVATIONS", "INITS", "AuxLogits", "check_choice", "init_weights", "make_activation"]
+
+
+class AuxLogits(NamedTuple):
+    """What a model with auxiliary classifiers (GoogLeNet) returns in training mode.
+
+    ``logits`` are the main head's; ``aux`` holds the auxiliary heads' logits, input side
+    first. In eval mode such models return plain logits.
+    """
+
+    logits: torch.Tensor
+    aux: tuple[torch.Tensor, ...]
 
 # name -> (module factory, nonlinearity name for nn.init gains, its parameter)
 _ACTIVATIONS: dict[str, tuple[Callable[[], nn.Module], str, float | None]] = {
