@@ -21,6 +21,7 @@ class AuxLogits(NamedTuple):
     logits: torch.Tensor
     aux: tuple[torch.Tensor, ...]
 
+
 # name -> (module factory, nonlinearity name for nn.init gains, its parameter)
 _ACTIVATIONS: dict[str, tuple[Callable[[], nn.Module], str, float | None]] = {
     "leaky_relu": (lambda: nn.LeakyReLU(0.01), "leaky_relu", 0.01),
