@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import Precision
 from torchvision.transforms.v2 import functional as tvf
 
@@ -442,9 +443,10 @@ def test_augment_false_yields_plain_batches() -> None:
 class Recorder(L.LightningModule):
     """Records what each training step receives; fails on request to simulate a crash."""
 
-    def __init__(self, fail_at: tuple[int, int] | None = None) -> None:
+    def __init__(self, num_classes: int = 10, fail_at: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.layer = torch.nn.Linear(3, 10)
+        self.save_hyperparameters("num_classes")
+        self.layer = torch.nn.Linear(3, num_classes)
         self.fail_at = fail_at
         self.seen: list[tuple[int, int, list[int], float]] = []
         self.val_labels: list[torch.Tensor] = []
@@ -466,25 +468,39 @@ class Recorder(L.LightningModule):
 
 
 def fit(model: Recorder, dm: ImageDataModule, root: Path, epochs: int, **kwargs: object) -> None:
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=root,
-        **kwargs,
-    )
+    options = {
+        "max_epochs": epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": root,
+    }
+    trainer = L.Trainer(**{**options, **kwargs})
     trainer.fit(
         model, datamodule=dm, ckpt_path="last" if (root / "ck" / "last.ckpt").exists() else None
     )
 
 
-def test_trainer_sees_the_documented_batches(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recorder, ImageDataModule]:
+    """A 2-epoch run, with a logger: the reference for the order and resume tests."""
+    root = tmp_path_factory.mktemp("uninterrupted")
     dm, model = ImageDataModule(**SMALL), Recorder()
-    fit(model, dm, tmp_path, epochs=2)
+    # With a logger, Lightning merges the model's and the data module's hparams and refuses
+    # differing values of a shared key: num_classes is saved resolved (10, not None).
+    fit(model, dm, root, epochs=2, logger=CSVLogger(root))
+    return model, dm
+
+
+def test_trainer_sees_the_documented_batches(
+    uninterrupted: tuple[Recorder, ImageDataModule],
+) -> None:
+    model, dm = uninterrupted
+    assert dm.hparams.num_classes == 10
+    assert dm.hparams.image_size == (32, 32)
     assert [(e, i) for e, i, _, _ in model.seen] == [(e, i) for e in (0, 1) for i in range(10)]
     reference = ImageDataModule(**SMALL)
     reference.setup("fit")
@@ -502,28 +518,25 @@ def test_trainer_sees_the_documented_batches(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("every_n_steps", [None, 3], ids=["epoch-end", "mid-epoch"])
 def test_resumed_run_replays_the_uninterrupted_batches(
-    tmp_path: Path, every_n_steps: int | None
+    tmp_path: Path, uninterrupted: tuple[Recorder, ImageDataModule], every_n_steps: int | None
 ) -> None:
-    uninterrupted = Recorder()
-    fit(uninterrupted, ImageDataModule(**SMALL), tmp_path / "a", epochs=3)
-
     def checkpoint() -> ModelCheckpoint:
         return ModelCheckpoint(
-            dirpath=tmp_path / "b" / "ck", save_last=True, every_n_train_steps=every_n_steps
+            dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=every_n_steps
         )
 
     crashed = Recorder(fail_at=(1, 7))
     with pytest.raises(RuntimeError, match="simulated fault"):
-        fit(crashed, ImageDataModule(**SMALL), tmp_path / "b", epochs=3, callbacks=[checkpoint()])
+        fit(crashed, ImageDataModule(**SMALL), tmp_path, epochs=2, callbacks=[checkpoint()])
     resumed = Recorder()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*dataloader is not resumable.*")
-        fit(resumed, ImageDataModule(**SMALL), tmp_path / "b", epochs=3, callbacks=[checkpoint()])
+        fit(resumed, ImageDataModule(**SMALL), tmp_path, epochs=2, callbacks=[checkpoint()])
     first = resumed.seen[0][:2]
     # epoch-end checkpoints restart epoch 1; with one every 3 steps the last is at global
     # step 15 (epoch 1, after batch 4) and the run continues at batch 5
     assert first == ((1, 0) if every_n_steps is None else (1, 5))
-    assert resumed.seen == [s for s in uninterrupted.seen if s[:2] >= first]
+    assert resumed.seen == [s for s in uninterrupted[0].seen if s[:2] >= first]
 
 
 # ---------------------------------------------------------------------------------------------

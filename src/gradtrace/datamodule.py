@@ -321,7 +321,7 @@ class ImageDataModule(L.LightningDataModule):
         device_resident: bool | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.dataset = dataset
         self._kind, self._folder = ds.parse_dataset(dataset)
         _check_int("batch_size", batch_size, 1)
         _check_int("eval_batch_size", eval_batch_size, 1, optional=True)
@@ -368,6 +368,10 @@ class ImageDataModule(L.LightningDataModule):
         self._mean: torch.Tensor | None = None
         self._std: torch.Tensor | None = None
         self._stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Saved resolved: Lightning refuses to start when a key of the model's hparams (which
+        # gets num_classes linked from here) has a different value in the data module's.
+        num_classes, channels, image_size = self._num_classes, self._channels, self._size
+        self.save_hyperparameters()
 
     # ---- what is known before setup (LightningCLI links these into the model)
 
@@ -390,7 +394,7 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def classes(self) -> tuple[str, ...]:
-        """Class names, index order."""
+        """Class names in index order (CIFAR's come from its archive: known after setup)."""
         if self._classes is None:
             self._require_setup()
             assert self._classes is not None
@@ -514,7 +518,7 @@ class ImageDataModule(L.LightningDataModule):
         images, labels = self.split(name)
         if name == "test" and labels.numel() == 0 and self._kind == "imagefolder":
             raise ValueError(
-                f"{self.hparams.dataset} has train/ but no test/ folder, so there is no test split"
+                f"{self.dataset} has train/ but no test/ folder, so there is no test split"
             )
         world_size, rank = self._dist()
         return EvalBatches(images, labels, self.eval_batch_size, world_size=world_size, rank=rank)
@@ -543,7 +547,7 @@ class ImageDataModule(L.LightningDataModule):
             count = 100 if self._kind == "cifar100" else 10
         if num_classes is not None and num_classes != count:
             raise ValueError(
-                f"num_classes is set by the data for {self.hparams.dataset} ({count} classes); "
+                f"num_classes is set by the data for {self.dataset} ({count} classes); "
                 f"leave it unset (it only sizes synthetic data); got {num_classes}"
             )
         return count, classes
@@ -574,7 +578,7 @@ class ImageDataModule(L.LightningDataModule):
     def _check_sizes(self, pool: int, world_size: int, has_val: bool = False) -> None:
         """Fail with the valid range when the split sizes do not fit ``pool`` training images."""
         global_batch = self.batch_size * world_size
-        name = self.hparams.dataset
+        name = self.dataset
         test = (self.test_size or self.val_size) if self._flat_image_folder() else 0
         val = 0 if has_val else self.val_size
         if pool - test - val < global_batch:
