@@ -5,6 +5,8 @@ split), batch 100, random crop (padding 4) + horizontal flip + normalisation. Th
 the usual torchvision recipe: a Dataset returning PIL images through per-sample transforms,
 collated by a DataLoader with worker processes. Both produce normalised float batches on the
 CPU; nothing is trained. Usage: python tests/scripts/bench_data_loading.py [--workers 2]
+[--threads 1]. On a shared, oversubscribed CPU use --threads 1: OpenMP threads spinning
+against other processes make small per-batch ops many times slower.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads of the main process (0: default)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dm = ImageDataModule(
         "synthetic", num_classes=100, synthetic_sizes=(50_000, 10_000), batch_size=args.batch_size
