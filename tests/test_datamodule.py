@@ -233,6 +233,22 @@ def test_cifar_through_the_data_module(tmp_path: Path) -> None:
     assert sorted(rows(dm.split("train")[0]) + rows(dm.split("val")[0])) == sorted(rows(pool))
 
 
+def test_cifar_converted_to_grey_and_resized(tmp_path: Path) -> None:
+    _, md5, written = write_cifar_archive(tmp_path, "cifar10", 200, 30)
+    kwargs = {"root": str(tmp_path), "md5": md5, "val_size": 100, "channels": 1}
+    dm = ImageDataModule("cifar10", **kwargs)
+    dm.setup("fit")
+    grey = dm.split("test")[0]
+    rgb = torch.from_numpy(written["test"][0]).view(-1, 3, 32, 32).double()
+    luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]  # ITU-R 601-2
+    assert grey.shape == (30, 1, 32, 32)
+    assert (grey[:, 0].double() - luma).abs().max() < 1.5  # torchvision truncates
+    small = ImageDataModule("cifar10", **kwargs, image_size=(16, 8))
+    small.setup("fit")
+    assert small.split("test")[0].shape == (30, 1, 16, 8)
+    assert small.split("test")[0].dtype == torch.uint8
+
+
 def test_fashion_mnist_through_the_data_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -611,16 +611,18 @@ class ImageDataModule(L.LightningDataModule):
         return ds.read_image_folder(self._folder, self._channels, self._size)
 
     def _conform(self, split: ds.Split) -> ds.Split:
-        """Convert channels and resize to what the model expects."""
-        from torchvision.transforms.v2 import functional as tvf
-
+        """Convert channels and resize to what the model expects (torchvision only if needed)."""
         images, labels = split
         if images.shape[1] == 1 and self._channels == 3:
             images = images.repeat(1, 3, 1, 1)
         elif images.shape[1] == 3 and self._channels == 1:
-            images = tvf.rgb_to_grayscale(images)
+            from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+            images = rgb_to_grayscale(images)
         if tuple(images.shape[2:]) != self._size:
-            images = tvf.resize(images, list(self._size), antialias=True)
+            from torchvision.transforms.v2.functional import resize
+
+            images = resize(images, list(self._size), antialias=True)
         return images, labels
 
     def _load_splits(self) -> dict[str, ds.Split]:
