@@ -1,0 +1,660 @@
+"""``ImageDataModule``: whole splits in memory, batches cut by index, augmentation on the device.
+
+The speed recipe is airbench's: each split is one uint8 tensor (moved to the GPU once when
+training on CUDA), a batch is ``images[indices]``, and the random crop + flip + normalisation
+run on the whole batch on the training device in ``on_after_batch_transfer``, as one gather.
+No per-sample Python, no worker processes.
+
+Determinism. Every random choice is a pure function of ``seed`` and a position:
+
+- the validation split and the subset: of ``seed`` alone;
+- the training order of epoch ``e``: of ``(seed, e)``;
+- the crops and flips of global batch ``s`` of epoch ``e``: of ``(seed, e, s)``.
+
+Each has its own ``torch.Generator``; the global RNG is never touched. So a resumed run, or a
+DDP run, sees exactly the batches and augmentations of one uninterrupted single-process run.
+
+DDP. With ``W`` processes the global batch is ``batch_size * W``: every rank computes the same
+global order and takes slice ``r`` of each global batch (disjoint shards; the union is the
+single-process batch of ``batch_size * W``). The last incomplete global training batch is
+dropped. Evaluation splits are cut into global batches in order and rank ``r`` takes slice ``r``
+of each; the last, partial global batch is shared out as evenly as possible (ranks differ by at
+most one image), so every image is evaluated exactly once: no padding, no duplicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from gradtrace import datasets as ds
+
+__all__ = [
+    "EvalBatches",
+    "ImageDataModule",
+    "TrainBatches",
+    "channel_stats",
+    "crop_flip",
+    "epoch_order",
+    "eval_batch_bounds",
+    "normalize",
+    "sample_crops",
+    "train_batch_indices",
+]
+
+CIFAR_TRAIN_SIZE = 50_000  # images in the official CIFAR-10 and CIFAR-100 training archives
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions: order, sharding, augmentation, normalisation
+
+
+def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of ``epoch``: a permutation that depends only on ``(seed, epoch)``."""
+    generator = torch.Generator().manual_seed(ds.derive_seed("epoch", seed, epoch))
+    return torch.randperm(num_images, generator=generator)
+
+
+def train_batch_indices(
+    order: torch.Tensor, batch_size: int, world_size: int = 1, rank: int = 0
+) -> torch.Tensor:
+    """``[num_batches, batch_size]`` indices of rank ``rank``'s training batches.
+
+    Global batch ``s`` is ``order[s * G : (s + 1) * G]`` with ``G = batch_size * world_size``;
+    rank ``r`` takes its ``r``-th slice of ``batch_size``. The incomplete tail is dropped.
+    """
+    global_batch = batch_size * world_size
+    num_batches = order.numel() // global_batch
+    per_step = order[: num_batches * global_batch].view(num_batches, world_size, batch_size)
+    return per_step[:, rank]
+
+
+def eval_batch_bounds(
+    num_images: int, batch_size: int, world_size: int = 1, rank: int = 0
+) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges of rank ``rank``'s evaluation batches, in order.
+
+    Full global batches of ``batch_size * world_size`` are sliced by rank; the partial last
+    one is split into ``world_size`` nearly equal parts. A rank whose part is empty (fewer
+    images left than ranks) gets no last batch. Every image appears on exactly one rank.
+    """
+    global_batch = batch_size * world_size
+    full = num_images // global_batch
+    bounds = [
+        (step * global_batch + rank * batch_size, step * global_batch + (rank + 1) * batch_size)
+        for step in range(full)
+    ]
+    tail_start, tail = full * global_batch, num_images - full * global_batch
+    start = tail_start + rank * (tail // world_size) + min(rank, tail % world_size)
+    stop = start + tail // world_size + (1 if rank < tail % world_size else 0)
+    if stop > start:
+        bounds.append((start, stop))
+    return bounds
+
+
+def sample_crops(seed: int, epoch: int, step: int, num_images: int, padding: int) -> torch.Tensor:
+    """``[num_images, 3]`` int64 ``(top, left, flip)`` for one global training batch.
+
+    ``top`` and ``left`` are the crop's corner in the zero-padded image (``0 .. 2 * padding``);
+    ``flip`` is 1 for a horizontal flip. A pure function of ``(seed, epoch, step)``.
+    """
+    generator = torch.Generator().manual_seed(ds.derive_seed("crops", seed, epoch, step))
+    offsets = torch.randint(0, 2 * padding + 1, (num_images, 2), generator=generator)
+    flips = torch.randint(0, 2, (num_images, 1), generator=generator)
+    return torch.cat([offsets, flips], dim=1)
+
+
+def crop_flip(images: torch.Tensor, crops: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random-crop (zero padding ``padding``) then horizontally flip a batch: pad + one gather.
+
+    Output pixel ``(i, j)`` of image ``n`` is padded-image pixel ``(i + top, j' + left)`` with
+    ``j' = W - 1 - j`` when flipped, i.e. the same as torchvision's ``RandomCrop(padding)``
+    followed by ``RandomHorizontalFlip`` at those offsets. Works on any dtype and device.
+    """
+    n, channels, height, width = images.shape
+    crops = crops.to(images.device)
+    top, left, flip = crops[:, 0:1], crops[:, 1:2], crops[:, 2:3].bool()
+    padded = F.pad(images, (padding, padding, padding, padding))
+    padded_width = width + 2 * padding
+    rows = torch.arange(height, device=images.device) + top  # [n, H] rows of the padded image
+    cols = torch.arange(width, device=images.device).expand(n, width)
+    cols = torch.where(flip, width - 1 - cols, cols) + left  # [n, W] its columns
+    source = (rows[:, :, None] * padded_width + cols[:, None, :]).view(n, 1, height * width)
+    out = padded.view(n, channels, -1).gather(2, source.expand(n, channels, -1))
+    return out.view(n, channels, height, width)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` -> float32 ``(x / 255 - mean) / std``; ``mean``, ``std`` in [0, 1]."""
+    shape = (1, -1, 1, 1)
+    return images.float().mul_((1.0 / (255.0 * std)).view(shape)).add_((-mean / std).view(shape))
+
+
+def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units (float32).
+
+    Computed from exact per-channel histograms, so the result does not depend on summation
+    order (the same on every device and process count).
+    """
+    values = torch.arange(256, dtype=torch.float64)
+    histograms = torch.stack(
+        [torch.bincount(images[:, c].reshape(-1), minlength=256) for c in range(images.shape[1])]
+    ).to("cpu", torch.float64)
+    count = histograms.sum(1)
+    mean = histograms @ values / count
+    var = (histograms @ values.square() / count - mean.square()).clamp_min(0)
+    return (mean / 255).float(), (var.sqrt() / 255).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Batch iterables (what the *_dataloader hooks return)
+
+
+class TrainBatches:
+    """One rank's shuffled training batches; iterate once per epoch.
+
+    Yields ``(images uint8 [B, C, H, W], labels int64 [B], crops int64 [B, 3])`` (``crops`` is
+    absent when ``augment`` is false). The epoch comes from ``trainer.current_epoch`` when a
+    trainer is given, else from :meth:`set_epoch`. A plain sized iterable rather than a
+    ``DataLoader``: Lightning never injects a sampler into it, nothing is collated per sample,
+    and it implements ``state_dict``/``load_state_dict``, so a mid-epoch checkpoint resumes at
+    the next unseen batch.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        seed: int,
+        world_size: int = 1,
+        rank: int = 0,
+        augment: bool = True,
+        padding: int = 4,
+        trainer: Any = None,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed = batch_size, seed
+        self.world_size, self.rank = world_size, rank
+        self.augment, self.padding = augment, padding
+        self.trainer = trainer
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+        self._iter_epoch, self._yielded = 0, 0
+
+    def __len__(self) -> int:
+        return self.labels.numel() // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration plays (ignored when a trainer is attached)."""
+        self.epoch = epoch
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else self.epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        epoch, start = self._current_epoch(), 0
+        if self._resume is not None:
+            (epoch, start), self._resume = self._resume, None
+            if start >= len(self):  # the checkpoint was taken at the end of that epoch
+                epoch, start = epoch + 1, 0
+        self._iter_epoch, self._yielded = epoch, start
+        order = epoch_order(self.labels.numel(), self.seed, epoch).to(self.images.device)
+        indices = train_batch_indices(order, self.batch_size, self.world_size, self.rank)
+        global_batch = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for step in range(start, indices.shape[0]):
+            index = indices[step]
+            batch = (self.images[index], self.labels[index])
+            if self.augment:
+                batch += (sample_crops(self.seed, epoch, step, global_batch, self.padding)[mine],)
+            self._yielded = step + 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": e, "batches": k}``: ``k`` batches of epoch ``e`` have been trained on.
+
+        Under a trainer the count is the loop's (its fetcher pre-fetches one batch ahead, so
+        the number of batches yielded would overcount by one).
+        """
+        if self.trainer is not None:
+            consumed = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            return {"epoch": self.trainer.current_epoch, "batches": int(consumed)}
+        return {"epoch": self._iter_epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next iteration continue after the batches recorded in ``state``."""
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+
+class EvalBatches:
+    """One rank's evaluation batches in order: ``(images uint8, labels int64)`` views."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.bounds = eval_batch_bounds(labels.numel(), batch_size, world_size, rank)
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start, stop in self.bounds:
+            yield self.images[start:stop], self.labels[start:stop]
+
+
+# --------------------------------------------------------------------------------------------
+# The data module
+
+
+def _check_int(name: str, value: object, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{none}; got {value!r}")
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Image classification data, held in memory as uint8 tensors, for any gradtrace model.
+
+    Args:
+        dataset: ``cifar10``, ``cifar100``, ``fashion_mnist``, ``synthetic`` or
+            ``imagefolder:<path>``.
+        root: folder holding the dataset files (CIFAR archives, Fashion-MNIST IDX files);
+            downloads go there.
+        batch_size: training images per step and process (the global batch is
+            ``batch_size * world_size``).
+        eval_batch_size: validation/test/predict batch per process (default ``batch_size``).
+        val_size: images held out of the official training set as the class-balanced,
+            seeded validation split (CIFAR-100: 47,500 / 2,500 / 10,000). Ignored when an
+            ImageFolder tree has its own ``val/``.
+        test_size: size of the test split carved (class-balanced) from a flat ImageFolder tree,
+            which has no test set of its own (default ``val_size``); not valid elsewhere.
+        subset: train on a class-balanced subset of this many training images (quick runs;
+            validation and test are untouched).
+        seed: seeds the split, the subset, the shuffling and the augmentation.
+        augment: random crop (``crop_padding`` zero padding) + horizontal flip in training.
+        crop_padding: zero padding of the random crop, in pixels.
+        download: download a missing CIFAR archive or Fashion-MNIST (needs internet).
+        channels: 1 or 3 (default: the dataset's own; grey is repeated, RGB is converted).
+        image_size: ``H`` or ``(H, W)`` to resize to (default 32x32, Fashion-MNIST padded).
+        num_classes: class count of ``synthetic`` data (default 10); other datasets define
+            their own, and a different value is an error.
+        synthetic_sizes: ``(training pool, test)`` image counts of ``synthetic`` data.
+        md5: expected MD5 of the CIFAR archive (default: the published one).
+        device_resident: keep the uint8 splits on the training device (default: on for
+            CUDA, off for CPU) so batches never cross PCIe.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "cifar100",
+        root: str = "data",
+        batch_size: int = 100,
+        eval_batch_size: int | None = None,
+        val_size: int = 2500,
+        test_size: int | None = None,
+        subset: int | None = None,
+        seed: int = 0,
+        augment: bool = True,
+        crop_padding: int = 4,
+        download: bool = True,
+        channels: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        num_classes: int | None = None,
+        synthetic_sizes: tuple[int, int] = (50_000, 10_000),
+        md5: str | None = None,
+        device_resident: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self._kind, self._folder = ds.parse_dataset(dataset)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("eval_batch_size", eval_batch_size, 1, optional=True)
+        _check_int("val_size", val_size, 0)
+        _check_int("test_size", test_size, 1, optional=True)
+        _check_int("subset", subset, 1, optional=True)
+        _check_int("seed", seed, 0)
+        _check_int("crop_padding", crop_padding, 0)
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be one of 1, 3 or None; got {channels!r}")
+        if md5 is not None and self._kind not in ("cifar10", "cifar100"):
+            raise ValueError(f"md5 only applies to cifar10 and cifar100; got dataset {dataset!r}")
+        if md5 is not None and not (
+            isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)
+        ):
+            raise ValueError(f"md5 must be 32 lowercase hex digits; got {md5!r}")
+        if len(synthetic_sizes) != 2 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in synthetic_sizes
+        ):
+            raise ValueError(
+                f"synthetic_sizes must be two integers >= 1 (training pool, test); "
+                f"got {synthetic_sizes!r}"
+            )
+        self.root = root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size, self.test_size, self.subset = val_size, test_size, subset
+        self.seed, self.augment, self.crop_padding = seed, augment, crop_padding
+        self.download, self.md5, self.device_resident = download, md5, device_resident
+        self.synthetic_sizes = tuple(synthetic_sizes)
+        self._size = self._resolve_size(image_size)
+        self._channels = channels or (1 if self._kind == "fashion_mnist" else 3)
+        self._num_classes, self._classes = self._resolve_classes(num_classes)
+        if test_size is not None and not self._flat_image_folder():
+            raise ValueError(
+                "test_size only applies to an imagefolder tree without train/ (other datasets "
+                f"have their own test set); got test_size={test_size} with dataset {dataset!r}"
+            )
+        self._check_files()
+        pool = self._known_pool_size()
+        if pool is not None:
+            self._check_sizes(pool, world_size=1)
+        self._splits: dict[str, ds.Split] | None = None
+        self._mean: torch.Tensor | None = None
+        self._std: torch.Tensor | None = None
+        self._stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Saved resolved: Lightning refuses to start when a key of the model's hparams (which
+        # gets num_classes linked from here) has a different value in the data module's.
+        num_classes, channels, image_size = self._num_classes, self._channels, self._size
+        self.save_hyperparameters()
+
+    # ---- what is known before setup (LightningCLI links these into the model)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (known at construction)."""
+        return self._num_classes
+
+    @property
+    def num_channels(self) -> int:
+        """Channels of the images the model receives (known at construction)."""
+        return self._channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the images the model receives (known at construction)."""
+        return self._size
+
+    # ---- available after setup
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in index order (CIFAR's come from its archive: known after setup)."""
+        if self._classes is None:
+            self._require_setup()
+            assert self._classes is not None
+        return self._classes
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-channel mean in [0, 1] of the training split (before ``subset``)."""
+        self._require_setup()
+        assert self._mean is not None
+        return self._mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-channel standard deviation in [0, 1] of the training split (before ``subset``)."""
+        self._require_setup()
+        assert self._std is not None
+        return self._std
+
+    def split(self, name: str) -> ds.Split:
+        """``(images uint8 [N, C, H, W], labels int64 [N])`` of ``train``, ``val`` or ``test``.
+
+        The exact tensors the loaders cut batches from (``train`` after ``subset``), on the
+        training device when device-resident.
+        """
+        splits = self._require_setup()
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be one of train, val, test; got {name!r}")
+        return splits[name]
+
+    # ---- Lightning hooks
+
+    def prepare_data(self) -> None:
+        """Download a missing CIFAR archive / Fashion-MNIST (once per node, rank 0)."""
+        if not self.download:
+            return
+        if self._kind in ("cifar10", "cifar100"):
+            ds.download_cifar(self._kind, self.root, self.md5)
+        elif self._kind == "fashion_mnist":
+            ds.download_fashion_mnist(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the dataset once, split it, compute the normalisation, place it on the device."""
+        if self._splits is None:
+            self._splits = self._load_splits()
+        device = self._target_device()
+        if device is not None and self._splits["train"][0].device != device:
+            self._splits = {
+                name: (images.to(device), labels.to(device))
+                for name, (images, labels) in self._splits.items()
+            }
+
+    def train_dataloader(self) -> TrainBatches:
+        images, labels = self.split("train")
+        world_size, rank = self._dist()
+        return TrainBatches(
+            images,
+            labels,
+            self.batch_size,
+            seed=self.seed,
+            world_size=world_size,
+            rank=rank,
+            augment=self.augment,
+            padding=self.crop_padding,
+            trainer=self.trainer,
+        )
+
+    def val_dataloader(self) -> EvalBatches:
+        return self._eval_batches("val")
+
+    def test_dataloader(self) -> EvalBatches:
+        return self._eval_batches("test")
+
+    def predict_dataloader(self) -> EvalBatches:
+        """The test split, in order (batches are ``(images, labels)``)."""
+        return self._eval_batches("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the training device: crop + flip training batches, normalise every batch.
+
+        Returns ``(images float32 [B, C, H, W], labels int64 [B])``.
+        """
+        return self.transform_batch(batch)
+
+    def transform_batch(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`on_after_batch_transfer` does, for use outside a Trainer."""
+        images, labels = batch[0], batch[1]
+        if len(batch) == 3:  # a training batch carrying its crops
+            images = crop_flip(images, batch[2], self.crop_padding)
+        if images.device not in self._stats_on:
+            self._stats_on[images.device] = (
+                self.mean.to(images.device),
+                self.std.to(images.device),
+            )
+        x = normalize(images, *self._stats_on[images.device])
+        if self.trainer is not None:  # "16-true"/"bf16-true" models want their own dtype
+            x, labels = self.trainer.precision_plugin.convert_input((x, labels))
+        return x, labels
+
+    # ---- internals
+
+    def _require_setup(self) -> dict[str, ds.Split]:
+        if self._splits is None:
+            raise RuntimeError("ImageDataModule.setup() has not run yet: call dm.setup('fit')")
+        return self._splits
+
+    def _dist(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def _target_device(self) -> torch.device | None:
+        if self.trainer is None or self.device_resident is False:
+            return None
+        device = self.trainer.strategy.root_device
+        if device.type == "cuda" or self.device_resident:
+            return device
+        return None
+
+    def _eval_batches(self, name: str) -> EvalBatches:
+        images, labels = self.split(name)
+        if name == "test" and labels.numel() == 0 and self._kind == "imagefolder":
+            raise ValueError(
+                f"{self.dataset} has train/ but no test/ folder, so there is no test split"
+            )
+        world_size, rank = self._dist()
+        return EvalBatches(images, labels, self.eval_batch_size, world_size=world_size, rank=rank)
+
+    def _resolve_size(self, image_size: int | tuple[int, int] | None) -> tuple[int, int]:
+        if image_size is None:
+            return (32, 32)
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size
+        ):
+            raise ValueError(
+                f"image_size must be an integer or (H, W), each >= 1; got {image_size!r}"
+            )
+        return size  # type: ignore[return-value]
+
+    def _resolve_classes(self, num_classes: int | None) -> tuple[int, tuple[str, ...] | None]:
+        if self._kind == "synthetic":
+            _check_int("num_classes", num_classes, 2, optional=True)
+            return num_classes or 10, None
+        if self._kind == "imagefolder":
+            classes = tuple(ds.image_folder_classes(self._folder))
+            count = len(classes)
+        else:
+            classes = ds.FASHION_MNIST_CLASSES if self._kind == "fashion_mnist" else None
+            count = 100 if self._kind == "cifar100" else 10
+        if num_classes is not None and num_classes != count:
+            raise ValueError(
+                f"num_classes is set by the data for {self.dataset} ({count} classes); "
+                f"leave it unset (it only sizes synthetic data); got {num_classes}"
+            )
+        return count, classes
+
+    def _check_files(self) -> None:
+        if self.download:
+            return
+        if self._kind in ("cifar10", "cifar100"):
+            archive = ds.cifar_archive(self._kind)
+            path = Path(self.root) / archive.filename
+            if not path.is_file():
+                raise FileNotFoundError(
+                    ds.cifar_missing_message(archive, path, self.md5 or archive.md5)
+                )
+        elif self._kind == "fashion_mnist" and ds.find_fashion_mnist(self.root) is None:
+            raise FileNotFoundError(ds.fashion_mnist_missing_message(self.root))
+
+    def _known_pool_size(self) -> int | None:
+        """Training-pool size when it is cheap to know before loading, else None."""
+        if self._kind == "synthetic":
+            return self.synthetic_sizes[0]
+        if self._kind in ("cifar10", "cifar100") and self.md5 is None:
+            return CIFAR_TRAIN_SIZE  # the published checksum pins the content
+        if self._kind == "fashion_mnist":
+            return ds.fashion_mnist_train_size(self.root)
+        return None
+
+    def _check_sizes(self, pool: int, world_size: int, has_val: bool = False) -> None:
+        """Fail with the valid range when the split sizes do not fit ``pool`` training images."""
+        global_batch = self.batch_size * world_size
+        name = self.dataset
+        test = (self.test_size or self.val_size) if self._flat_image_folder() else 0
+        val = 0 if has_val else self.val_size
+        if pool - test - val < global_batch:
+            test_note = f" after the test split of {test}" if test else ""
+            raise ValueError(
+                f"val_size must be at most {max(pool - test - global_batch, 0)} for {name}: it "
+                f"has {pool} training images{test_note} and one global batch ({global_batch}) "
+                f"must remain for training; got val_size={self.val_size}"
+            )
+        train = pool - test - val
+        if self.subset is not None and not global_batch <= self.subset <= train:
+            raise ValueError(
+                f"subset must be between {global_batch} (one global batch) and {train} (the "
+                f"training split of {name}); got {self.subset}"
+            )
+
+    def _flat_image_folder(self) -> bool:
+        """An ImageFolder tree without ``train/``: test and validation are carved from it."""
+        return self._kind == "imagefolder" and not (self._folder / "train").is_dir()
+
+    def _load(self) -> ds.ImageData:
+        if self._kind in ("cifar10", "cifar100"):
+            return ds.read_cifar(self._kind, self.root, self.md5, self.download)
+        if self._kind == "fashion_mnist":
+            return ds.read_fashion_mnist(self.root, self.download)
+        if self._kind == "synthetic":
+            return ds.read_synthetic(
+                self._num_classes, self._channels, self._size, self.synthetic_sizes
+            )
+        return ds.read_image_folder(self._folder, self._channels, self._size)
+
+    def _conform(self, split: ds.Split) -> ds.Split:
+        """Convert channels and resize to what the model expects (torchvision only if needed)."""
+        images, labels = split
+        if images.shape[1] == 1 and self._channels == 3:
+            images = images.repeat(1, 3, 1, 1)
+        elif images.shape[1] == 3 and self._channels == 1:
+            from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+            images = rgb_to_grayscale(images)
+        if tuple(images.shape[2:]) != self._size:
+            from torchvision.transforms.v2.functional import resize
+
+            images = resize(images, list(self._size), antialias=True)
+        return images, labels
+
+    def _load_splits(self) -> dict[str, ds.Split]:
+        data = self._load()
+        self._classes = data.classes
+        pool_images, pool_labels = self._conform(data.train)
+        test, val = data.test, data.val
+        world_size, _ = self._dist()
+        self._check_sizes(pool_labels.numel(), world_size, has_val=val is not None)
+        if test is None and self._flat_image_folder():  # carve the test split first
+            size = self.test_size or self.val_size
+            chosen, rest = ds.class_balanced_split(
+                pool_labels, size, ds.derive_seed("test", self.seed), self._num_classes
+            )
+            test = (pool_images[chosen], pool_labels[chosen])
+            pool_images, pool_labels = pool_images[rest], pool_labels[rest]
+        elif test is None:  # train/ (+ val/) without test/: there is no test set
+            test = (pool_images[:0], pool_labels[:0])
+        if val is None:
+            chosen, rest = ds.class_balanced_split(
+                pool_labels, self.val_size, ds.derive_seed("val", self.seed), self._num_classes
+            )
+            val = (pool_images[chosen], pool_labels[chosen])
+            pool_images, pool_labels = pool_images[rest], pool_labels[rest]
+        self._mean, self._std = channel_stats(pool_images)
+        if self.subset is not None:
+            chosen, _ = ds.class_balanced_split(
+                pool_labels, self.subset, ds.derive_seed("subset", self.seed), self._num_classes
+            )
+            pool_images, pool_labels = pool_images[chosen], pool_labels[chosen]
+        return {
+            "train": (pool_images, pool_labels),
+            "val": self._conform(val),
+            "test": self._conform(test),
+        }
