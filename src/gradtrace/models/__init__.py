@@ -8,6 +8,7 @@ torchvision never (it serves only as the tests' reference).
 
 from gradtrace.models import (  # noqa: F401  (importing a family registers its models)
     coursework_vgg,
+    googlenet,
     resnet,
     vgg,
 )
