@@ -7,6 +7,7 @@ torchvision never (it serves only as the tests' reference).
 """
 
 from gradtrace.models import (  # noqa: F401  (importing a family registers its models)
+    alexnet,
     coursework_vgg,
     googlenet,
     resnet,
