@@ -11,6 +11,7 @@ from gradtrace.models import (  # noqa: F401  (importing a family registers its 
     coursework_vgg,
     googlenet,
     resnet,
+    timm_models,
     vgg,
 )
 from gradtrace.models.layers import AuxLogits
