@@ -22,12 +22,16 @@ from gradtrace.models.registry import (
     model_info,
     register_model,
 )
+from gradtrace.models.summary import CostRow, CostTable, summarize
 
 __all__ = [
     "AuxLogits",
+    "CostRow",
+    "CostTable",
     "ModelInfo",
     "create_model",
     "list_models",
     "model_info",
     "register_model",
+    "summarize",
 ]
