@@ -1,8 +1,8 @@
 """The gradtrace model zoo: ``create_model(name, ...)``, ``list_models()`` and ``summarize()``.
 
-Importing this package registers every family, in this order: the coursework VGG of Table 1,
-classic VGG and the CIFAR-10 VGG, ResNets (CIFAR and ImageNet), GoogLeNet, AlexNet, and timm's
-ViT and Swin. Only torch is imported here: timm is imported when a ViT or Swin is built, and
+Importing this package registers every family: the coursework VGG of Table 1, classic VGG and
+the CIFAR-10 VGG, ResNets (CIFAR and ImageNet), GoogLeNet, AlexNet, and timm's ViT and Swin.
+Only torch is imported here: timm is imported when a ViT or Swin is built, and
 torchvision never (it serves only as the tests' reference).
 """
 
