@@ -235,7 +235,8 @@ def summarize(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) 
 
     Runs in eval mode without gradients on the device (and in the floating dtype) of the
     model's parameters, then restores the model's mode. Works on the ``meta`` device too, so
-    the cost of a large network can be tabulated without computing it. See the module
+    the cost of a large network can be tabulated without computing it. Pass the eager model,
+    not its ``torch.compile`` wrapper: rows come from module hooks. See the module
     docstring for what the rows and columns are.
 
     Raises:
