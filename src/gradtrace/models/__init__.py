@@ -1,10 +1,19 @@
-"""The gradtrace model zoo: ``create_model(name, ...)`` and ``list_models()``.
+"""The gradtrace model zoo: ``create_model(name, ...)``, ``list_models()`` and ``summarize()``.
 
-Importing this package registers every family. Families that need optional packages
-(timm for ViT/Swin) import them only when such a model is built.
+Importing this package registers every family: the coursework VGG of Table 1, classic VGG and
+the CIFAR-10 VGG, ResNets (CIFAR and ImageNet), GoogLeNet, AlexNet, and timm's ViT and Swin.
+Only torch is imported here: timm is imported when a ViT or Swin is built, and
+torchvision never (it serves only as the tests' reference).
 """
 
-from gradtrace.models import coursework_vgg  # noqa: F401  (registers vgg, vgg08, vgg38)
+from gradtrace.models import (  # noqa: F401  (importing a family registers its models)
+    alexnet,
+    coursework_vgg,
+    googlenet,
+    resnet,
+    timm_models,
+    vgg,
+)
 from gradtrace.models.layers import AuxLogits
 from gradtrace.models.registry import (
     ModelInfo,
@@ -13,5 +22,16 @@ from gradtrace.models.registry import (
     model_info,
     register_model,
 )
+from gradtrace.models.summary import CostRow, CostTable, summarize
 
-__all__ = ["AuxLogits", "ModelInfo", "create_model", "list_models", "model_info", "register_model"]
+__all__ = [
+    "AuxLogits",
+    "CostRow",
+    "CostTable",
+    "ModelInfo",
+    "create_model",
+    "list_models",
+    "model_info",
+    "register_model",
+    "summarize",
+]

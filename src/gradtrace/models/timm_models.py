@@ -1,0 +1,139 @@
+"""Vision Transformer and Swin Transformer through timm, configured for 32x32 images.
+
+The modern comparison of seed 000. timm builds the networks; we only pick configurations that
+make sense for CIFAR-sized inputs:
+
+* ``vit_tiny_cifar`` / ``vit_small_cifar``: timm's ``vit_tiny_patch16_224`` /
+  ``vit_small_patch16_224`` (ViT-Ti: 192 wide, 12 blocks, 3 heads; ViT-S: 384, 12, 6) with
+  4x4 patches on 32x32 images, i.e. 64 tokens plus the class token.
+* ``swin_tiny_cifar``: timm's ``swin_tiny_patch4_window7_224`` (96 wide, depths 2-2-6-2) with
+  2x2 patches and 4x4 windows: stages at 16, 8, 4 and 2 tokens a side (timm shrinks the last
+  stage's window to its 2x2 map and stops shifting there).
+
+timm is imported only when one of these is built, so ``import gradtrace.models`` stays light.
+No pretrained weights are fetched unless ``pretrained=True``; timm then downloads the ImageNet
+weights of the base configuration from the Hugging Face Hub and resamples the patch embedding
+and position embeddings to the CIFAR geometry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from gradtrace.models.registry import register_model
+
+__all__ = ["create_timm_model"]
+
+
+def _check_options(img_size: int, patch_size: int, drop_path_rate: float, merges: int = 0) -> None:
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate}")
+    if img_size < 1 or patch_size < 1:
+        raise ValueError(f"img_size and patch_size must be >= 1; got {img_size}, {patch_size}")
+    grid = img_size // patch_size
+    if img_size % patch_size or grid % (2**merges):
+        need = f"a multiple of {patch_size * 2**merges}" if merges else "a multiple of patch_size"
+        raise ValueError(
+            f"img_size must be {need} (patch_size={patch_size}"
+            + (f", then {merges} 2x patch merges" if merges else "")
+            + f"); got img_size={img_size}"
+        )
+
+
+def create_timm_model(
+    timm_name: str, *, pretrained: bool, num_classes: int, in_chans: int, **kwargs: Any
+) -> nn.Module:
+    """``timm.create_model`` with a clear error when pretrained weights cannot be fetched.
+
+    Raises:
+        RuntimeError: ``pretrained=True`` and the weights are neither cached nor downloadable
+            (no network, or ``HF_HUB_OFFLINE=1``); the original error is chained.
+    """
+    import timm  # deferred: timm is an optional dependency and slow to import
+
+    try:
+        return timm.create_model(
+            timm_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
+    except OSError as err:  # huggingface_hub's download and cache errors are OSErrors
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not fetch the pretrained weights of timm model {timm_name!r}: {err}\n"
+            "To proceed: download them once on a machine with internet access (they are "
+            "cached under ~/.cache/huggingface, or $HF_HOME) and make that cache available "
+            "here, unsetting HF_HUB_OFFLINE if you set it; or build the model with "
+            "pretrained=False to train from scratch."
+        ) from err
+
+
+@register_model(family="vit", input_size=(3, 32, 32), num_classes=10)
+def vit_tiny_cifar(
+    num_classes: int = 10,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    img_size: int = 32,
+    patch_size: int = 4,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """ViT-Ti with 4x4 patches for 32x32 images (timm vit_tiny_patch16_224)."""
+    _check_options(img_size, patch_size, drop_path_rate)
+    return create_timm_model(
+        "vit_tiny_patch16_224",
+        pretrained=pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        patch_size=patch_size,
+        drop_path_rate=drop_path_rate,
+    )
+
+
+@register_model(family="vit", input_size=(3, 32, 32), num_classes=10)
+def vit_small_cifar(
+    num_classes: int = 10,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    img_size: int = 32,
+    patch_size: int = 4,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """ViT-S with 4x4 patches for 32x32 images (timm vit_small_patch16_224)."""
+    _check_options(img_size, patch_size, drop_path_rate)
+    return create_timm_model(
+        "vit_small_patch16_224",
+        pretrained=pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        patch_size=patch_size,
+        drop_path_rate=drop_path_rate,
+    )
+
+
+@register_model(family="swin", input_size=(3, 32, 32), num_classes=10)
+def swin_tiny_cifar(
+    num_classes: int = 10,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    img_size: int = 32,
+    patch_size: int = 2,
+    window_size: int = 4,
+    drop_path_rate: float = 0.1,
+) -> nn.Module:
+    """Swin-T with 2x2 patches and 4x4 windows for 32x32 images (timm swin_tiny_patch4_window7)."""
+    _check_options(img_size, patch_size, drop_path_rate, merges=3)
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1; got {window_size}")
+    return create_timm_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        patch_size=patch_size,
+        window_size=window_size,
+        drop_path_rate=drop_path_rate,
+    )
