@@ -368,10 +368,15 @@ class ImageDataModule(L.LightningDataModule):
         self._mean: torch.Tensor | None = None
         self._std: torch.Tensor | None = None
         self._stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        # Saved resolved: Lightning refuses to start when a key of the model's hparams (which
-        # gets num_classes linked from here) has a different value in the data module's.
-        num_classes, channels, image_size = self._num_classes, self._channels, self._size
         self.save_hyperparameters()
+        # Saved resolved: Lightning refuses to start when a key of the model's hparams (which
+        # gets num_classes linked from here) has a different value in the data module's. An
+        # explicit update, because under LightningCLI save_hyperparameters records the config
+        # as given (num_classes: null), not the local variables.
+        # A second call updates both hparams and the hparams_initial that loggers record.
+        self.save_hyperparameters(
+            {"num_classes": self._num_classes, "channels": self._channels, "image_size": self._size}
+        )
 
     # ---- what is known before setup (LightningCLI links these into the model)
 
