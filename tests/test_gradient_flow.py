@@ -593,6 +593,27 @@ def test_csv_is_on_disk_after_an_exception_mid_fit(tmp_path: Path) -> None:
     assert on_disk == cb.history
 
 
+def test_resumed_fit_appends_to_the_csv_and_a_new_fit_starts_it_afresh(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(16)
+    model = Classifier(TinyNet())
+    first = GradientFlow(every_n_steps=1, plot=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, model, first, callbacks=[first, ckpt], enable_checkpointing=True)
+    resumed = GradientFlow(every_n_steps=1, plot=False)
+    t = trainer(tmp_path, resumed, max_epochs=2)
+    t.fit(model, DataLoader(make_data(), batch_size=4), ckpt_path=ckpt.last_model_path)
+
+    assert resumed.csv_path == first.csv_path
+    assert sorted({r["step"] for r in resumed.history}) == [2, 3]
+    assert read_history(first.csv_path) == first.history + resumed.history
+    fresh = GradientFlow(every_n_steps=1, plot=False)
+    fit(tmp_path, Classifier(TinyNet()), fresh, max_steps=1)
+    assert read_history(fresh.csv_path) == fresh.history
+    assert len(fresh.history) == len(FLOW)
+
+
 def test_every_n_steps_follows_log_every_n_steps(tmp_path: Path) -> None:
     torch.manual_seed(12)
     cb = GradientFlow(plot=False)

@@ -235,7 +235,8 @@ class GradientFlow(Callback):
     ``trainer.loggers``); :attr:`history` (list of dicts with ``step``, ``layer`` and one key
     per stat); ``<log_dir>/gradient_flow.csv`` with the same columns, written by global rank
     0 at every epoch end, at the end of fit, on an exception and at least once a minute
-    (``log_dir`` is ``trainer.log_dir``, else ``trainer.default_root_dir``); with matplotlib
+    (``log_dir`` is ``trainer.log_dir``, else ``trainer.default_root_dir``; a new fit starts
+    the file afresh, a fit resumed from a checkpoint appends to it); with matplotlib
     and ``plot=True``, one gradient-flow plot per epoch (``<log_dir>/gradient_flow/
     epoch_XXX.png``) and a layer x step heatmap at the end of fit (``heatmap.png``), also sent
     to W&B (``log_image``) and TensorBoard (``add_figure``) loggers.
