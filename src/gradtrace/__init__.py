@@ -1,3 +1,34 @@
-"""gradtrace: watch gradients flow through deep image classifiers, and fix them when they vanish."""
+"""gradtrace: watch gradients flow through deep image classifiers, and fix them when they vanish.
+
+``from gradtrace import GradientFlow`` needs only torch and Lightning. The callback module is
+imported on first access, so ``import gradtrace`` alone stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = ["GradientFlow", "GradientFlowWarning", "NonFiniteGradientError", "__version__"]
+
+if TYPE_CHECKING:
+    from gradtrace.gradient_flow import GradientFlow, GradientFlowWarning, NonFiniteGradientError
+
+_LAZY = {
+    "GradientFlow": "gradtrace.gradient_flow",
+    "GradientFlowWarning": "gradtrace.gradient_flow",
+    "NonFiniteGradientError": "gradtrace.gradient_flow",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gradtrace' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
