@@ -81,7 +81,8 @@ def test_hyperparameters_round_trip_through_a_checkpoint(tmp_path) -> None:
     path = tmp_path / "model.ckpt"
     t.save_checkpoint(path)
     restored = ImageClassifier.load_from_checkpoint(path)
-    assert restored.hparams.lr == 3e-3 and restored.hparams.batch_norm is True
+    assert restored.hparams.lr == 3e-3
+    assert restored.hparams.batch_norm is True
     x = torch.randn(4, 3, 32, 32)
     module.eval(), restored.eval()
     torch.testing.assert_close(restored(x), module(x))
@@ -128,7 +129,9 @@ def test_auxiliary_losses_weigh_0_3_in_training_only() -> None:
     module.net = AuxNet()
     x, y = torch.randn(8, 3, 2, 2), torch.arange(8) % 5
     net = module.net
-    main, aux1, aux2 = (F.cross_entropy(head(x.flatten(1)), y) for head in (net.main, net.aux1, net.aux2))
+    main, aux1, aux2 = (
+        F.cross_entropy(head(x.flatten(1)), y) for head in (net.main, net.aux1, net.aux2)
+    )
     module.train()
     loss = module._shared_step((x, y), "train")
     torch.testing.assert_close(loss, main + 0.3 * (aux1 + aux2))
@@ -158,17 +161,21 @@ def test_cosine_schedule_spans_the_run(tmp_path) -> None:
 
 def test_warmup_cosine_and_multistep(tmp_path) -> None:
     warm = lr_trajectory(tmp_path, steps=20, scheduler="warmup_cosine", warmup_fraction=0.1)
-    assert warm[0] == pytest.approx(0.05) and warm[2] == pytest.approx(0.1)
+    assert warm[0] == pytest.approx(0.05)
+    assert warm[2] == pytest.approx(0.1)
     assert warm[-1] < warm[2]
     multi = lr_trajectory(tmp_path, steps=8, scheduler="multistep", gamma=0.5)
     assert multi == pytest.approx([0.1] * 4 + [0.05] * 2 + [0.025] * 2)
 
 
 def test_sgd_options_reach_the_optimizer() -> None:
-    module = ImageClassifier(arch="vgg08", optimizer="sgd", lr=0.01, nesterov=True, scheduler="none")
+    module = ImageClassifier(
+        arch="vgg08", optimizer="sgd", lr=0.01, nesterov=True, scheduler="none"
+    )
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD)
-    assert optimizer.defaults["nesterov"] is True and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.defaults["nesterov"] is True
+    assert optimizer.defaults["momentum"] == 0.9
 
 
 def test_channels_last_does_not_change_the_logits() -> None:

@@ -1,4 +1,4 @@
-"""``ImageClassifier``: any zoo model as a LightningModule, trained the way the Table 1 study was."""
+"""``ImageClassifier``: any zoo model as a LightningModule, trained as in the Table 1 study."""
 
 from __future__ import annotations
 
@@ -91,7 +91,9 @@ class ImageClassifier(pl.LightningModule):
                 f"milestones must be increasing fractions of the run in (0, 1); got {milestones}"
             )
         if step_size < 1 or patience < 0:
-            raise ValueError(f"step_size must be >= 1 and patience >= 0; got {step_size}, {patience}")
+            raise ValueError(
+                f"step_size must be >= 1 and patience >= 0; got {step_size}, {patience}"
+            )
         self.save_hyperparameters()
 
         knobs = {
@@ -104,7 +106,9 @@ class ImageClassifier(pl.LightningModule):
         options = {k: v for k, v in knobs.items() if v is not None}
         overlap = sorted(set(options) & set(arch_kwargs or {}))
         if overlap:
-            raise ValueError(f"{overlap} given both as arguments and in arch_kwargs; give them once")
+            raise ValueError(
+                f"{overlap} given both as arguments and in arch_kwargs; give them once"
+            )
         options.update(arch_kwargs or {})
         self.net = create_model(arch, num_classes=num_classes, in_chans=in_chans, **options)
         if channels_last:
@@ -219,7 +223,10 @@ class ImageClassifier(pl.LightningModule):
                 ],
                 milestones=[warmup],
             )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def _accuracy(num_classes: int, top_k: int) -> MulticlassAccuracy:

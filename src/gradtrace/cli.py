@@ -33,7 +33,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 def list_configs() -> list[str]:
     """Names of the configs shipped with gradtrace (usable as ``--config NAME``)."""
-    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    return sorted(
+        str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+    )
 
 
 def resolve_config(value: str) -> str:
@@ -83,7 +85,7 @@ def _wandb_wanted(flag: bool | None) -> bool:
 
 def find_last_checkpoint(run_dir: Path) -> Path | None:
     """The newest ``last.ckpt`` over all versions of a run (each resume writes a new version)."""
-    candidates = sorted(run_dir.glob("version_*/checkpoints/last*.ckpt"), key=os.path.getmtime)
+    candidates = sorted(run_dir.glob("version_*/checkpoints/last.ckpt"), key=os.path.getmtime)
     return candidates[-1] if candidates else None
 
 
@@ -159,9 +161,11 @@ class GradtraceCLI(LightningCLI):
                 monitor="val/acc",
                 mode="max",
                 save_top_k=1,
-                save_last=True,
                 auto_insert_metric_name=False,
             ),
+            # Lightning's save_last only refreshes last.ckpt when a best checkpoint is saved;
+            # an unmonitored top-1 checkpoint is always the latest state, which resume needs.
+            ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
             LearningRateMonitor(logging_interval="step"),
         ]
         kwargs["callbacks"] = configured + [
@@ -179,6 +183,14 @@ class GradtraceCLI(LightningCLI):
             config["ckpt_path"] = None
         else:
             config["ckpt_path"] = str(last)
+
+    def instantiate_classes(self) -> None:
+        # Model and data options are checked when the classes are built; report a bad value
+        # like a bad flag (usage + message, exit 2) instead of a traceback.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            self.parser.error(str(err))
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()

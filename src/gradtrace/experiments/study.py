@@ -142,7 +142,9 @@ def short_run(
         **trainer_kwargs,
     )
     trainer.fit(model, datamodule=data)
-    train_metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("train/")}
+    train_metrics = {
+        k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("train/")
+    }
     val_metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
     ratio = flow.input_output_ratio(last_n=5)
     return RunResult(
