@@ -67,9 +67,9 @@ def plot_overlay(results: Sequence[RunResult], path: Path, last_n_logs: int = 5)
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     """Run the demo; see ``python -m gradtrace.experiments.demo --help``."""
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
+    parser.add_argument("--steps", type=int, default=250, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--val-size", type=int, default=2000)
+    parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
