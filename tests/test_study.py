@@ -33,7 +33,8 @@ def test_table1_rows_come_from_the_shipped_configs() -> None:
 def test_demo_falls_back_to_synthetic_data_loudly(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(study, "find_fashion_mnist", lambda root: None)
     with caplog.at_level(logging.WARNING):
-        results = demo.main(["--steps", "3", "--batch-size", "8", "--val-size", "40", "--out", str(tmp_path)])  # fmt: skip
+        args = ["--steps", "3", "--batch-size", "8", "--val-size", "40", "--out", str(tmp_path)]
+        results = demo.main(args)
     assert "FALLING BACK TO SYNTHETIC DATA" in caplog.text
     summary = (tmp_path / "summary.md").read_text()
     assert summary.count("\n| VGG") == 3
