@@ -1,7 +1,8 @@
 """gradtrace: watch gradients flow through deep image classifiers, and fix them when they vanish.
 
-``from gradtrace import GradientFlow`` needs only torch and Lightning. The callback module is
-imported on first access, so ``import gradtrace`` alone stays light.
+``from gradtrace import GradientFlow`` needs only torch and Lightning. Every export is imported
+on first access, so ``import gradtrace`` alone stays light; ``ImageClassifier`` and
+``ImageDataModule`` need the ``train`` extra.
 """
 
 from __future__ import annotations
@@ -10,15 +11,26 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientFlow", "GradientFlowWarning", "NonFiniteGradientError", "__version__"]
+__all__ = [
+    "GradientFlow",
+    "GradientFlowWarning",
+    "ImageClassifier",
+    "ImageDataModule",
+    "NonFiniteGradientError",
+    "__version__",
+]
 
 if TYPE_CHECKING:
+    from gradtrace.classifier import ImageClassifier
+    from gradtrace.datamodule import ImageDataModule
     from gradtrace.gradient_flow import GradientFlow, GradientFlowWarning, NonFiniteGradientError
 
 _LAZY = {
     "GradientFlow": "gradtrace.gradient_flow",
     "GradientFlowWarning": "gradtrace.gradient_flow",
     "NonFiniteGradientError": "gradtrace.gradient_flow",
+    "ImageClassifier": "gradtrace.classifier",
+    "ImageDataModule": "gradtrace.datamodule",
 }
 
 

@@ -1,0 +1,250 @@
+"""``ImageClassifier``: any zoo model as a LightningModule, trained as in the Table 1 study."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from gradtrace.models import AuxLogits, create_model
+from gradtrace.models.layers import check_choice
+
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "ImageClassifier"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "warmup_cosine", "multistep", "step", "plateau", "none")
+STAGES = ("train", "val", "test")
+
+
+class ImageClassifier(pl.LightningModule):
+    """Image classification with a network from :func:`gradtrace.models.create_model`.
+
+    The common architecture knobs are plain arguments so that sweeps can set them flat
+    (``--model.depth 38 --model.batch_norm true``); ``None`` leaves the model's own default.
+    Everything else the architecture takes goes in ``arch_kwargs``. All arguments are saved as
+    hyperparameters: ``ImageClassifier.load_from_checkpoint(path)`` rebuilds the same network.
+
+    Args:
+        arch: registered model name (``gradtrace.models.list_models()``).
+        num_classes: classifier outputs; the CLI links it to the data module's class count.
+        in_chans: input channels; the CLI links it to the data module's channels.
+        depth, batch_norm, residual, activation, init: forwarded to the model when not ``None``.
+        arch_kwargs: any other model options, e.g. ``{"downsample_shortcut": "avgpool"}``.
+        optimizer: ``adam`` (the coursework's), ``adamw`` or ``sgd``.
+        lr: learning rate (1e-3 as in the coursework).
+        weight_decay: L2 penalty (decoupled for AdamW).
+        momentum, nesterov: SGD only.
+        scheduler: ``cosine`` annealing over the whole run (default, per step),
+            ``warmup_cosine`` (linear warm-up for ``warmup_fraction`` of the steps, then cosine;
+            ViT), ``multistep`` (times ``gamma`` at the ``milestones`` fractions of the run;
+            ResNet paper), ``step`` (times ``gamma`` every ``step_size`` epochs), ``plateau``
+            (times ``gamma`` when ``val/acc`` stalls for ``patience`` epochs; VGG paper), ``none``.
+        label_smoothing: cross-entropy label smoothing.
+        aux_weight: weight of auxiliary-head losses (GoogLeNet: 0.3), training only.
+        channels_last: run convolutions in NHWC (faster on CPUs and tensor cores).
+        compile: ``torch.compile`` the network in place (parameter names unchanged).
+    """
+
+    def __init__(
+        self,
+        arch: str = "vgg08",
+        num_classes: int = 100,
+        in_chans: int = 3,
+        depth: int | None = None,
+        batch_norm: bool | None = None,
+        residual: bool | None = None,
+        activation: str | None = None,
+        init: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        scheduler: str = "cosine",
+        warmup_fraction: float = 0.05,
+        milestones: tuple[float, ...] = (0.5, 0.75),
+        step_size: int = 30,
+        patience: int = 10,
+        gamma: float = 0.1,
+        label_smoothing: float = 0.0,
+        aux_weight: float = 0.3,
+        channels_last: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_choice("scheduler", scheduler, SCHEDULERS)
+        _check_range("lr", lr, low=0.0, low_inclusive=False)
+        _check_range("weight_decay", weight_decay, low=0.0)
+        _check_range("warmup_fraction", warmup_fraction, low=0.0, high=1.0, high_inclusive=False)
+        _check_range("gamma", gamma, low=0.0, low_inclusive=False)
+        _check_range("label_smoothing", label_smoothing, low=0.0, high=1.0, high_inclusive=False)
+        _check_range("aux_weight", aux_weight, low=0.0)
+        if any(not 0.0 < m < 1.0 for m in milestones) or list(milestones) != sorted(milestones):
+            raise ValueError(
+                f"milestones must be increasing fractions of the run in (0, 1); got {milestones}"
+            )
+        if step_size < 1 or patience < 0:
+            raise ValueError(
+                f"step_size must be >= 1 and patience >= 0; got {step_size}, {patience}"
+            )
+        self.save_hyperparameters()
+
+        knobs = {
+            "depth": depth,
+            "batch_norm": batch_norm,
+            "residual": residual,
+            "activation": activation,
+            "init": init,
+        }
+        options = {k: v for k, v in knobs.items() if v is not None}
+        overlap = sorted(set(options) & set(arch_kwargs or {}))
+        if overlap:
+            raise ValueError(
+                f"{overlap} given both as arguments and in arch_kwargs; give them once"
+            )
+        options.update(arch_kwargs or {})
+        self.net = create_model(arch, num_classes=num_classes, in_chans=in_chans, **options)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_acc": _accuracy(num_classes, top_k=1) for stage in STAGES}
+        )
+        if num_classes > 5:
+            self.metrics.update({f"{stage}_acc5": _accuracy(num_classes, 5) for stage in STAGES})
+
+    def configure_model(self) -> None:
+        # In-place compile keeps parameter names (no ``_orig_mod.``), so checkpoints load into
+        # compiled and eager models alike.
+        if self.hparams.compile and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (also for models with auxiliary heads in training mode)."""
+        out = self.net(self._prepare(x))
+        return out.logits if isinstance(out, AuxLogits) else out
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch
+        out = self.net(self._prepare(x))
+        smoothing = self.hparams.label_smoothing
+        if isinstance(out, AuxLogits):
+            logits = out.logits
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            if stage == "train":
+                aux = sum(F.cross_entropy(a, y, label_smoothing=smoothing) for a in out.aux)
+                loss = loss + self.hparams.aux_weight * aux
+        else:
+            logits = out
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        # Metrics accumulate on the device; they are only synced when Lightning logs them.
+        self.log(
+            f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y)
+        )
+        for name in (f"{stage}_acc", f"{stage}_acc5"):
+            if name in self.metrics:
+                metric = self.metrics[name]
+                metric(logits, y)
+                key = f"{stage}/{name.split('_', 1)[1]}"
+                self.log(key, metric, on_step=False, on_epoch=True, prog_bar=key == "val/acc")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train")
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities for each image of the batch."""
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).softmax(dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = self.net.parameters()
+        if hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                params,
+                lr=hp.lr,
+                momentum=hp.momentum,
+                nesterov=hp.nesterov,
+                weight_decay=hp.weight_decay,
+            )
+        if hp.scheduler == "none":
+            return optimizer
+        if hp.scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.step_size, gamma=hp.gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+        if hp.scheduler == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=hp.gamma, patience=hp.patience
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/acc"},
+            }
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        elif hp.scheduler == "multistep":
+            milestones = [math.ceil(m * total) for m in hp.milestones]
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, hp.gamma)
+        else:
+            warmup = max(1, round(hp.warmup_fraction * total))
+            scheduler = torch.optim.lr_scheduler.SequentialLR(
+                optimizer,
+                [
+                    torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, total_iters=warmup),
+                    torch.optim.lr_scheduler.CosineAnnealingLR(
+                        optimizer, T_max=max(1, total - warmup)
+                    ),
+                ],
+                milestones=[warmup],
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def _accuracy(num_classes: int, top_k: int) -> MulticlassAccuracy:
+    return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
+
+
+def _check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    ok_low = low is None or (value >= low if low_inclusive else value > low)
+    ok_high = high is None or (value <= high if high_inclusive else value < high)
+    if not (ok_low and ok_high):
+        lo = "" if low is None else f"{'[' if low_inclusive else '('}{low}"
+        hi = "" if high is None else f"{high}{']' if high_inclusive else ')'}"
+        interval = f"{lo or '(-inf'}, {hi or 'inf)'}"
+        raise ValueError(f"{name} must be in {interval}; got {value}")

@@ -1,0 +1,252 @@
+"""The ``gradtrace`` command.
+
+``gradtrace fit|validate|test|predict`` is a LightningCLI over :class:`ImageClassifier` and
+:class:`ImageDataModule` with the study's defaults: GradientFlow, checkpoints (last and best
+``val/acc``), learning-rate monitor, a CSV logger always, W&B when asked or under ``wandb agent``.
+``gradtrace summary`` prints a model's per-layer cost table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from gradtrace.classifier import ImageClassifier
+from gradtrace.datamodule import ImageDataModule
+from gradtrace.gradient_flow import GradientFlow
+
+__all__ = ["CONFIG_DIR", "GradtraceCLI", "list_configs", "main", "resolve_config"]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped with gradtrace (usable as ``--config NAME``)."""
+    return sorted(
+        str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+    )
+
+
+def resolve_config(value: str) -> str:
+    """An existing file path unchanged, else the shipped config called ``value``."""
+    if Path(value).is_file():
+        return value
+    shipped = CONFIG_DIR / f"{value.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    raise SystemExit(
+        f"gradtrace: no config file {value!r}; shipped configs: {', '.join(list_configs())}"
+    )
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return out
+
+
+def default_run_name(model: dict[str, Any], data: dict[str, Any]) -> str:
+    """A readable run name from the settings that tell runs apart, e.g. ``vgg38-bn-rc-lr0.01``."""
+    arch = model["arch"]
+    if arch == "vgg" and model.get("depth") is not None:
+        arch = f"vgg{model['depth']:02d}"
+    elif model.get("depth") is not None:
+        arch = f"{arch}-d{model['depth']}"
+    parts = [arch]
+    parts += ["bn"] if model.get("batch_norm") else []
+    parts += ["rc"] if model.get("residual") else []
+    for key in ("activation", "init"):
+        if model.get(key) is not None:
+            parts.append(str(model[key]))
+    parts.append(str(data["dataset"]).split(":")[0])
+    parts.append(f"lr{model['lr']:g}")
+    return "-".join(parts)
+
+
+def _wandb_wanted(flag: bool | None) -> bool:
+    # ``wandb agent`` exports WANDB_SWEEP_ID to the runs it launches.
+    return bool(flag) if flag is not None else "WANDB_SWEEP_ID" in os.environ
+
+
+def find_last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``last.ckpt`` over all versions of a run (each resume writes a new version)."""
+    candidates = sorted(run_dir.glob("version_*/checkpoints/last.ckpt"), key=os.path.getmtime)
+    return candidates[-1] if candidates else None
+
+
+class GradtraceCLI(LightningCLI):
+    """LightningCLI with gradtrace's defaults; see the module docstring."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            ImageClassifier,
+            ImageDataModule,
+            seed_everything_default=0,
+            trainer_defaults={"default_root_dir": "runs"},
+            parser_kwargs={
+                "description": "Train and evaluate gradtrace models. "
+                "Also: `gradtrace summary --help` for a model's per-layer cost table. "
+                f"Shipped configs (--config NAME): {', '.join(list_configs())}."
+            },
+            args=None if args is None else _resolve_config_args(list(args)),
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="Run directory under trainer.default_root_dir (default: from the settings).",
+        )
+        parser.add_argument(
+            "--wandb",
+            type=bool | None,
+            default=None,
+            help="Also log to Weights & Biases (default: only under `wandb agent`). "
+            "WANDB_MODE=offline logs without network; `wandb sync` uploads later.",
+        )
+        parser.add_argument("--wandb_project", type=str, default="gradtrace")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_channels", "model.in_chans", apply_on="instantiate")
+
+    def _settings(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    @property
+    def run_dir(self) -> Path:
+        """``<default_root_dir>/<run_name>``: all versions of this run live there."""
+        settings = self._settings()
+        name = settings.run_name or default_run_name(
+            vars(settings.model) if not isinstance(settings.model, dict) else settings.model,
+            vars(settings.data) if not isinstance(settings.data, dict) else settings.data,
+        )
+        return Path(settings.trainer.default_root_dir or "runs") / name
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        settings = self._settings()
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        run_dir = self.run_dir
+        if trainer_config.get("logger") in (None, True):
+            loggers: list[Logger] = [CSVLogger(save_dir=run_dir.parent, name=run_dir.name)]
+            if _wandb_wanted(settings.wandb):
+                from lightning.pytorch.loggers import WandbLogger
+
+                loggers.append(
+                    WandbLogger(
+                        project=settings.wandb_project, name=run_dir.name, save_dir=str(run_dir)
+                    )
+                )
+            kwargs["logger"] = loggers
+        configured = list(trainer_config.get("callbacks") or [])
+        defaults: list[Callback] = [
+            GradientFlow(),
+            ModelCheckpoint(
+                filename="best-{epoch:03d}-{step:06d}",
+                monitor="val/acc",
+                mode="max",
+                save_top_k=1,
+                auto_insert_metric_name=False,
+            ),
+            # Lightning's save_last only refreshes last.ckpt when a best checkpoint is saved;
+            # an unmonitored top-1 checkpoint is always the latest state, which resume needs.
+            ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        kwargs["callbacks"] = configured + [
+            cb for cb in defaults if not any(type(c) is type(cb) for c in configured)
+        ]
+        return super().instantiate_trainer(**kwargs)
+
+    def _resolve_ckpt_path(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        last = find_last_checkpoint(self.run_dir)
+        if last is None:
+            rank_zero_warn(f"--ckpt_path last: no last.ckpt under {self.run_dir}; starting fresh")
+            config["ckpt_path"] = None
+        else:
+            config["ckpt_path"] = str(last)
+
+    def instantiate_classes(self) -> None:
+        # Model and data options are checked when the classes are built; report a bad value
+        # like a bad flag (usage + message, exit 2) instead of a traceback.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            self.parser.error(str(err))
+
+    def before_fit(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path()
+
+
+def summary_main(argv: Sequence[str]) -> int:
+    """``gradtrace summary``: print a model's per-layer cost table."""
+    from gradtrace.models import create_model, list_models, model_info
+    from gradtrace.models.summary import summarize
+
+    parser = argparse.ArgumentParser(
+        prog="gradtrace summary",
+        description="Per-layer output shape, activation memory (fp32), parameters and MACs.",
+    )
+    parser.add_argument("--arch", required=True, help=f"one of: {', '.join(list_models())}")
+    parser.add_argument(
+        "--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="default: the model's"
+    )
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option, YAML value, e.g. --option batch_norm=true (repeatable)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(list(argv))
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--option expects KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    try:
+        info = model_info(args.arch)
+        input_size = tuple(args.input_size or info.input_size)
+        model = create_model(
+            args.arch, num_classes=args.num_classes, in_chans=input_size[0], **options
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    table = summarize(model.eval(), input_size)
+    print(table.to_markdown() if args.markdown else table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``gradtrace`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["summary"]:
+        raise SystemExit(summary_main(args[1:]))
+    GradtraceCLI(args=args)

@@ -1,0 +1,1 @@
+"""Experiments built on gradtrace: the demo, sweeps and the Table 1 reproduction."""

@@ -1,0 +1,188 @@
+"""ImageClassifier: model building, losses, metrics, optimisers, schedules, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradtrace.classifier import ImageClassifier
+from gradtrace.models import AuxLogits
+
+
+def loaders(n: int = 64, classes: int = 10, batch: int = 16) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % classes
+    # Learnable: the class shifts the mean of one channel.
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + y.view(-1, 1, 1, 1) / classes
+    ds = TensorDataset(x, y)
+    return DataLoader(ds, batch_size=batch, shuffle=False), DataLoader(ds, batch_size=batch)
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_flat_knobs_reach_the_model() -> None:
+    module = ImageClassifier(arch="vgg", depth=38, batch_norm=True, residual=True)
+    assert sum(p.numel() for p in module.net.parameters()) == 338_500
+    assert module.net.stages[0].blocks[0].residual is True
+    shortcut = ImageClassifier(
+        arch="vgg38", residual=True, arch_kwargs={"downsample_shortcut": "avgpool"}
+    )
+    assert shortcut.net.stages[0].reduction.shortcut is not None
+
+
+def test_knob_given_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"\['depth'\] given both as arguments and in arch_kwargs"):
+        ImageClassifier(arch="vgg", depth=8, arch_kwargs={"depth": 14})
+
+
+def test_knob_the_model_lacks_names_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"'vgg38' fixes \{'depth': 38\}"):
+        ImageClassifier(arch="vgg38", depth=8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer must be one of adam, adamw, sgd; got 'rmsprop'"),
+        ({"scheduler": "linear"}, "scheduler must be one of cosine, warmup_cosine, multistep"),
+        ({"lr": 0.0}, r"lr must be in \(0.0, inf\); got 0.0"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0.0, 1.0\); got 1.0"),
+        ({"milestones": (0.75, 0.5)}, "milestones must be increasing fractions"),
+        ({"arch": "vgg39"}, "unknown model 'vgg39'; closest: vgg38"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ImageClassifier(**kwargs)
+
+
+def test_hyperparameters_round_trip_through_a_checkpoint(tmp_path) -> None:
+    torch.manual_seed(0)
+    module = ImageClassifier(arch="vgg08", num_classes=10, batch_norm=True, lr=3e-3)
+    train, val = loaders()
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=1)
+    t.fit(module, train, val)
+    path = tmp_path / "model.ckpt"
+    t.save_checkpoint(path)
+    restored = ImageClassifier.load_from_checkpoint(path)
+    assert restored.hparams.lr == 3e-3
+    assert restored.hparams.batch_norm is True
+    x = torch.randn(4, 3, 32, 32)
+    module.eval(), restored.eval()
+    torch.testing.assert_close(restored(x), module(x))
+
+
+def test_metrics_are_logged_per_stage(tmp_path) -> None:
+    torch.manual_seed(0)
+    module = ImageClassifier(arch="vgg08", num_classes=10)
+    train, val = loaders()
+    t = trainer(tmp_path, max_epochs=1)
+    t.fit(module, train, val)
+    logged = set(t.logged_metrics)
+    assert {"train/loss", "train/acc", "train/acc5", "val/loss", "val/acc", "val/acc5"} <= logged
+    results = t.test(module, val, verbose=False)[0]
+    # Independent computation of the test metrics on the same data.
+    module.eval()
+    with torch.no_grad():
+        x, y = val.dataset.tensors
+        logits = module(x)
+    assert results["test/loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-4)
+    assert results["test/acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    top5 = logits.topk(5, dim=1).indices.eq(y[:, None]).any(1).float().mean().item()
+    assert results["test/acc5"] == pytest.approx(top5)
+
+
+class AuxNet(torch.nn.Module):
+    """Returns auxiliary logits in training mode, like GoogLeNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = torch.nn.Linear(12, 5)
+        self.aux1 = torch.nn.Linear(12, 5)
+        self.aux2 = torch.nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | AuxLogits:
+        x = x.flatten(1)
+        if self.training:
+            return AuxLogits(self.main(x), (self.aux1(x), self.aux2(x)))
+        return self.main(x)
+
+
+def test_auxiliary_losses_weigh_0_3_in_training_only() -> None:
+    module = ImageClassifier(arch="vgg08", num_classes=5, channels_last=False)
+    module.net = AuxNet()
+    x, y = torch.randn(8, 3, 2, 2), torch.arange(8) % 5
+    net = module.net
+    main, aux1, aux2 = (
+        F.cross_entropy(head(x.flatten(1)), y) for head in (net.main, net.aux1, net.aux2)
+    )
+    module.train()
+    loss = module._shared_step((x, y), "train")
+    torch.testing.assert_close(loss, main + 0.3 * (aux1 + aux2))
+    module.eval()
+    torch.testing.assert_close(module._shared_step((x, y), "val"), main)
+    assert module(x).shape == (8, 5)
+
+
+def lr_trajectory(tmp_path, steps: int, **kwargs) -> list[float]:
+    module = ImageClassifier(arch="vgg08", num_classes=10, lr=0.1, **kwargs)
+    lrs: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    train, _ = loaders(n=steps * 4, batch=4)
+    trainer(tmp_path, max_epochs=1, callbacks=[Record()], limit_val_batches=0).fit(module, train)
+    return lrs
+
+
+def test_cosine_schedule_spans_the_run(tmp_path) -> None:
+    lrs = lr_trajectory(tmp_path, steps=10, scheduler="cosine")
+    expected = [0.05 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_warmup_cosine_and_multistep(tmp_path) -> None:
+    warm = lr_trajectory(tmp_path, steps=20, scheduler="warmup_cosine", warmup_fraction=0.1)
+    assert warm[0] == pytest.approx(0.05)
+    assert warm[2] == pytest.approx(0.1)
+    assert warm[-1] < warm[2]
+    multi = lr_trajectory(tmp_path, steps=8, scheduler="multistep", gamma=0.5)
+    assert multi == pytest.approx([0.1] * 4 + [0.05] * 2 + [0.025] * 2)
+
+
+def test_sgd_options_reach_the_optimizer() -> None:
+    module = ImageClassifier(
+        arch="vgg08", optimizer="sgd", lr=0.01, nesterov=True, scheduler="none"
+    )
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["nesterov"] is True
+    assert optimizer.defaults["momentum"] == 0.9
+
+
+def test_channels_last_does_not_change_the_logits() -> None:
+    torch.manual_seed(0)
+    fast = ImageClassifier(arch="vgg08", batch_norm=True).eval()
+    plain = ImageClassifier(arch="vgg08", batch_norm=True, channels_last=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    assert fast.net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
