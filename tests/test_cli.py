@@ -83,11 +83,15 @@ def test_the_sweep_command_from_the_issue_runs(tmp_path: Path) -> None:
     assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
 
 
-def test_validate_and_test_from_the_last_checkpoint(tmp_path: Path, capsys) -> None:
+def test_test_and_predict_from_the_last_checkpoint(tmp_path: Path, capsys) -> None:
     common = [*SMALL, *QUIET, f"--trainer.default_root_dir={tmp_path}", "--run_name=r"]
     main(["fit", "--model.arch=vgg08", "--trainer.max_epochs=1", *common])
     main(["test", "--model.arch=vgg08", "--ckpt_path=last", *common])
     assert "test/acc" in capsys.readouterr().out
+    main(["predict", "--model.arch=vgg08", "--ckpt_path=last", *common])
+    probabilities = torch.load(tmp_path / "r/version_2/predictions.pt")
+    assert probabilities.shape == (50, 10)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(50))
     # Every invocation logs into a new version; the checkpoint is found in version_0.
     assert find_last_checkpoint(tmp_path / "r") == tmp_path / "r/version_0/checkpoints/last.ckpt"
     assert (tmp_path / "r" / "version_1" / "metrics.csv").is_file()

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -26,7 +27,14 @@ from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
 
-__all__ = ["CONFIG_DIR", "GradtraceCLI", "list_configs", "main", "resolve_config"]
+__all__ = [
+    "CONFIG_DIR",
+    "GradtraceCLI",
+    "SavePredictions",
+    "list_configs",
+    "main",
+    "resolve_config",
+]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -87,6 +95,33 @@ def find_last_checkpoint(run_dir: Path) -> Path | None:
     """The newest ``last.ckpt`` over all versions of a run (each resume writes a new version)."""
     candidates = sorted(run_dir.glob("version_*/checkpoints/last.ckpt"), key=os.path.getmtime)
     return candidates[-1] if candidates else None
+
+
+class SavePredictions(BasePredictionWriter):
+    """Write ``gradtrace predict``'s class probabilities to ``<log_dir>/predictions.pt``.
+
+    One ``[N, classes]`` tensor in the order of the predict split (the test split); under DDP
+    each rank writes ``predictions_rank<r>.pt`` with its own shard.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(
+        self,
+        trainer: Trainer,
+        pl_module: Any,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any] | None,
+    ) -> None:
+        name = (
+            "predictions.pt"
+            if trainer.world_size == 1
+            else f"predictions_rank{trainer.global_rank}.pt"
+        )
+        path = Path(trainer.log_dir or trainer.default_root_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torch.cat(list(predictions)).cpu(), path)
 
 
 class GradtraceCLI(LightningCLI):
@@ -168,6 +203,8 @@ class GradtraceCLI(LightningCLI):
             ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
             LearningRateMonitor(logging_interval="step"),
         ]
+        if self.subcommand == "predict":
+            defaults.append(SavePredictions())
         kwargs["callbacks"] = configured + [
             cb for cb in defaults if not any(type(c) is type(cb) for c in configured)
         ]
@@ -199,6 +236,9 @@ class GradtraceCLI(LightningCLI):
         self._resolve_ckpt_path()
 
     def before_test(self) -> None:
+        self._resolve_ckpt_path()
+
+    def before_predict(self) -> None:
         self._resolve_ckpt_path()
 
 
