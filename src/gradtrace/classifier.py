@@ -149,22 +149,43 @@ class ImageClassifier(pl.LightningModule):
         else:
             logits = out
             loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        # Metrics accumulate on the device; they are only synced when Lightning logs them.
+        # The epoch loss goes through Lightning (its running mean is checkpointed, so a run
+        # resumed mid-epoch logs the same value); nothing is synced until the epoch ends.
         self.log(
             f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y)
         )
+        # Accuracies only accumulate on the device here (update, not forward: no per-batch
+        # value) and are logged once per epoch: each self.log call costs host time (Lightning
+        # moves its result objects to the device every call) that a fast GPU step cannot hide.
         for name in (f"{stage}_acc", f"{stage}_acc5"):
             if name in self.metrics:
-                metric = self.metrics[name]
-                metric(logits, y)
-                key = f"{stage}/{name.split('_', 1)[1]}"
-                self.log(key, metric, on_step=False, on_epoch=True, prog_bar=key == "val/acc")
+                self.metrics[name].update(logits, y)
         return loss
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        for name in (f"{stage}_acc", f"{stage}_acc5"):
+            if name in self.metrics:
+                key = f"{stage}/{name.split('_', 1)[1]}"
+                # Lightning computes the metric (synced across processes) and resets it.
+                metric = self.metrics[name]
+                self.log(key, metric, on_step=False, on_epoch=True, prog_bar=key == "val/acc")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        # Only on the steps where Lightning writes to the loggers (the value it would write).
+        trainer = self._trainer
+        if trainer is None or getattr(trainer._logger_connector, "should_update_logs", True):
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val")
