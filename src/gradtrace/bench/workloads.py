@@ -347,6 +347,7 @@ _MACHINERY = (
     os.path.join(_TORCH_DIR, "_dynamo", ""),
     os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"),
     os.path.join(_TORCH_DIR, "_ops.py"),
+    os.path.join(_TORCH_DIR, "_compile.py"),
 )
 
 
