@@ -579,7 +579,7 @@ def _count_syncs(cfg: BenchConfig, every: int, workdir: Path, steps: int = 5) ->
         "synthetic", num_classes=10, synthetic_sizes=(800, 50), val_size=100, batch_size=16
     )
     model = ImageClassifier("vgg", num_classes=10, arch_kwargs={"width": 8})
-    counter = HostSyncCounter()
+    counter = HostSyncCounter(device_only=cfg.device != "cpu")
 
     class Window(pl.Callback):  # from the third step (past first-step set-up) to the epoch end
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:

@@ -386,12 +386,18 @@ class HostSyncCounter(TorchDispatchMode):
     :attr:`active`.
 
     Caveat: on the CPU some ops check their inputs with ``.item()`` where the CUDA kernel does
-    not (``F.one_hot``'s range check), so CPU counts are an upper bound of the GPU's.
+    not (``F.one_hot``'s range check), so CPU counts are an upper bound of the GPU's. With
+    ``device_only=True`` (for runs on an accelerator) only ops on accelerator tensors count:
+    reading a CPU tensor (Adam's step counters) makes nothing wait.
+
+    Args:
+        device_only: count only ops whose inputs include an accelerator tensor.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device_only: bool = False) -> None:
         super().__init__()
         self.active = False
+        self.device_only = device_only
         self.counts: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(
@@ -399,7 +405,9 @@ class HostSyncCounter(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         if self.active:
-            if func.overloadpacket in _SYNC_OPS:
+            if func.overloadpacket in _SYNC_OPS and (
+                not self.device_only or any(_on_device(a) for a in args)
+            ):
                 self.counts[self._caller(str(func.overloadpacket))] += 1
             elif _device_to_host(func, args, kwargs):
                 self.counts[self._caller("device-to-host copy")] += 1
