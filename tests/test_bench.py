@@ -332,7 +332,15 @@ def fake_phases() -> dict[str, Any]:
     return dict(
         device="cpu: test",
         settings=BenchConfig.for_device(quick=True, device="cpu").to_dict(),
-        training={"models": models},
+        training={
+            "models": models,
+            "host_overhead": {
+                "torch_threads": 1,
+                "seconds_per_step": {"plain": s([0.009]), "gradtrace": s([0.0113])},
+                "extra_seconds_per_step": s([0.002, 0.0023, 0.003]),
+                "block": 20,
+            },
+        },
         data={
             "batches_per_s": {"gradtrace": s([500.0]), "torchvision": s([20.0])},
             "speedup": s([4.0, 25.0, 26.0]),
@@ -388,6 +396,10 @@ def test_markdown_shows_every_figure_with_goal_and_verdict() -> None:
     )
     assert "| Peak training memory, VGG38, batch 100 | 400 MB | - | 1 | - | - |" in text
     assert "not measured" in text
+    assert (
+        "(tiny network, width 4, batch 2, 1 torch thread(s), 3 rounds of 20 steps): "
+        "**2.30 ms** (2.00 - 3.00) over the plain loop's 9.00 ms." in text
+    )
     assert "Skipped: no CUDA device." in text
     assert "| logged step | 1 | `aten.x from lightning/y.py:1 (f)` |" in text
     assert "- a caveat" in text

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from gradtrace.models import AuxLogits, create_model
@@ -114,9 +115,13 @@ class ImageClassifier(pl.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
+        # Epoch statistics accumulate on the device (no host syncs: NaN checks off) and are
+        # logged once per epoch: a self.log call per step costs host time (Lightning moves its
+        # result objects to the device every call) that a fast GPU step cannot hide.
         self.metrics = nn.ModuleDict(
-            {f"{stage}_acc": _accuracy(num_classes, top_k=1) for stage in STAGES}
+            {f"{stage}_loss": MeanMetric(nan_strategy="disable") for stage in STAGES}
         )
+        self.metrics.update({f"{stage}_acc": _accuracy(num_classes, top_k=1) for stage in STAGES})
         if num_classes > 5:
             self.metrics.update({f"{stage}_acc5": _accuracy(num_classes, 5) for stage in STAGES})
 
@@ -149,24 +154,18 @@ class ImageClassifier(pl.LightningModule):
         else:
             logits = out
             loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        # The epoch loss goes through Lightning (its running mean is checkpointed, so a run
-        # resumed mid-epoch logs the same value); nothing is synced until the epoch ends.
-        self.log(
-            f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y)
-        )
-        # Accuracies only accumulate on the device here (update, not forward: no per-batch
-        # value) and are logged once per epoch: each self.log call costs host time (Lightning
-        # moves its result objects to the device every call) that a fast GPU step cannot hide.
+        # Update, not forward: no per-batch value is computed. The loss counts once per image.
+        self.metrics[f"{stage}_loss"].update(loss.detach().expand(len(y)))
         for name in (f"{stage}_acc", f"{stage}_acc5"):
             if name in self.metrics:
                 self.metrics[name].update(logits, y)
         return loss
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        for name in (f"{stage}_acc", f"{stage}_acc5"):
+        # Lightning computes each metric (synced across processes) and resets it.
+        for name in (f"{stage}_loss", f"{stage}_acc", f"{stage}_acc5"):
             if name in self.metrics:
                 key = f"{stage}/{name.split('_', 1)[1]}"
-                # Lightning computes the metric (synced across processes) and resets it.
                 metric = self.metrics[name]
                 self.log(key, metric, on_step=False, on_epoch=True, prog_bar=key == "val/acc")
 

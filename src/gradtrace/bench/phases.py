@@ -110,7 +110,7 @@ class BenchConfig:
             steps_per_block={"vgg08": 1, "vgg38": 1},
             data_rounds=3 if quick else 10,
             data_batches=20 if quick else 40,
-            memory_steps=2,
+            memory_steps=1 if quick else 2,
             scaling_rounds=1 if quick else 2,
             scaling_warmup=1 if quick else 2,
             scaling_steps=2 if quick else 6,
@@ -276,7 +276,61 @@ def bench_training(cfg: BenchConfig, dm: ImageDataModule, workdir: Path, log: Lo
         "models": {
             arch: _bench_model(cfg, dm, arch, arch == "vgg38", workdir / arch, log)
             for arch in MODELS
-        }
+        },
+        "host_overhead": bench_host_overhead(cfg, workdir / "overhead", log),
+    }
+
+
+def bench_host_overhead(
+    cfg: BenchConfig, root: Path, log: Log, block: int = 20, rounds: int = 5
+) -> dict[str, Any]:
+    """Lightning's own time per step: a tiny network (width 4, batch 2) in both loops.
+
+    With almost no arithmetic, the difference of the step times is the host time the
+    Trainer, ImageClassifier and ImageDataModule add to every step. On a GPU that time is
+    only hidden while the device is busier than the host; for small networks it is not.
+    On the CPU it runs with one torch thread: with more, tiny ops mostly measure how long
+    the threads take to meet (long on a busy machine), not Python.
+    """
+    log(f"host overhead per step: tiny network, {rounds} rounds of {block} steps")
+    threads = torch.get_num_threads()
+    if cfg.device == "cpu":
+        torch.set_num_threads(1)
+    dm = cifar100_like(batch_size=2, sizes=(2 * block * (rounds + 2) + 2600, 100))
+    options = {"width": 4}
+    model = ImageClassifier("vgg", num_classes=dm.num_classes, arch_kwargs=options)
+    stepper = TrainerSteps(model, dm, sync_cuda=cfg.device == "cuda", **_trainer_kwargs(cfg, root))
+    try:
+        stepper.start()
+        images, labels = dm.split("train")
+        plain = PlainLoop(
+            "vgg",
+            images,
+            labels,
+            dm.mean,
+            dm.std,
+            num_classes=dm.num_classes,
+            model_options=options,
+            batch_size=2,
+            device=cfg.device,
+            total_steps=labels.numel() // 2,
+        )
+        samples = interleave(
+            {"plain": lambda: plain.run(block), "gradtrace": lambda: stepper.run(block)},
+            rounds,
+            warmup=1,
+        )
+    finally:
+        stepper.close()
+        torch.set_num_threads(threads)
+    per_step = {name: [t / block for t in times] for name, times in samples.items()}
+    return {
+        "torch_threads": 1 if cfg.device == "cpu" else threads,
+        "seconds_per_step": {name: Summary.of(v) for name, v in per_step.items()},
+        "extra_seconds_per_step": Summary.of(
+            [g - p for g, p in zip(per_step["gradtrace"], per_step["plain"])]
+        ),
+        "block": block,
     }
 
 

@@ -278,6 +278,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for name, summary in result["seconds_per_step"].items():
             low, high = summary["low"], summary["high"]
             lines.append(f"| {arch} | {name} | {summary['median']:.4f} | {low:.4f} - {high:.4f} |")
+    overhead = report["timings"].get("host_overhead")
+    if overhead:
+        extra = overhead["extra_seconds_per_step"]
+        plain = overhead["seconds_per_step"]["plain"]["median"]
+        lines += [
+            "",
+            f"Host time Lightning adds per step (tiny network, width 4, batch 2, "
+            f"{overhead['torch_threads']} torch thread(s), "
+            f"{extra['rounds']} rounds of {overhead['block']} steps): "
+            f"**{1e3 * extra['median']:.2f} ms** ({1e3 * extra['low']:.2f} - "
+            f"{1e3 * extra['high']:.2f}) over the plain loop's {1e3 * plain:.2f} ms. A step "
+            "that takes less device time than this is limited by the host.",
+        ]
     flops = report["timings"]["models"].get("vgg38", {}).get("flops")
     if flops:
         lines += [
