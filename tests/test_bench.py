@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from gradtrace.bench.workloads import (
     OurBatches,
     PlainLoop,
     TorchvisionBatches,
+    _copy_direction,
     train_step_flops,
 )
 from gradtrace.classifier import ImageClassifier
@@ -272,6 +274,23 @@ def test_host_sync_counter_attributes_scalar_reads_to_their_caller() -> None:
         "aten._local_scalar_dense from " + where.format(line + 2): 1,  # bool(tensor)
         "aten.nonzero from " + where.format(line + 3): 1,
     }
+
+
+def test_copies_that_wait_are_told_apart_without_a_gpu() -> None:
+    aten = torch.ops.aten
+    cpu, gpu = (
+        SimpleNamespace(device=torch.device("cpu")),
+        SimpleNamespace(device=torch.device("cuda")),
+    )
+    to_cuda, to_cpu = {"device": torch.device("cuda")}, {"device": torch.device("cpu")}
+    assert _copy_direction(aten._to_copy.default, (gpu,), to_cpu) == "device-to-host copy"
+    assert _copy_direction(aten._to_copy.default, (cpu,), to_cuda) == "blocking host-to-device copy"
+    assert _copy_direction(aten._to_copy.default, (cpu,), {**to_cuda, "non_blocking": True}) is None
+    assert _copy_direction(aten._to_copy.default, (cpu,), {"dtype": torch.half}) is None
+    assert _copy_direction(aten.copy_.default, (cpu, gpu), {}) == "device-to-host copy"
+    assert _copy_direction(aten.copy_.default, (gpu, cpu, True), {}) is None
+    assert _copy_direction(aten.copy_.default, (gpu, cpu), {}) == "blocking host-to-device copy"
+    assert _copy_direction(aten.add.Tensor, (cpu, cpu), {}) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,13 @@ def caveats(cfg: phases.BenchConfig) -> list[str]:
         "counts are an upper bound of a GPU's. Adam's `.item()` reads its step counters, "
         "which live on the CPU unless `capturable`/`fused`: no device wait.",
     ]
+    if cfg.device == "cuda":
+        notes += [
+            "GPU run: bf16-mixed, channels_last, torch.compile, data on the GPU, for both "
+            "gradtrace and the plain loop; timed in blocks of "
+            f"{cfg.steps_per_block['vgg38']} steps, synchronised at block ends only. The "
+            "direct (in-hook) callback figures include waiting for the GPU.",
+        ]
     if cfg.device == "cpu":
         notes += [
             "CPU run: fp32, eager (no torch.compile: compiling takes minutes on two cores), "

@@ -350,7 +350,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## Host syncs per training step", ""]
     syncs = report["host_syncs"]
     lines += [
-        "Ops that make the host wait for a GPU (`.item()`, data-dependent shapes), counted "
+        "Ops that make the host wait for a GPU (`.item()`, data-dependent shapes, copies to "
+        "the host, blocking copies to the device), counted "
         "with a dispatch mode over steady-state steps of a small model with gradtrace's "
         "defaults, by the code that issued them:",
         "",

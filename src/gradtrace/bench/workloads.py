@@ -351,14 +351,28 @@ _MACHINERY = (
 )
 
 
-def _device_to_host(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """A copy from an accelerator to the CPU (``.cpu()``, ``.to("cpu")``, ``cpu.copy_(gpu)``)."""
+def _copy_direction(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """``device-to-host copy`` or ``blocking host-to-device copy`` (both wait), else None.
+
+    A copy to the CPU waits for the device; a host-to-device copy with
+    ``non_blocking=False`` synchronises the stream after it.
+    """
     if func.overloadpacket is _aten._to_copy:
         target = kwargs.get("device")
-        return target is not None and torch.device(target).type == "cpu" and _on_device(args[0])
-    if func.overloadpacket is _aten.copy_:
-        return args[0].device.type == "cpu" and _on_device(args[1])
-    return False
+        if target is None:
+            return None
+        src, dst = args[0].device.type, torch.device(target).type
+        non_blocking = kwargs.get("non_blocking", False)
+    elif func.overloadpacket is _aten.copy_:
+        src, dst = args[1].device.type, args[0].device.type
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    else:
+        return None
+    if dst == "cpu" and src not in ("cpu", "meta"):
+        return "device-to-host copy"
+    if src == "cpu" and dst not in ("cpu", "meta") and not non_blocking:
+        return "blocking host-to-device copy"
+    return None
 
 
 def _on_device(tensor: Any) -> bool:
@@ -378,9 +392,9 @@ class HostSyncCounter(TorchDispatchMode):
 
     A dispatch mode sees every ATen op, so it also works on the CPU, where nothing waits:
     ``.item()`` and friends (``aten._local_scalar_dense``) and ops with data-dependent output
-    sizes (``nonzero``, ``unique``, ``masked_select``, ``bincount``...), and copies from an
-    accelerator to the CPU (only seen on one: on the CPU ``.cpu()`` is not even an op). Each
-    is attributed to
+    sizes (``nonzero``, ``unique``, ``masked_select``, ``bincount``...), copies from an
+    accelerator to the CPU and blocking copies to it (only seen on an accelerator: on the CPU
+    ``.cpu()`` is not even an op). Each is attributed to
     the innermost stack frame outside torch itself (``path:line (function)``, the path from its
     package on), naming the torch function it happened in, if any. Counting runs only while
     :attr:`active`.
@@ -409,8 +423,8 @@ class HostSyncCounter(TorchDispatchMode):
                 not self.device_only or any(_on_device(a) for a in args)
             ):
                 self.counts[self._caller(str(func.overloadpacket))] += 1
-            elif _device_to_host(func, args, kwargs):
-                self.counts[self._caller("device-to-host copy")] += 1
+            elif (copy := _copy_direction(func, args, kwargs)) is not None:
+                self.counts[self._caller(copy)] += 1
         return func(*args, **kwargs)
 
     @staticmethod
