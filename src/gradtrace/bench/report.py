@@ -298,7 +298,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"VGG38 training step: {flops['train_step_flops'] / 1e9:.1f} GFLOP "
             "(forward + backward, `torch.utils.flop_counter`), "
             f"{flops['train_step_flops_per_s']['median'] / 1e9:.1f} GFLOP/s; dense "
-            f"{flops['matmul_size']}x{flops['matmul_size']} matmul: "
+            f"{flops['matmul_size']}x{flops['matmul_size']} matmul (best of 5 tries per round): "
             f"{flops['matmul_flops_per_s']['median'] / 1e9:.1f} GFLOP/s.",
         ]
     data = report["data"]
