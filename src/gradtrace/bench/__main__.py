@@ -72,8 +72,9 @@ def caveats(cfg: phases.BenchConfig) -> list[str]:
             "the one-thread figure shows it without that effect (DataLoader workers run one "
             "thread each). On a GPU the pipeline runs on the device.",
             "Scaling on a CPU: two DDP processes share the same cores (Lightning gives each "
-            "cores/processes threads), so no gain is expected; the figure shows DDP's "
-            "overhead.",
+            "cores/processes threads), so no gain is expected on a quiet machine; on a busy "
+            "one, the single process's two intra-op threads wait for each other (as above) "
+            "and one-thread processes look faster.",
             "GPU section skipped: no CUDA device. The GPU code paths (bf16-mixed, compile, "
             "device-resident data, epoch times, Table 1 projection, processes per GPU) did "
             "not run for this report.",

@@ -337,14 +337,20 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ]
     lines += [
         "",
-        "What to expect with N GPUs: one run per GPU is the efficient way to use them for "
-        "these small networks (a sweep's local runner starts one agent per GPU, "
-        "`make sweep-local GPUS=0,1,...`), so N GPUs finish N runs in the time of one. DDP "
-        "over N GPUs (`--trainer.devices N --trainer.strategy ddp`) multiplies the global "
-        "batch by N and all-reduces the gradients every step; for VGG-sized networks at batch "
-        "100 per GPU the all-reduce is small, so throughput grows nearly N-fold, but each run "
-        "then trains with a larger batch (different results). On a CPU, processes share the "
-        "same cores, so DDP gains nothing (above).",
+        "What to expect with N GPUs: these networks are small, so the efficient use of N "
+        "GPUs is N independent runs, not one run spread over them. "
+        "`make sweep-local SWEEP=... GPUS=0,1,2,3` (and `make reproduce-table1`'s `--gpus`) "
+        "runs one cell per listed GPU at a time, each with `CUDA_VISIBLE_DEVICES` set; a GPU "
+        "listed twice (`GPUS=0,0,1,1`) runs two cells on it, which pays off when the GPU "
+        "section below shows two processes getting more done than one. N GPUs then finish "
+        "N (or 2N) runs in about the time of one: Table 1's 7 rows take ceil(7/N) run "
+        "times. DDP over N GPUs (`--trainer.devices N --trainer.strategy ddp`) instead "
+        "multiplies the global batch by N and all-reduces the gradients every step; for "
+        "VGG-sized networks the all-reduce is small, so images/s grow nearly N-fold, but the "
+        "run then trains with an N-times larger batch (different results from Table 1's). "
+        "On a CPU, DDP processes share the same cores: no more arithmetic gets done, and a "
+        "figure above 1x here means one process's two threads lost time waiting for each "
+        "other on a busy machine (see the caveats).",
     ]
 
     lines += ["", "## Host syncs per training step", ""]
