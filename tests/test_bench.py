@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gradtrace.bench import child
+from gradtrace.bench.gpu import table1_rows
 from gradtrace.bench.phases import BenchConfig, _children
 from gradtrace.bench.report import (
     FIGURES,
@@ -314,6 +315,24 @@ def test_child_throughput(tmp_path: Path) -> None:
     assert result["processes"] == 1
     assert result["steps"] == 2
     assert result["images_per_s"] == pytest.approx(2 * 4 / result["seconds"])
+
+
+def test_table1_rows_come_from_the_packaged_configs() -> None:
+    rows = table1_rows()
+    assert len(rows) == 7
+    assert all(row["epochs"] == 100 for row in rows)
+    by_name = {row["name"]: row["arch"] for row in rows}
+    assert by_name["vgg08"] == ("vgg", 8, False, False)
+    assert by_name["vgg38-bn-rc-lr1e-2"] == ("vgg", 38, True, True)
+    # the GPU section times each distinct network once
+    assert len(set(by_name.values())) == 5
+
+
+def test_training_pool_holds_every_timed_step_in_one_epoch() -> None:
+    assert BenchConfig.for_device(quick=True, device="cpu").training_pool() == 50_000
+    gpu = BenchConfig.for_device(quick=False, device="cuda")
+    # VGG38: (2 warm-up + 10 rounds) x 25 steps x 4 Lightning blocks, + 1, + validation
+    assert gpu.training_pool() == (12 * 25 * 4 + 1) * 100 + 2_500
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,13 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gradtrace-bench-") as tmp:
         workdir = Path(tmp)
         host_syncs = phases.bench_host_syncs(cfg, workdir / "syncs", log)
-        log("CIFAR-100-sized synthetic data")
-        dm = phases.cifar100_like(cfg.batch_size)
+        pool = cfg.training_pool()
+        log(f"CIFAR-100-shaped synthetic data, training pool of {pool:,} images")
+        dm = phases.cifar100_like(cfg.batch_size, pool)
         training = phases.bench_training(cfg, dm, workdir / "training", log)
         data = phases.bench_data(cfg, dm, log)
         memory = phases.bench_memory(cfg, log)
         scaling = phases.bench_scaling(cfg, log)
-        gpu = bench_gpu(cfg, dm, workdir / "gpu", log)
+        del dm
+        gpu = bench_gpu(cfg, workdir / "gpu", log)
     report = build_report(
         device=device,
         settings=cfg.to_dict(),

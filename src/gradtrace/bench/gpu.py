@@ -29,7 +29,7 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from gradtrace.bench.phases import BenchConfig, Log
+from gradtrace.bench.phases import BenchConfig, Log, cifar100_like
 from gradtrace.bench.stats import Summary
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
@@ -168,10 +168,11 @@ def _concurrent_throughput(
     return [json.loads(out.read_text())["images_per_s"] for out in outs]
 
 
-def bench_gpu(cfg: BenchConfig, dm: ImageDataModule, workdir: Path, log: Log) -> dict:
+def bench_gpu(cfg: BenchConfig, workdir: Path, log: Log) -> dict:
     """Epoch times, the Table 1 projection, and 1 vs 2 processes per GPU."""
     if cfg.device != "cuda":
         return {"skipped": "no CUDA device"}
+    dm = cifar100_like(cfg.batch_size)  # exactly CIFAR-100's split sizes: a real epoch
     rows = table1_rows()
     epoch_times: dict[str, Any] = {}
     for arch in dict.fromkeys(row["arch"] for row in rows):

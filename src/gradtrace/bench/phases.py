@@ -51,6 +51,7 @@ __all__ = [
 Log = Callable[[str], None]
 
 MODELS = ("vgg08", "vgg38")
+CIFAR100_TRAIN, CIFAR100_VAL, CIFAR100_TEST = 50_000, 2_500, 10_000
 # callback_overhead key -> the name of its workload ("gradtrace+<name>")
 CALLBACKS = {"gradtrace": "GradientFlow", "grad_norm": "grad_norm", "wandb_watch": "wandb.watch"}
 
@@ -118,8 +119,21 @@ class BenchConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings."""
-        return asdict(self)
+        """JSON-ready settings, with the training pool they imply."""
+        return {**asdict(self), "training_pool": self.training_pool()}
+
+    def training_pool(self) -> int:
+        """Images of synthetic training pool: CIFAR-100's 50,000, or more if one epoch
+        (after the 2,500 validation images) would not hold every timed Lightning step.
+
+        Timed blocks never cross an epoch's end; VGG38's fit runs the plain Lightning step
+        and the three callbacks' blocks, every round.
+        """
+        steps = max(
+            (self.warmup + self.rounds[arch]) * self.steps_per_block[arch] * (1 + len(CALLBACKS))
+            for arch in MODELS
+        )
+        return max(CIFAR100_TRAIN, (steps + 1) * self.batch_size + CIFAR100_VAL)
 
 
 def describe_device(device: str) -> str:
@@ -137,11 +151,16 @@ def describe_device(device: str) -> str:
     return f"cpu: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def cifar100_like(
-    batch_size: int = 100, sizes: tuple[int, int] = (50_000, 10_000)
-) -> ImageDataModule:
-    """CIFAR-100-sized synthetic data (47,500 / 2,500 / 10,000 images of 3x32x32), set up."""
-    dm = ImageDataModule("synthetic", num_classes=100, synthetic_sizes=sizes, batch_size=batch_size)
+def cifar100_like(batch_size: int = 100, pool: int = CIFAR100_TRAIN) -> ImageDataModule:
+    """CIFAR-100-shaped synthetic data, set up: 100 classes of 3x32x32 images, a training
+    pool of ``pool`` (CIFAR-100: 50,000, of which 2,500 for validation) and 10,000 test."""
+    dm = ImageDataModule(
+        "synthetic",
+        num_classes=100,
+        synthetic_sizes=(pool, CIFAR100_TEST),
+        val_size=CIFAR100_VAL,
+        batch_size=batch_size,
+    )
     dm.setup("fit")
     return dm
 
@@ -296,7 +315,7 @@ def bench_host_overhead(
     threads = torch.get_num_threads()
     if cfg.device == "cpu":
         torch.set_num_threads(1)
-    dm = cifar100_like(batch_size=2, sizes=(2 * block * (rounds + 2) + 2600, 100))
+    dm = cifar100_like(batch_size=2, pool=2 * block * (rounds + 2) + CIFAR100_VAL + 100)
     options = {"width": 4}
     model = ImageClassifier("vgg", num_classes=dm.num_classes, arch_kwargs=options)
     stepper = TrainerSteps(model, dm, sync_cuda=cfg.device == "cuda", **_trainer_kwargs(cfg, root))
@@ -313,6 +332,7 @@ def bench_host_overhead(
             model_options=options,
             batch_size=2,
             device=cfg.device,
+            precision=cfg.precision,
             total_steps=labels.numel() // 2,
         )
         samples = interleave(

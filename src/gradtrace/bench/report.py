@@ -251,7 +251,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- Mode: {mode}; took {report['elapsed_s'] / 60:.1f} min",
         f"- Training settings: precision `{settings['precision']}`, channels_last, "
         f"compile {'on' if settings['compile'] else 'off'}, batch {settings['batch_size']}, "
-        "CIFAR-100-sized synthetic data (47,500 training images of 3x32x32)",
+        f"CIFAR-100-shaped synthetic data (100 classes, 3x32x32, a training pool of "
+        f"{report['settings']['training_pool']:,} images)",
         f"- Software: {', '.join(f'{k} {v}' for k, v in report['environment'].items())}",
         "",
         "Every figure is a per-round ratio of workloads run one after the other in the same "
