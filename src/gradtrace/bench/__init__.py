@@ -5,7 +5,8 @@ Every figure is a ratio of two workloads measured in the same process, interleav
 round (A B A B ...), reported as the median over rounds with its spread:
 
 * training step: Trainer + ImageClassifier + ImageDataModule vs a plain PyTorch loop (VGG08,
-  VGG38, batch 100, CIFAR-100-sized synthetic data);
+  VGG38, batch 100, CIFAR-100-shaped synthetic data), and the host time Lightning adds to a
+  step (a tiny network in both loops);
 * callback overhead on VGG38: GradientFlow logging every step, Lightning's ``grad_norm``,
   ``wandb.watch(log="gradients", log_freq=1)`` offline;
 * data pipeline: ImageDataModule vs a torchvision per-sample DataLoader, and vs the model;
