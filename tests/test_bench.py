@@ -298,6 +298,7 @@ def test_copies_that_wait_are_told_apart_without_a_gpu() -> None:
 # child processes' measurements (run in this process: same code)
 
 
+@pytest.mark.slow  # a fresh Python process: imports and a warm-up fit, ~10-20 s
 def test_child_memory_in_a_fresh_process() -> None:
     [memory] = _children([["memory", "--arch", "vgg08", "--steps", "1", "--batch-size", "32"]])
     assert memory["measure"] == "peak resident set size (VmHWM)"
