@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from gradtrace.models import AuxLogits, create_model
@@ -114,9 +115,13 @@ class ImageClassifier(pl.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
+        # Epoch statistics accumulate on the device (no host syncs: NaN checks off) and are
+        # logged once per epoch: a self.log call per step costs host time (Lightning moves its
+        # result objects to the device every call) that a fast GPU step cannot hide.
         self.metrics = nn.ModuleDict(
-            {f"{stage}_acc": _accuracy(num_classes, top_k=1) for stage in STAGES}
+            {f"{stage}_loss": MeanMetric(nan_strategy="disable") for stage in STAGES}
         )
+        self.metrics.update({f"{stage}_acc": _accuracy(num_classes, top_k=1) for stage in STAGES})
         if num_classes > 5:
             self.metrics.update({f"{stage}_acc5": _accuracy(num_classes, 5) for stage in STAGES})
 
@@ -149,22 +154,37 @@ class ImageClassifier(pl.LightningModule):
         else:
             logits = out
             loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        # Metrics accumulate on the device; they are only synced when Lightning logs them.
-        self.log(
-            f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y)
-        )
+        # Update, not forward: no per-batch value is computed. The loss counts once per image.
+        self.metrics[f"{stage}_loss"].update(loss.detach().expand(len(y)))
         for name in (f"{stage}_acc", f"{stage}_acc5"):
             if name in self.metrics:
-                metric = self.metrics[name]
-                metric(logits, y)
-                key = f"{stage}/{name.split('_', 1)[1]}"
-                self.log(key, metric, on_step=False, on_epoch=True, prog_bar=key == "val/acc")
+                self.metrics[name].update(logits, y)
         return loss
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        # Lightning computes each metric (synced across processes) and resets it.
+        for name in (f"{stage}_loss", f"{stage}_acc", f"{stage}_acc5"):
+            if name in self.metrics:
+                key = f"{stage}/{name.split('_', 1)[1]}"
+                metric = self.metrics[name]
+                self.log(key, metric, on_step=False, on_epoch=True, prog_bar=key == "val/acc")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        # Only on the steps where Lightning writes to the loggers (the value it would write).
+        trainer = self._trainer
+        if trainer is None or getattr(trainer._logger_connector, "should_update_logs", True):
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val")
