@@ -393,7 +393,8 @@ def run_local(
     """Run every cell of the grid in ``path`` without a W&B server (``sweep local``).
 
     Each cell runs :func:`agent_command` (with this interpreter) plus
-    ``--trainer.default_root_dir=<root> --run_name=<cell> --ckpt_path=last``,
+    ``--trainer.default_root_dir=<root>`` (unless the command has it already),
+    ``--run_name=<cell> --ckpt_path=last``,
     ``--wandb=true`` with ``WANDB_MODE=offline`` (unless ``use_wandb`` is false) and
     ``overrides``, appended last so they win. ``root`` defaults to the command's
     ``--trainer.default_root_dir``, else ``runs/sweeps/<file stem>``.
@@ -404,16 +405,14 @@ def run_local(
         raise ValueError("give the output folder with --root, not --trainer.default_root_dir")
     if any(o.startswith("--run_name") for o in overrides):
         raise ValueError("--run_name is set per cell from its parameters; do not override it")
-    base = agent_command(config, cells[0], interpreter=sys.executable)
-    root = Path(root or _root_of(base) or Path("runs/sweeps") / Path(path).stem)
+    own_root = _root_of(agent_command(config, cells[0], interpreter=sys.executable))
+    root = Path(root or own_root or Path("runs/sweeps") / Path(path).stem)
     commands = []
     for cell in cells:
         command = agent_command(config, cell, interpreter=sys.executable)
-        command += [
-            f"--trainer.default_root_dir={root}",
-            f"--run_name={cell.name}",
-            "--ckpt_path=last",
-        ]
+        if own_root is None or Path(own_root) != root:
+            command.append(f"--trainer.default_root_dir={root}")
+        command += [f"--run_name={cell.name}", "--ckpt_path=last"]
         command += ["--wandb=true"] if use_wandb else []
         commands.append((cell.name, command + list(overrides)))
     where = f"on GPUs {','.join(gpus)}" if gpus else "one after the other"
@@ -516,7 +515,7 @@ def launch_agents(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gradtrace.experiments.sweep",
-        description="Run the study's W&B sweeps (sweeps/*.yaml) on W&B agents or locally.",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides for every local run go after `--`, e.g. "
         "`local sweeps/table1.yaml -- --trainer.max_steps=2 --data.dataset=synthetic`.",
