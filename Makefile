@@ -35,14 +35,17 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m gradtrace.experiments.demo
 
+# ARGS passes more options through, e.g. ARGS="--from runs/sweeps/table1" or, for the runs
+# themselves, ARGS="-- --data.root=/datasets/cifar".
 reproduce-table1: $(STAMP)
-	$(BIN)/python -m gradtrace.experiments.table1 --budget $(or $(BUDGET),full)
+	$(BIN)/python -m gradtrace.experiments.table1 --budget $(or $(BUDGET),full) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
 sweep: $(STAMP)
-	$(BIN)/python -m gradtrace.experiments.sweep agents $(SWEEP) $(if $(GPUS),--gpus $(GPUS))
+	$(BIN)/python -m gradtrace.experiments.sweep agents $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
+# ARGS="-- --trainer.max_epochs=10" appends CLI overrides to every run.
 sweep-local: $(STAMP)
-	$(BIN)/python -m gradtrace.experiments.sweep local $(SWEEP) $(if $(GPUS),--gpus $(GPUS))
+	$(BIN)/python -m gradtrace.experiments.sweep local $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m gradtrace.bench $(if $(QUICK),--quick)

@@ -1,0 +1,279 @@
+"""``make reproduce-table1``: parameter counts, the smoke budget end to end (tiny, synthetic),
+collecting finished CLI runs (``--from``), the report and the figures."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradtrace.cli import main as cli_main
+from gradtrace.experiments import study, table1
+from gradtrace.experiments.study import table1_specs
+
+pytest.importorskip("matplotlib")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FIGURES = [
+    "fig1_curves_vgg08_vgg38.png",
+    "fig2_gradient_flow_vgg08.png",
+    "fig3_gradient_flow_vgg38.png",
+    "fig4_curves_vgg38_bn_rc_lr1e-2.png",
+    "fig5_gradient_flow_vgg38_bn_rc_lr1e-2.png",
+]
+LABELS = [
+    ("VGG08", "0.001"),
+    ("VGG38", "0.001"),
+    ("VGG38 BN", "0.001"),
+    ("VGG38 RC", "0.001"),
+    ("VGG38 BN + RC", "0.001"),
+    ("VGG38 BN", "0.01"),
+    ("VGG38 BN + RC", "0.01"),
+]
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of the main table (the one with a ``#Params`` column)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Model | LR | Steps"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_parameter_counts_of_the_cifar100_configuration() -> None:
+    # REFERENCE.md: VGG08 59,716 / VGG38 336,196 / VGG38+BN 338,500; RC adds none.
+    counts = {spec.name: table1.count_params(spec, 100, 3) for spec in table1_specs()}
+    assert counts == {
+        "vgg08": 59_716,
+        "vgg38": 336_196,
+        "vgg38-bn": 338_500,
+        "vgg38-rc": 336_196,
+        "vgg38-bn-rc": 338_500,
+        "vgg38-bn-lr1e-2": 338_500,
+        "vgg38-bn-rc-lr1e-2": 338_500,
+    }
+    # 10 classes and 1 channel: 90 fewer head rows of 33 and 2 fewer stem input channels.
+    vgg08 = table1_specs(("vgg08",))[0]
+    assert table1.count_params(vgg08, 10, 1) == 59_716 - 90 * 33 - 2 * 9 * 32
+
+
+def test_grad_ratio_is_first_over_last_layer_over_the_last_records() -> None:
+    history = [
+        {"step": s, "layer": layer, "mean_abs": value}
+        for s in range(8)
+        for layer, value in (("in", 1e-6 * (s + 1)), ("mid", 1.0), ("out", 1e-2))
+    ]
+    # last 5 steps of "in": (4 + 5 + 6 + 7 + 8) / 5 * 1e-6 = 6e-6; "out": 1e-2.
+    assert table1.grad_ratio(history) == pytest.approx(6e-4)
+    assert table1.grad_ratio(history, last_n=1) == pytest.approx(8e-4)
+    assert math.isnan(table1.grad_ratio(history[:1]))
+
+
+def test_full_budget_commands_run_the_shipped_configs_and_resume() -> None:
+    commands = table1.full_commands(Path("out"), ["--data.root=/d"])
+    assert [name for name, _ in commands] == [s.name for s in table1_specs()]
+    command = commands[-1][1]
+    assert command == [
+        sys.executable,
+        "-m",
+        "gradtrace",
+        "fit",
+        "--config=table1/vgg38-bn-rc-lr1e-2",
+        "--trainer.default_root_dir=out",
+        "--run_name=vgg38-bn-rc-lr1e-2",
+        "--ckpt_path=last",
+        "--data.root=/d",
+    ]
+
+
+def test_training_curves_plot(tmp_path: Path) -> None:
+    from gradtrace.plots import plot_training_curves, save_figure
+
+    fig = plot_training_curves(
+        {
+            "A": {"train/loss": [(1, 2.0), (2, 1.5)], "val/acc": [(2, 0.5)]},
+            "B": {"train/loss": [(1, 2.3)], "train/acc": []},
+        },
+        xlabel="epoch",
+        chance=0.1,
+        title="t",
+    )
+    loss, acc = fig.axes
+    assert loss.get_ylabel() == "cross-entropy loss"
+    assert acc.get_ylabel() == "accuracy (%)"
+    assert loss.get_xlabel() == acc.get_xlabel() == "epoch"
+    assert [line.get_label() for line in loss.lines] == ["A, training", "B, training", "chance"]
+    assert list(acc.lines[0].get_ydata()) == [50.0]  # fractions shown in %
+    assert acc.lines[0].get_linestyle() == "--"
+    assert loss.lines[-1].get_ydata()[0] == pytest.approx(math.log(10))
+    assert acc.lines[-1].get_ydata()[0] == pytest.approx(10.0)
+    assert loss.lines[0].get_color() != loss.lines[1].get_color()
+    assert save_figure(fig, tmp_path / "c.png").read_bytes().startswith(PNG)
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_training_curves({"A": {"train/loss": []}})
+    with pytest.raises(ValueError, match="chance must be an accuracy in"):
+        plot_training_curves({"A": {"train/loss": [(1, 1.0)]}}, chance=10)
+
+
+@pytest.mark.slow
+def test_smoke_budget_writes_a_complete_table_and_five_figures_on_synthetic_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a machine without Debian's Fashion-MNIST: the smoke data falls back to synthetic.
+    monkeypatch.setattr(study, "find_fashion_mnist", lambda root: None)
+    out = tmp_path / "reports"
+    code = table1.main(
+        ["--budget", "smoke", "--steps", "2", "--batch-size", "4", "--subset", "8",
+         "--val-size", "4", "--every", "1", "--val-checks", "1", "--out", str(out),
+         "--root", str(tmp_path / "r")]
+    )  # fmt: skip
+    assert code == 0
+    report = (out / "table1.md").read_text()
+    assert report.startswith("# Table 1 of the MLP Coursework 2 report, reproduced (smoke budget)")
+    assert "**WARNING: SYNTHETIC DATA.**" in report
+    assert "- Data: SYNTHETIC data (Fashion-MNIST missing)" in report
+    assert (
+        "- Budget: **smoke**; optimizer steps (epochs) per row as in the table (VGG38 RC" in report
+    )
+    rows = table_rows(report)
+    assert [(r[0], r[1]) for r in rows] == LABELS
+    assert [r[3] for r in rows] == [
+        "60K (59,716)",
+        "336K (336,196)",
+        "339K (338,500)",
+        "336K (336,196)",
+        "339K (338,500)",
+        "339K (338,500)",
+        "339K (338,500)",
+    ]
+    assert rows[0][5] == "56,170 (10 classes, 1 ch.)"  # this run's own count
+    assert [r[2] for r in rows] == ["2 (1)"] * 3 + ["4 (2)"] + ["2 (1)"] * 3  # RC: 2x steps
+    # every measured value is a number, every report value is Table 1's, the difference
+    # is measured - report
+    for row, name in zip(rows, [s.name for s in table1_specs()]):
+        for i, reported in zip(range(6, 18, 3), table1.REPORTED[name][1:]):
+            measured = float(row[i])
+            assert float(row[i + 1]) == pytest.approx(reported)
+            assert float(row[i + 2]) == pytest.approx(measured - reported, abs=0.011)
+    for name in FIGURES:
+        assert (out / "figures" / name).read_bytes().startswith(PNG)
+        assert f"](figures/{name})" in report
+    assert sorted(p.name for p in (out / "figures").iterdir()) == FIGURES
+    assert "## The qualitative result" in report
+
+
+def make_runs(root: Path) -> None:
+    """The seven rows through the CLI with their shipped configs, on tiny synthetic data."""
+    for spec in table1_specs():
+        cli_main(
+            [
+                "fit",
+                f"--config=table1/{spec.name}",
+                "--data.dataset=synthetic",
+                "--data.synthetic_sizes=[20, 10]",
+                "--data.val_size=10",
+                "--data.batch_size=5",
+                "--data.eval_batch_size=10",
+                "--data.augment=false",
+                "--trainer.max_epochs=2",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.num_sanity_val_steps=0",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                "--trainer.callbacks=[{class_path: gradtrace.GradientFlow, init_args: "
+                "{plot: false, every_n_steps: 1}}, {class_path: "
+                "lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_top_k: 0}}]",
+                f"--trainer.default_root_dir={root}",
+                f"--run_name={spec.name}",
+            ]
+        )
+
+
+def test_from_collects_finished_cli_runs_into_the_table_and_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "runs"
+    make_runs(root)
+    # A decoy with more steps that is not a Table 1 run (Kaiming init): never picked.
+    decoy = root / "vgg38-kaiming" / "version_0"
+    shutil.copytree(root / "vgg38" / "version_0", decoy)
+    config = yaml.safe_load((decoy / "config.yaml").read_text())
+    config["model"]["init"] = "kaiming"
+    (decoy / "config.yaml").write_text(yaml.safe_dump(config))
+    with (decoy / "metrics.csv").open("a") as f:
+        f.write(
+            ",".join(["999"] * len((decoy / "metrics.csv").read_text().split("\n")[0].split(",")))
+        )
+
+    out = tmp_path / "reports"
+    assert table1.main(["--from", str(root), "--dataset", "synthetic", "--out", str(out)]) == 0
+    report = (out / "table1.md").read_text()
+    assert "(full budget)" in report
+    assert "Smoke budget" not in report
+    assert "- Budget: **full**; 4 optimizer steps (2 epochs) per row." in report
+    rows = table_rows(report)
+    assert [(r[0], r[1]) for r in rows] == LABELS
+    assert rows[0][5] == f"{59_716 - 90 * 33:,} (10 classes, 3 ch.)"  # from hparams.yaml
+    assert {r[2] for r in rows} == {"4 (2)"}
+    # The values are the last epoch's, read independently from each run's metrics.csv.
+    for row, spec in zip(rows, table1_specs()):
+        metrics = list(csv.DictReader((root / spec.name / "version_0" / "metrics.csv").open()))
+        last = {k: float([m[k] for m in metrics if m.get(k)][-1]) for k in table1.METRICS}
+        shown = [float(row[i]) for i in range(6, 18, 3)]
+        assert shown == pytest.approx(
+            [last["train/loss"], 100 * last["train/acc"], last["val/loss"], 100 * last["val/acc"]],
+            abs=0.006,
+        )
+    assert f"- VGG38, lr 0.001: {root / 'vgg38' / 'version_0'}" in report
+    assert sorted(p.name for p in (out / "figures").iterdir()) == FIGURES
+    capsys.readouterr()
+
+    shutil.rmtree(root / "vgg38-rc")
+    assert table1.main(["--from", str(root), "--dataset", "synthetic", "--out", str(out)]) == 2
+    assert re.search(r"matches Table 1 row\(s\) vgg38-rc;", capsys.readouterr().err)
+    assert table1.main(["--from", str(root), "--out", str(out)]) == 2  # no cifar100 runs
+    assert "no cifar100 run under" in capsys.readouterr().err
+
+
+def test_read_run_joins_resumed_versions_and_places_a_final_validation_at_the_last_step(
+    tmp_path: Path,
+) -> None:
+    first, second = tmp_path / "version_0", tmp_path / "version_1"
+    first.mkdir()
+    second.mkdir()
+    header = "epoch,step,train/loss_step,train/loss,train/acc,val/loss,val/acc\n"
+    (first / "metrics.csv").write_text(
+        header + "0,0,2.3,,,,\n0,1,2.2,,,,\n0,1,,,,2.1,0.2\n0,1,,2.25,0.1,,\n"
+    )
+    (second / "metrics.csv").write_text(
+        header + "1,2,2.0,,,,\n1,3,1.9,,,,\n1,3,,,,1.8,0.4\n1,3,,1.95,0.3,,\n2,4,,,,1.7,0.5\n"
+    )
+    final, curves, history, steps, epochs = table1.read_run([first, second])
+    assert (steps, epochs) == (4, 2)
+    assert final == {"train/loss": 1.95, "train/acc": 0.3, "val/loss": 1.7, "val/acc": 0.5}
+    assert curves["train/loss"] == [(1, 2.3), (2, 2.2), (3, 2.0), (4, 1.9)]
+    assert curves["val/acc"] == [(2, 0.2), (4, 0.5)]  # the validation after training: step 4
+    assert curves["train/acc_epoch"] == [(1, 0.1), (2, 0.3)]
+    assert curves["val/acc_epoch"] == [(1, 0.2), (2, 0.5)]
+    assert history == []
+
+
+def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        table1.main(["--budget", "smoke", "--steps", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        table1.main(["--budget", "smoke", "--", "--x=1"])
+    assert "after `--` go to full-budget runs only" in capsys.readouterr().err
+    assert table1.main(["--from", "/nonexistent/runs"]) == 2
+    assert "--from /nonexistent/runs: no such folder" in capsys.readouterr().err
