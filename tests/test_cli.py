@@ -15,6 +15,7 @@ import yaml
 
 from gradtrace.cli import (
     GradtraceCLI,
+    default_precision,
     default_run_name,
     find_last_checkpoint,
     list_configs,
@@ -145,6 +146,25 @@ def test_wandb_offline_logger_under_an_agent(tmp_path: Path, monkeypatch) -> Non
     )
     assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["CSVLogger", "WandbLogger"]
     assert cli.trainer.log_dir == str(tmp_path / "vgg08-synthetic-lr0.001" / "version_0")
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "config", "expected"),
+    [
+        (True, True, {}, "bf16-mixed"),
+        (True, True, {"accelerator": "gpu"}, "bf16-mixed"),
+        (True, True, {"precision": "32-true"}, None),
+        (True, True, {"accelerator": "cpu"}, None),
+        (True, False, {}, None),
+        (False, False, {}, None),
+    ],
+)
+def test_bf16_is_the_default_only_on_a_cuda_gpu_that_has_it(
+    monkeypatch, cuda: bool, bf16: bool, config: dict, expected: str | None
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert default_precision(config) == expected
 
 
 def test_default_run_names() -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "CONFIG_DIR",
     "GradtraceCLI",
     "SavePredictions",
+    "default_precision",
     "list_configs",
     "main",
     "resolve_config",
@@ -89,6 +90,21 @@ def default_run_name(model: dict[str, Any], data: dict[str, Any]) -> str:
 def _wandb_wanted(flag: bool | None) -> bool:
     # ``wandb agent`` exports WANDB_SWEEP_ID to the runs it launches.
     return bool(flag) if flag is not None else "WANDB_SWEEP_ID" in os.environ
+
+
+def default_precision(trainer_config: dict[str, Any]) -> str | None:
+    """``bf16-mixed`` when the run will train on a CUDA GPU with bf16 and no precision was set.
+
+    bf16 keeps fp32's exponent range, so even plain VGG38's 1e-13 gradient ratios stay
+    representable; weights, gradients and the optimizer stay fp32 (autocast). Pass
+    ``--trainer.precision 32-true`` to train in fp32.
+    """
+    if trainer_config.get("precision") is not None:
+        return None
+    accelerator = str(trainer_config.get("accelerator") or "auto")
+    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return None
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else None
 
 
 def find_last_checkpoint(run_dir: Path) -> Path | None:
@@ -188,6 +204,9 @@ class GradtraceCLI(LightningCLI):
                     )
                 )
             kwargs["logger"] = loggers
+        precision = default_precision(trainer_config)
+        if precision is not None:
+            kwargs["precision"] = precision
         configured = list(trainer_config.get("callbacks") or [])
         defaults: list[Callback] = [
             GradientFlow(),
