@@ -1,7 +1,7 @@
-"""``make demo``: the study's point in about five minutes on a laptop CPU, offline.
+"""``make demo``: the study's point in about four minutes on a 2-core CPU, offline.
 
-Trains VGG08, plain VGG38 and VGG38 BN+RC (Table 1's settings: Adam 1e-3, cosine) for a few
-hundred steps on Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (synthetic data, with a
+Trains VGG08, plain VGG38 and VGG38 BN+RC (Table 1's settings: Adam 1e-3, cosine) for 150
+steps on Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (synthetic data, with a
 loud notice, when it is missing), then prints parameters, validation accuracy and the
 input/output gradient ratio, and writes gradient-flow plots under ``runs/demo/``.
 """
@@ -67,7 +67,7 @@ def plot_overlay(results: Sequence[RunResult], path: Path, last_n_logs: int = 5)
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     """Run the demo; see ``python -m gradtrace.experiments.demo --help``."""
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps per model")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
