@@ -26,24 +26,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from gradtrace.bench.phases import quiet_fit_kwargs
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 
 
 def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
-    defaults = dict(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        max_epochs=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    defaults = quiet_fit_kwargs(args.accelerator, args.precision)
+    return pl.Trainer(**{**defaults, "logger": False, **kwargs})
 
 
 def _data(batch_size: int, batches: int, world_size: int = 1) -> ImageDataModule:

@@ -46,6 +46,7 @@ __all__ = [
     "bench_training",
     "cifar100_like",
     "describe_device",
+    "quiet_fit_kwargs",
 ]
 
 Log = Callable[[str], None]
@@ -267,18 +268,26 @@ def _start_wandb(workdir: Path, log: Log) -> Any:
     )
 
 
-def _trainer_kwargs(cfg: BenchConfig, root: Path) -> dict[str, Any]:
+def quiet_fit_kwargs(accelerator: str, precision: str) -> dict[str, Any]:
+    """Trainer settings of every benchmarked fit: one device, one epoch, no validation,
+    checkpoints, progress bar or summary; only the training loop's own work is timed."""
     return dict(
-        accelerator=cfg.device,
+        accelerator=accelerator,
         devices=1,
-        precision=cfg.precision,
+        precision=precision,
         max_epochs=1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=CSVLogger(root, name="bench"),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+    )
+
+
+def _trainer_kwargs(cfg: BenchConfig, root: Path) -> dict[str, Any]:
+    return dict(
+        quiet_fit_kwargs(cfg.device, cfg.precision),
+        logger=CSVLogger(root, name="bench"),
         default_root_dir=root,
     )
 
