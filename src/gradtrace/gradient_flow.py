@@ -13,7 +13,7 @@ import csv
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ __all__ = [
     "GradientFlow",
     "GradientFlowWarning",
     "NonFiniteGradientError",
+    "input_output_ratio",
     "parameter_names",
     "read_history",
 ]
@@ -356,18 +357,7 @@ class GradientFlow(Callback):
             raise ValueError(f"last_n must be a positive integer; got {last_n!r}")
         if "mean_abs" not in self.stats:
             raise ValueError("input_output_ratio needs 'mean_abs' in stats")
-        order = self.layer_order
-        if len(order) < 2:
-            raise ValueError(
-                f"input_output_ratio needs records of at least two layers; have {len(order)}"
-            )
-
-        def average(layer: str) -> float:
-            values = [r["mean_abs"] for r in self.history if r["layer"] == layer][-last_n:]
-            return sum(values) / len(values)
-
-        first, last = average(order[0]), average(order[-1])
-        return first / last if last else math.inf
+        return input_output_ratio(self.history, last_n, order=self.layer_order)
 
     # ---------------------------------------------------------------- state
 
@@ -736,6 +726,30 @@ class GradientFlow(Callback):
         plots.send_to_loggers(
             trainer.loggers, key, fig, path, step=trainer.fit_loop.epoch_loop._batches_that_stepped
         )
+
+
+def input_output_ratio(
+    history: Sequence[Mapping[str, Any]], last_n: int = 1, order: Sequence[str] | None = None
+) -> float:
+    """First over last layer's ``mean_abs`` in ``history`` (``GradientFlow.history`` or
+    :func:`read_history`), each averaged over its last ``last_n`` records.
+
+    ``order`` lists the layers input first; by default the order in which they first appear,
+    which is data-flow order in what ``GradientFlow`` records and writes. Far below 1:
+    gradients vanish toward the input.
+    """
+    layers = list(order) if order is not None else list(dict.fromkeys(r["layer"] for r in history))
+    if len(layers) < 2:
+        raise ValueError(
+            f"input_output_ratio needs records of at least two layers; have {len(layers)}"
+        )
+
+    def average(layer: str) -> float:
+        values = [r["mean_abs"] for r in history if r["layer"] == layer][-last_n:]
+        return sum(values) / len(values)
+
+    first, last = average(layers[0]), average(layers[-1])
+    return first / last if last else math.inf
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:

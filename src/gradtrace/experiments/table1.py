@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from gradtrace.experiments.study import RunSpec, table1_specs
+from gradtrace.gradient_flow import input_output_ratio
 
 __all__ = [
     "REPORTED",
@@ -153,16 +154,9 @@ def read_run(version_dirs: Sequence[Path]) -> tuple[dict, dict, list, int, int]:
 def grad_ratio(history: Sequence[dict[str, Any]], last_n: int = 5) -> float:
     """First over last layer's ``mean_abs`` (data-flow order, as recorded), each averaged
     over its last ``last_n`` records: far below 1 means the gradient vanished at the input."""
-    layers = list(dict.fromkeys(r["layer"] for r in history))
-    if len(layers) < 2:
+    if len({r["layer"] for r in history}) < 2:
         return math.nan
-
-    def average(layer: str) -> float:
-        values = [r["mean_abs"] for r in history if r["layer"] == layer][-last_n:]
-        return sum(values) / len(values)
-
-    last = average(layers[-1])
-    return average(layers[0]) / last if last else math.inf
+    return input_output_ratio(history, last_n)
 
 
 def _matches(spec: RunSpec, config: dict[str, Any], dataset: str) -> bool:
