@@ -61,8 +61,8 @@ def test_knob_the_model_lacks_names_the_valid_ones() -> None:
     [
         ({"optimizer": "rmsprop"}, "optimizer must be one of adam, adamw, sgd; got 'rmsprop'"),
         ({"scheduler": "linear"}, "scheduler must be one of cosine, warmup_cosine, multistep"),
-        ({"lr": 0.0}, r"lr must be in \(0.0, inf\); got 0.0"),
-        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0.0, 1.0\); got 1.0"),
+        ({"lr": 0.0}, r"lr must be in \(0, inf\); got 0.0"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\); got 1.0"),
         ({"milestones": (0.75, 0.5)}, "milestones must be increasing fractions"),
         ({"arch": "vgg39"}, "unknown model 'vgg39'; closest: vgg38"),
     ],

@@ -12,8 +12,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from gradtrace.checks import check_choice, check_range
 from gradtrace.models import AuxLogits, create_model
-from gradtrace.models.layers import check_choice
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "ImageClassifier"]
 
@@ -81,12 +81,12 @@ class ImageClassifier(pl.LightningModule):
         super().__init__()
         check_choice("optimizer", optimizer, OPTIMIZERS)
         check_choice("scheduler", scheduler, SCHEDULERS)
-        _check_range("lr", lr, low=0.0, low_inclusive=False)
-        _check_range("weight_decay", weight_decay, low=0.0)
-        _check_range("warmup_fraction", warmup_fraction, low=0.0, high=1.0, high_inclusive=False)
-        _check_range("gamma", gamma, low=0.0, low_inclusive=False)
-        _check_range("label_smoothing", label_smoothing, low=0.0, high=1.0, high_inclusive=False)
-        _check_range("aux_weight", aux_weight, low=0.0)
+        check_range("lr", lr, low=0.0, low_inclusive=False)
+        check_range("weight_decay", weight_decay, low=0.0)
+        check_range("warmup_fraction", warmup_fraction, low=0.0, high=1.0, high_inclusive=False)
+        check_range("gamma", gamma, low=0.0, low_inclusive=False)
+        check_range("label_smoothing", label_smoothing, low=0.0, high=1.0, high_inclusive=False)
+        check_range("aux_weight", aux_weight, low=0.0)
         if any(not 0.0 < m < 1.0 for m in milestones) or list(milestones) != sorted(milestones):
             raise ValueError(
                 f"milestones must be increasing fractions of the run in (0, 1); got {milestones}"
@@ -251,20 +251,3 @@ class ImageClassifier(pl.LightningModule):
 
 def _accuracy(num_classes: int, top_k: int) -> MulticlassAccuracy:
     return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
-
-
-def _check_range(
-    name: str,
-    value: float,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> None:
-    ok_low = low is None or (value >= low if low_inclusive else value > low)
-    ok_high = high is None or (value <= high if high_inclusive else value < high)
-    if not (ok_low and ok_high):
-        lo = "" if low is None else f"{'[' if low_inclusive else '('}{low}"
-        hi = "" if high is None else f"{high}{']' if high_inclusive else ')'}"
-        interval = f"{lo or '(-inf'}, {hi or 'inf)'}"
-        raise ValueError(f"{name} must be in {interval}; got {value}")

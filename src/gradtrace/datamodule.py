@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gradtrace import datasets as ds
+from gradtrace.checks import check_int
 
 __all__ = [
     "EvalBatches",
@@ -260,14 +261,6 @@ class EvalBatches:
 # The data module
 
 
-def _check_int(name: str, value: object, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        none = " or None" if optional else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{none}; got {value!r}")
-
-
 class ImageDataModule(L.LightningDataModule):
     """Image classification data, held in memory as uint8 tensors, for any gradtrace model.
 
@@ -323,13 +316,13 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.dataset = dataset
         self._kind, self._folder = ds.parse_dataset(dataset)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("eval_batch_size", eval_batch_size, 1, optional=True)
-        _check_int("val_size", val_size, 0)
-        _check_int("test_size", test_size, 1, optional=True)
-        _check_int("subset", subset, 1, optional=True)
-        _check_int("seed", seed, 0)
-        _check_int("crop_padding", crop_padding, 0)
+        check_int("batch_size", batch_size, 1)
+        check_int("eval_batch_size", eval_batch_size, 1, optional=True)
+        check_int("val_size", val_size, 0)
+        check_int("test_size", test_size, 1, optional=True)
+        check_int("subset", subset, 1, optional=True)
+        check_int("seed", seed, 0)
+        check_int("crop_padding", crop_padding, 0)
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be one of 1, 3 or None; got {channels!r}")
         if md5 is not None and self._kind not in ("cifar10", "cifar100"):
@@ -542,7 +535,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _resolve_classes(self, num_classes: int | None) -> tuple[int, tuple[str, ...] | None]:
         if self._kind == "synthetic":
-            _check_int("num_classes", num_classes, 2, optional=True)
+            check_int("num_classes", num_classes, 2, optional=True)
             return num_classes or 10, None
         if self._kind == "imagefolder":
             classes = tuple(ds.image_folder_classes(self._folder))

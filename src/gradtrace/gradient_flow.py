@@ -25,6 +25,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradtrace.checks import check_choice
+
 __all__ = [
     "STATS",
     "GradientFlow",
@@ -55,11 +57,6 @@ class GradientFlowWarning(UserWarning):
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient holds inf or nan and ``GradientFlow(on_nonfinite="raise")`` stops training."""
-
-
-def _choice(option: str, value: object, valid: Sequence[str]) -> None:
-    if value not in valid:
-        raise ValueError(f"{option} must be one of {', '.join(valid)}; got {value!r}")
 
 
 def _is_bias(name: str) -> bool:
@@ -289,7 +286,7 @@ class GradientFlow(Callback):
         if not stats:
             raise ValueError(f"stats must name at least one of {', '.join(STATS)}; got none")
         for stat in stats:
-            _choice("stats entry", stat, STATS)
+            check_choice("stats entry", stat, STATS)
         if plot and "mean_abs" not in stats:
             raise ValueError(
                 f"plot=True draws mean_abs, so stats must include 'mean_abs'; got {stats}"
@@ -317,7 +314,7 @@ class GradientFlow(Callback):
             raise ValueError(
                 f"exploding_ratio must be a finite number > 1 or None; got {exploding_ratio!r}"
             )
-        _choice("on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
+        check_choice("on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
         if not isinstance(filename, str) or not filename or Path(filename).name != filename:
             raise ValueError(
                 f"filename must be a plain file name such as 'gradient_flow.csv'; got {filename!r}"

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from gradtrace.models.layers import check_choice
+from gradtrace.checks import check_choice
 from gradtrace.models.registry import register_model
 
 __all__ = ["AlexNet"]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradtrace.models.layers import check_choice, init_weights, make_activation
+from gradtrace.checks import check_choice
+from gradtrace.models.layers import init_weights, make_activation
 from gradtrace.models.registry import register_model
 
 __all__ = ["CourseworkVGG", "valid_depth"]

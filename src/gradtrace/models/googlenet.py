@@ -29,7 +29,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from gradtrace.models.layers import AuxLogits, check_choice
+from gradtrace.checks import check_choice
+from gradtrace.models.layers import AuxLogits
 from gradtrace.models.registry import register_model
 
 __all__ = ["INCEPTION_TABLE", "GoogLeNet", "Inception", "InceptionAux"]

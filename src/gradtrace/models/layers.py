@@ -8,7 +8,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "INITS", "AuxLogits", "check_choice", "init_weights", "make_activation"]
+from gradtrace.checks import check_choice
+
+__all__ = ["ACTIVATIONS", "INITS", "AuxLogits", "init_weights", "make_activation"]
 
 
 class AuxLogits(NamedTuple):
@@ -34,12 +36,6 @@ _ACTIVATIONS: dict[str, tuple[Callable[[], nn.Module], str, float | None]] = {
 }
 ACTIVATIONS: tuple[str, ...] = tuple(_ACTIVATIONS)
 INITS: tuple[str, ...] = ("pytorch", "kaiming", "xavier")
-
-
-def check_choice(option: str, value: object, valid: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming the valid values when ``value`` is not one of them."""
-    if value not in valid:
-        raise ValueError(f"{option} must be one of {', '.join(valid)}; got {value!r}")
 
 
 def make_activation(name: str) -> nn.Module:

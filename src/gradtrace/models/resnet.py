@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtrace.models.layers import check_choice
+from gradtrace.checks import check_choice
 from gradtrace.models.registry import register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "ResNet"]

@@ -17,7 +17,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from gradtrace.models.layers import check_choice, init_weights
+from gradtrace.checks import check_choice, check_range
+from gradtrace.models.layers import init_weights
 from gradtrace.models.registry import register_model
 
 __all__ = ["VGG", "CifarVGG"]
@@ -32,11 +33,6 @@ CONFIGS: dict[int, tuple[int, ...]] = {
 WIDTHS = (64, 128, 256, 512, 512)
 # head -> (adaptive pool size, hidden width of the MLP)
 HEADS: dict[str, tuple[int, int]] = {"imagenet": (7, 4096), "cifar": (1, 512)}
-
-
-def _check_dropout(dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1); got {dropout}")
 
 
 class VGG(nn.Module):
@@ -55,7 +51,7 @@ class VGG(nn.Module):
         if depth not in CONFIGS:
             raise ValueError(f"depth must be one of 11, 13, 16, 19; got {depth}")
         check_choice("head", head, tuple(HEADS))
-        _check_dropout(dropout)
+        check_range("dropout", dropout, 0.0, 1.0, high_inclusive=False)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         channels = in_chans
         for stage, (convs, width) in enumerate(zip(CONFIGS[depth], WIDTHS), start=1):
@@ -139,7 +135,7 @@ class CifarVGG(nn.Module):
         super().__init__()
         if convs_per_block < 1:
             raise ValueError(f"convs_per_block must be >= 1; got {convs_per_block}")
-        _check_dropout(dropout)
+        check_range("dropout", dropout, 0.0, 1.0, high_inclusive=False)
         channels = in_chans
         for b, width in enumerate((64, 128, 256), start=1):
             block: OrderedDict[str, nn.Module] = OrderedDict()
