@@ -19,18 +19,20 @@ the comparison after the first step would measure Adam, not the fast path.
 from __future__ import annotations
 
 import csv
+import inspect
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from gradtrace.bench.workloads import HostSyncCounter
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
+from host_syncs import HostSyncCounter, _copy_direction
 
 STATS = ("mean_abs", "l2", "max_abs")
 
@@ -268,3 +270,40 @@ def test_training_steps_log_only_the_step_loss_and_only_when_it_is_written(
         [row] = [r for r in rows if r["train/acc"] and int(r["epoch"]) == epoch]
         assert float(row["train/acc"]) == pytest.approx(accuracy)
         assert float(row["train/loss"]) == pytest.approx(loss, rel=1e-5)
+
+
+def test_host_sync_counter_attributes_scalar_reads_to_their_caller() -> None:
+    x = torch.arange(6.0)
+    counter = HostSyncCounter()
+    with counter:
+        x.sum().item()  # not counted: inactive
+        counter.active = True
+        line = inspect.currentframe().f_lineno
+        x.sum().item()
+        bool(x.max() > 2)
+        torch.nonzero(x)
+        x * 2  # no sync
+        counter.active = False
+    where = f"{__file__}:{{}} (test_host_sync_counter_attributes_scalar_reads_to_their_caller)"
+    assert dict(counter.counts) == {
+        "aten._local_scalar_dense from " + where.format(line + 1): 1,  # .item()
+        "aten._local_scalar_dense from " + where.format(line + 2): 1,  # bool(tensor)
+        "aten.nonzero from " + where.format(line + 3): 1,
+    }
+
+
+def test_copies_that_wait_are_told_apart_without_a_gpu() -> None:
+    aten = torch.ops.aten
+    cpu, gpu = (
+        SimpleNamespace(device=torch.device("cpu")),
+        SimpleNamespace(device=torch.device("cuda")),
+    )
+    to_cuda, to_cpu = {"device": torch.device("cuda")}, {"device": torch.device("cpu")}
+    assert _copy_direction(aten._to_copy.default, (gpu,), to_cpu) == "device-to-host copy"
+    assert _copy_direction(aten._to_copy.default, (cpu,), to_cuda) == "blocking host-to-device copy"
+    assert _copy_direction(aten._to_copy.default, (cpu,), {**to_cuda, "non_blocking": True}) is None
+    assert _copy_direction(aten._to_copy.default, (cpu,), {"dtype": torch.half}) is None
+    assert _copy_direction(aten.copy_.default, (cpu, gpu), {}) == "device-to-host copy"
+    assert _copy_direction(aten.copy_.default, (gpu, cpu, True), {}) is None
+    assert _copy_direction(aten.copy_.default, (gpu, cpu), {}) == "blocking host-to-device copy"
+    assert _copy_direction(aten.add.Tensor, (cpu, cpu), {}) is None

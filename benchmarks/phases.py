@@ -1,7 +1,7 @@
-"""The bench's measurements, one function per section of the report.
+"""The bench's measurements on the training step, one function per section of the report.
 
-Each returns plain data: per-round samples, their :class:`~gradtrace.bench.stats.Summary`
-and the settings used. :mod:`gradtrace.bench.report` turns them into JSON and markdown.
+Each returns plain data: per-round samples, their :class:`~benchmarks.stats.Summary` and the
+settings used. :mod:`benchmarks.report` turns them into JSON and markdown.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,12 +20,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import grad_norm
 
-from gradtrace.bench.stats import Summary, interleave, overheads, ratios
-from gradtrace.bench.stepper import TrainerSteps
-from gradtrace.bench.workloads import (
-    HostSyncCounter,
+from benchmarks.callbacks import GradNormLogging, TimedCallback, WandbWatch, start_wandb
+from benchmarks.stats import Summary, interleave, overheads, ratios
+from benchmarks.stepper import TrainerSteps
+from benchmarks.workloads import (
     Matmul,
     OurBatches,
     PlainLoop,
@@ -40,9 +38,7 @@ from gradtrace.gradient_flow import GradientFlow
 __all__ = [
     "BenchConfig",
     "bench_data",
-    "bench_host_syncs",
     "bench_memory",
-    "bench_scaling",
     "bench_training",
     "cifar100_like",
     "describe_device",
@@ -53,8 +49,17 @@ Log = Callable[[str], None]
 
 MODELS = ("vgg08", "vgg38")
 CIFAR100_TRAIN, CIFAR100_VAL, CIFAR100_TEST = 50_000, 2_500, 10_000
-# callback_overhead key -> the name of its workload ("gradtrace+<name>")
-CALLBACKS = {"gradtrace": "GradientFlow", "grad_norm": "grad_norm", "wandb_watch": "wandb.watch"}
+# figure key -> the name of its workload ("gradtrace+<name>"), each a Lightning block of VGG38
+CALLBACKS = {
+    "gradtrace": "GradientFlow",
+    "grad_norm": "grad_norm",
+    "wandb_watch": "wandb.watch",
+    "activations_every_step": "GradientFlow(activations)",
+    "activations_idle": "GradientFlow(activations, idle)",
+}
+# GradientFlow(activations=True) measures every this many steps in the "every 50 steps" figure
+ACTIVATION_INTERVAL = 50
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,11 @@ class BenchConfig:
     data_rounds: int = 3
     data_batches: int = 30
     memory_steps: int = 2
-    scaling_rounds: int = 1
+    scaling_rounds: int = 1  # GPU only: rounds of 1 vs 2 training processes on the device
     scaling_warmup: int = 2
     scaling_steps: int = 3
     matmul_size: int = 2048
+    gpu_steps: int = 100  # GPU only: training steps per epoch in the epoch-time runs
 
     @classmethod
     def for_device(cls, quick: bool, device: str | None = None) -> BenchConfig:
@@ -98,6 +104,7 @@ class BenchConfig:
                 data_batches=40,
                 memory_steps=3,
                 scaling_rounds=1 if quick else 2,
+                gpu_steps=60 if quick else 100,
                 scaling_warmup=30,
                 scaling_steps=100,
                 matmul_size=8192,
@@ -108,14 +115,12 @@ class BenchConfig:
             precision="32-true",
             compile=False,
             warmup=1,
-            rounds={"vgg08": 4 if quick else 12, "vgg38": 3 if quick else 10},
+            # 5 rounds: the fewest whose range bounds the median with >= 90% confidence
+            rounds={"vgg08": 5 if quick else 12, "vgg38": 5 if quick else 10},
             steps_per_block={"vgg08": 1, "vgg38": 1},
             data_rounds=3 if quick else 10,
             data_batches=20 if quick else 40,
             memory_steps=1 if quick else 2,
-            scaling_rounds=1 if quick else 2,
-            scaling_warmup=1 if quick else 2,
-            scaling_steps=2 if quick else 6,
             matmul_size=2048,
         )
 
@@ -128,7 +133,7 @@ class BenchConfig:
         (after the 2,500 validation images) would not hold every timed Lightning step.
 
         Timed blocks never cross an epoch's end; VGG38's fit runs the plain Lightning step
-        and the three callbacks' blocks, every round.
+        and every callback's block, every round.
         """
         steps = max(
             (self.warmup + self.rounds[arch]) * self.steps_per_block[arch] * (1 + len(CALLBACKS))
@@ -170,104 +175,6 @@ def cifar100_like(batch_size: int = 100, pool: int = CIFAR100_TRAIN) -> ImageDat
 # Training step and callback overhead
 
 
-class _ScheduledGradientFlow(GradientFlow):
-    """``GradientFlow(every_n_steps=1)`` that measures only while :attr:`active` (its turn).
-
-    :attr:`seconds` adds up the time spent in its measuring hook.
-    """
-
-    active = False
-    seconds = 0.0
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
-        if self.active:
-            start = time.perf_counter()
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-            self.seconds += time.perf_counter() - start
-
-
-class _GradNormLogging(pl.Callback):
-    """Lightning's recipe: ``self.log_dict(grad_norm(self, norm_type=2))`` before each step.
-
-    :attr:`seconds` adds up the time spent computing and handing over the norms (Lightning
-    writes them to the logger later in the step, with the other logged values).
-    """
-
-    active = False
-    seconds = 0.0
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
-        if self.active:
-            start = time.perf_counter()
-            pl_module.log_dict(grad_norm(pl_module, norm_type=2))
-            self.seconds += time.perf_counter() - start
-
-
-class _WandbWatch(pl.Callback):
-    """``wandb.watch(model, log="gradients", log_freq=1)`` while :attr:`active`.
-
-    The hooks wandb.watch puts on the parameters compute the histograms during backward and
-    stage them with ``commit=False``; a ``WandbLogger`` would commit them with its next
-    ``log``. With no such logger here, the step ends with that commit (``run.log({...})``).
-    :attr:`seconds` adds up the time of the histograms (wandb's ``log_tensor_stats``, which
-    its hooks call) and of the commit.
-    """
-
-    def __init__(self, run: Any, model: torch.nn.Module) -> None:
-        self.run, self.model = run, model
-        self.active = False
-        self.seconds = 0.0
-
-    def switch(self, active: bool) -> None:
-        """Watch or unwatch (between steps, outside the timing)."""
-        history = self.run._torch  # wandb's TorchHistory: its hooks call log_tensor_stats
-        if active and not self.active:
-            self.run.watch(self.model, log="gradients", log_freq=1, idx=0)
-            original = history.log_tensor_stats
-
-            def timed(*args: Any, **kwargs: Any) -> Any:
-                start = time.perf_counter()
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    self.seconds += time.perf_counter() - start
-
-            history.log_tensor_stats = timed
-        elif self.active and not active:
-            self.run.unwatch(self.model)
-            del history.log_tensor_stats
-        self.active = active
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
-    ) -> None:
-        if self.active:
-            start = time.perf_counter()
-            self.run.log({"trainer/global_step": trainer.global_step})
-            self.seconds += time.perf_counter() - start
-
-
-def _start_wandb(workdir: Path, log: Log) -> Any:
-    """An offline W&B run, or None (with the reason logged) when wandb is not installed."""
-    try:
-        import wandb
-    except ImportError:
-        log("wandb is not installed: wandb.watch is not measured (pip install 'gradtrace[wandb]')")
-        return None
-    os.environ["WANDB_MODE"] = "offline"
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(
-        mode="offline",
-        dir=str(workdir),
-        project="gradtrace-bench",
-        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-    )
-
-
 def quiet_fit_kwargs(accelerator: str, precision: str) -> dict[str, Any]:
     """Trainer settings of every benchmarked fit: one device, one epoch, no validation,
     checkpoints, progress bar or summary; only the training loop's own work is timed."""
@@ -297,73 +204,32 @@ def bench_training(cfg: BenchConfig, dm: ImageDataModule, workdir: Path, log: Lo
 
     VGG08's rounds: a plain-loop block and a Lightning block. VGG38's rounds, in rotating
     order: a plain-loop block; Lightning blocks with no extra callback, with GradientFlow,
-    with grad_norm logging and with wandb.watch (each switched on for its own block only, in
-    one fit); a dense matmul; a run of the data pipeline.
+    with grad_norm logging, with wandb.watch, with GradientFlow's activation statistics
+    measuring and attached but idle (each switched on for its own block only, in one fit);
+    a dense matmul; a run of the data pipeline.
     """
     return {
         "models": {
             arch: _bench_model(cfg, dm, arch, arch == "vgg38", workdir / arch, log)
             for arch in MODELS
-        },
-        "host_overhead": bench_host_overhead(cfg, workdir / "overhead", log),
+        }
     }
 
 
-def bench_host_overhead(
-    cfg: BenchConfig, root: Path, log: Log, block: int = 20, rounds: int = 5
-) -> dict[str, Any]:
-    """Lightning's own time per step: a tiny network (width 4, batch 2) in both loops.
-
-    With almost no arithmetic, the difference of the step times is the host time the
-    Trainer, ImageClassifier and ImageDataModule add to every step. On a GPU that time is
-    only hidden while the device is busier than the host; for small networks it is not.
-    On the CPU it runs with one torch thread: with more, tiny ops mostly measure how long
-    the threads take to meet (long on a busy machine), not Python.
-    """
-    log(f"host overhead per step: tiny network, {rounds} rounds of {block} steps")
-    threads = torch.get_num_threads()
-    if cfg.device == "cpu":
-        torch.set_num_threads(1)
-    dm = cifar100_like(batch_size=2, pool=2 * block * (rounds + 2) + CIFAR100_VAL + 100)
-    options = {"width": 4}
-    model = ImageClassifier("vgg", num_classes=dm.num_classes, arch_kwargs=options)
-    stepper = TrainerSteps(model, dm, sync_cuda=cfg.device == "cuda", **_trainer_kwargs(cfg, root))
+def _activation_flows(log: Log) -> tuple[GradientFlow, GradientFlow] | str:
+    """GradientFlow with activation statistics measuring every step, and one attached but
+    measuring only every millionth step; or why they cannot be made (an older gradtrace)."""
     try:
-        stepper.start()
-        images, labels = dm.split("train")
-        plain = PlainLoop(
-            "vgg",
-            images,
-            labels,
-            dm.mean,
-            dm.std,
-            num_classes=dm.num_classes,
-            model_options=options,
-            batch_size=2,
-            device=cfg.device,
-            precision=cfg.precision,
-            total_steps=labels.numel() // 2,
+        return (
+            GradientFlow(every_n_steps=1, plot=False, activations=True),
+            GradientFlow(every_n_steps=10**6, plot=False, activations=True),
         )
-        samples = interleave(
-            {"plain": lambda: plain.run(block), "gradtrace": lambda: stepper.run(block)},
-            rounds,
-            warmup=1,
-        )
-    finally:
-        stepper.close()
-        torch.set_num_threads(threads)
-    per_step = {name: [t / block for t in times] for name, times in samples.items()}
-    return {
-        "torch_threads": 1 if cfg.device == "cpu" else threads,
-        "seconds_per_step": {name: Summary.of(v) for name, v in per_step.items()},
-        "extra_seconds_per_step": Summary.of(
-            [g - p for g, p in zip(per_step["gradtrace"], per_step["plain"])]
-        ),
-        "block": block,
-    }
+    except TypeError as err:
+        log(f"GradientFlow(activations=True) is not available: {err}")
+        return f"not available: GradientFlow(activations=True) raised {err}"
 
 
-def _timing_hooks(
+def _timed_blocks(
     stepper: TrainerSteps, block: int, clock: Any, record: list[float]
 ) -> Callable[[], float]:
     """A workload running ``block`` steps that records the seconds ``clock`` added meanwhile."""
@@ -390,13 +256,29 @@ def _bench_model(
         )
     log(f"training step: {arch}, {rounds} rounds of {block}-step blocks")
     model = ImageClassifier(arch, num_classes=dm.num_classes, compile=cfg.compile)
-    gradient_flow = _ScheduledGradientFlow(every_n_steps=1, plot=False)
-    grad_norms = _GradNormLogging()
-    callbacks: list[pl.Callback] = [gradient_flow, grad_norms] if full else []
-    run = _start_wandb(root, log) if full else None
-    watch = _WandbWatch(run, model.net) if run is not None else None
-    if watch is not None:
-        callbacks.append(watch)
+    clocks: dict[str, Any] = {}
+    callbacks: list[pl.Callback] = []
+    not_measured: dict[str, str] = {}
+    run = None
+    if full:
+        flow = GradientFlow(every_n_steps=1, plot=False)
+        clocks[CALLBACKS["gradtrace"]] = TimedCallback(flow)
+        clocks[CALLBACKS["grad_norm"]] = GradNormLogging()
+        callbacks += [flow, clocks[CALLBACKS["grad_norm"]]]
+        run = start_wandb(root, log)
+        if run is not None:
+            clocks[CALLBACKS["wandb_watch"]] = WandbWatch(run, model.net)
+            callbacks.append(clocks[CALLBACKS["wandb_watch"]])
+        else:
+            not_measured["wandb_watch"] = "not available: wandb is not installed"
+        activations = _activation_flows(log)
+        if isinstance(activations, str):
+            not_measured["activations_every_step"] = activations
+            not_measured[f"activations_every_{ACTIVATION_INTERVAL}"] = activations
+        else:
+            for key, callback in zip(("activations_every_step", "activations_idle"), activations):
+                clocks[CALLBACKS[key]] = TimedCallback(callback)
+                callbacks.append(callback)
     stepper = TrainerSteps(
         model,
         dm,
@@ -407,13 +289,15 @@ def _bench_model(
     default_log_every = stepper.trainer.log_every_n_steps
 
     def switch(name: str) -> None:
-        gradient_flow.active = name == "gradtrace+GradientFlow"
-        grad_norms.active = name == "gradtrace+grad_norm"
+        for clock_name, clock in clocks.items():
+            if isinstance(clock, WandbWatch):
+                clock.switch(name == f"gradtrace+{clock_name}")
+            else:
+                clock.active = name == f"gradtrace+{clock_name}"
         # "logged every step": Lightning hands self.log values to the logger every
         # log_every_n_steps steps, so grad_norm's blocks log at every step.
-        stepper.trainer.log_every_n_steps = 1 if grad_norms.active else default_log_every
-        if watch is not None:
-            watch.switch(name == "gradtrace+wandb.watch")
+        grad_norm_block = name == f"gradtrace+{CALLBACKS['grad_norm']}"
+        stepper.trainer.log_every_n_steps = 1 if grad_norm_block else default_log_every
 
     try:
         stepper.start()  # sets the data up (on the device when it is device-resident)
@@ -436,13 +320,11 @@ def _bench_model(
             "gradtrace": lambda: stepper.run(block),
         }
         hook_seconds: dict[str, list[float]] = {}
+        for name, clock in clocks.items():
+            workloads[f"gradtrace+{name}"] = _timed_blocks(
+                stepper, block, clock, hook_seconds.setdefault(name, [])
+            )
         if full:
-            clocks = {"GradientFlow": gradient_flow, "grad_norm": grad_norms, "wandb.watch": watch}
-            for name, clock in clocks.items():
-                if clock is not None:
-                    workloads[f"gradtrace+{name}"] = _timing_hooks(
-                        stepper, block, clock, hook_seconds.setdefault(name, [])
-                    )
             dtype = torch.bfloat16 if cfg.precision.startswith("bf16") else torch.float32
             matmul = Matmul(cfg.matmul_size, cfg.device, dtype)
             workloads["matmul"] = matmul.run
@@ -469,14 +351,25 @@ def _bench_model(
     result["callback_overhead"] = {
         key: Summary.of(overheads(samples[f"gradtrace+{name}"], samples["gradtrace"]))
         for key, name in CALLBACKS.items()
-        if f"gradtrace+{name}" in samples
+        if f"gradtrace+{name}" in samples and key != "activations_idle"
     }
     # the warm-up rounds' calls come first; keep the recorded rounds'
-    result["callback_hook_fraction"] = {
-        key: Summary.of(ratios(hook_seconds[name][-rounds:], samples[f"gradtrace+{name}"]))
+    fractions = {
+        key: ratios(hook_seconds[name][-rounds:], samples[f"gradtrace+{name}"])
         for key, name in CALLBACKS.items()
         if name in hook_seconds
     }
+    idle = fractions.pop("activations_idle", None)
+    if idle is not None:
+        # One measuring step and (interval - 1) idle ones, round by round: the cost of
+        # GradientFlow(activations=True, every_n_steps=interval) averaged over its interval.
+        n = ACTIVATION_INTERVAL
+        fractions[f"activations_every_{n}"] = [
+            (measuring + (n - 1) * waiting) / n
+            for measuring, waiting in zip(fractions["activations_every_step"], idle)
+        ]
+    result["callback_hook_fraction"] = {key: Summary.of(v) for key, v in fractions.items()}
+    result["not_measured"] = not_measured
     # data batches/s over training steps/s, both from the same round
     result["data_vs_model"] = Summary.of(
         [(cfg.data_batches / d) * t for d, t in zip(samples["data"], per_step["gradtrace"])]
@@ -546,11 +439,18 @@ def bench_data(cfg: BenchConfig, dm: ImageDataModule, log: Log, workers: int = 2
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory, scaling: in fresh processes
+# Memory: in fresh processes
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment with the repository root on ``PYTHONPATH``, so that a
+    child can import ``benchmarks`` (which is not installed) from any working directory."""
+    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def _children(arg_lists: list[list[str]], timeout: float = 900) -> list[dict]:
-    """Run ``python -m gradtrace.bench.child ARGS --out FILE`` for each ARGS, all at once.
+    """Run ``python -m benchmarks.child ARGS --out FILE`` for each ARGS, all at once.
 
     Returns the JSON each wrote. Only for measurements that other processes do not disturb
     (memory); timings run one child at a time.
@@ -558,12 +458,17 @@ def _children(arg_lists: list[list[str]], timeout: float = 900) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"result-{i}.json" for i in range(len(arg_lists))]
         cmds = [
-            [sys.executable, "-m", "gradtrace.bench.child", *args, "--out", str(out)]
+            [sys.executable, "-m", "benchmarks.child", *args, "--out", str(out)]
             for args, out in zip(arg_lists, outs)
         ]
         procs = [
             subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=tmp,
+                env=child_environment(),
             )
             for cmd in cmds
         ]
@@ -607,90 +512,3 @@ def bench_memory(cfg: BenchConfig, log: Log) -> dict:
         for arch in MODELS
     ]
     return dict(zip(MODELS, _children(args)))
-
-
-def bench_scaling(cfg: BenchConfig, log: Log, arch: str = "vgg08") -> dict:
-    """Training throughput with 1 and 2 DDP processes (CPU: gloo), interleaved by round."""
-    processes = 2 if cfg.device == "cpu" else min(2, torch.cuda.device_count())
-    if processes < 2:
-        return {"skipped": "one GPU: DDP scaling needs at least two"}
-    log(f"scaling: {arch}, 1 vs {processes} DDP processes, {cfg.scaling_rounds} round(s)")
-
-    def throughput(devices: int) -> dict:
-        [result] = _children(
-            [
-                [
-                    "throughput",
-                    "--arch",
-                    arch,
-                    "--devices",
-                    str(devices),
-                    "--warmup",
-                    str(cfg.scaling_warmup),
-                    "--steps",
-                    str(cfg.scaling_steps),
-                    "--batch-size",
-                    str(cfg.batch_size),
-                    *_training_flags(cfg),
-                ]
-            ]
-        )
-        return result
-
-    runs: dict[int, list[dict]] = {1: [], processes: []}
-    for order in range(cfg.scaling_rounds):
-        for devices in (1, processes) if order % 2 == 0 else (processes, 1):
-            runs[devices].append(throughput(devices))
-    rates = {n: [r["images_per_s"] for r in rs] for n, rs in runs.items()}
-    return {
-        "arch": arch,
-        "processes": processes,
-        "backend": "gloo" if cfg.device == "cpu" else "nccl",
-        "images_per_s": {str(n): Summary.of(v) for n, v in rates.items()},
-        "speedup": Summary.of(ratios(rates[processes], rates[1])),
-        "threads_per_process": {str(n): rs[0]["threads"] for n, rs in runs.items()},
-        "per_process_batch": cfg.batch_size,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Host syncs
-
-
-def _count_syncs(cfg: BenchConfig, every: int, workdir: Path, steps: int = 5) -> dict[str, float]:
-    dm = ImageDataModule(
-        "synthetic", num_classes=10, synthetic_sizes=(800, 50), val_size=100, batch_size=16
-    )
-    model = ImageClassifier("vgg", num_classes=10, arch_kwargs={"width": 8})
-    counter = HostSyncCounter(device_only=cfg.device != "cpu")
-
-    class Window(pl.Callback):  # from the third step (past first-step set-up) to the epoch end
-        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            counter.active = trainer.global_step >= 2
-
-        def on_train_epoch_end(self, *args: Any) -> None:
-            counter.active = False
-
-    kwargs = _trainer_kwargs(cfg, workdir)
-    kwargs.update(max_steps=steps, log_every_n_steps=every, precision="32-true")
-    trainer = pl.Trainer(
-        callbacks=[Window(), GradientFlow(every_n_steps=every, plot=False)], **kwargs
-    )
-    with counter:
-        trainer.fit(model, dm)
-    counted = steps - 2
-    return {source: n / counted for source, n in sorted(counter.counts.items())}
-
-
-def bench_host_syncs(cfg: BenchConfig, workdir: Path, log: Log) -> dict:
-    """Ops that would make the host wait for the GPU, per training step, by their source.
-
-    A small model on the CPU with gradtrace's defaults (ImageClassifier, ImageDataModule,
-    GradientFlow): once on steps where nothing is logged (``log_every_n_steps=50``), once
-    logging everything every step.
-    """
-    log("host syncs per training step")
-    return {
-        "unlogged_step": _count_syncs(cfg, every=50, workdir=workdir / "unlogged"),
-        "logged_step": _count_syncs(cfg, every=1, workdir=workdir / "logged"),
-    }
