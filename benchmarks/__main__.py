@@ -14,13 +14,16 @@ from pathlib import Path
 import lightning
 import torch
 
-from benchmarks import phases
+from benchmarks import config
 from benchmarks.collectives import bench_collectives
+from benchmarks.data import bench_data
 from benchmarks.gpu import bench_gpu
+from benchmarks.memory import bench_memory
 from benchmarks.report import build_report, write_reports
+from benchmarks.training import bench_training
 
 
-def caveats(cfg: phases.BenchConfig) -> list[str]:
+def caveats(cfg: config.BenchConfig) -> list[str]:
     """What a reader must know to read the figures right."""
     notes = [
         "Lightning blocks are timed inside the fit from one `on_train_batch_start` to the "
@@ -43,15 +46,17 @@ def caveats(cfg: phases.BenchConfig) -> list[str]:
         "a goal: on a shared machine its spread is tens of percent either way. On a GPU the "
         "time inside includes waiting for the device (one device-to-host copy per logged "
         "step waits for backward to finish), so it is an upper bound there.",
-        f"Activations every {phases.ACTIVATION_INTERVAL} steps: per round, (time in the "
-        f"measuring block's hooks + {phases.ACTIVATION_INTERVAL - 1} x the idle block's) ÷ "
-        f"({phases.ACTIVATION_INTERVAL} x the step), i.e. one measured and "
-        f"{phases.ACTIVATION_INTERVAL - 1} unmeasured steps, without timing 50 steps a round.",
+        f"Activations every {config.ACTIVATION_INTERVAL} steps: per round, (time in the "
+        f"measuring block's hooks + {config.ACTIVATION_INTERVAL - 1} x the idle block's) ÷ "
+        f"({config.ACTIVATION_INTERVAL} x the step), i.e. one measured and "
+        f"{config.ACTIVATION_INTERVAL - 1} unmeasured steps, without timing 50 steps a round.",
         "Verdicts: a goal is judged on the median's distribution-free confidence interval "
         "(order statistics, 95% where the rounds allow it): pass when the whole interval "
         "meets the goal, FAIL when none of it does, and inconclusive when it straddles the "
-        "goal or is wider than the goal's margin (the distance from no effect: 2 percentage "
-        "points for a 2% cost, 0.05 for a 0.95x ratio).",
+        "goal, is wider than the goal's margin (the distance from no effect: 2 percentage "
+        "points for a 2% cost; for ratios, on a log scale: high/low under 1/0.95 for a "
+        "0.95x goal, under 10x for a 10x goal) or holds the median less than 90% of the "
+        "time (under 5 rounds).",
         "Peak memory is measured in a fresh process per model, after a warm-up fit: "
         + (
             "`torch.cuda.max_memory_allocated` minus what was allocated before the model."
@@ -104,17 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", category=UserWarning)
 
-    cfg = phases.BenchConfig.for_device(args.quick)
-    device = phases.describe_device(cfg.device)
+    cfg = config.BenchConfig.for_device(args.quick)
+    device = config.describe_device(cfg.device)
     log(f"{'quick' if cfg.quick else 'full'} bench on {device}")
     with tempfile.TemporaryDirectory(prefix="gradtrace-bench-") as tmp:
         workdir = Path(tmp)
         pool = cfg.training_pool()
         log(f"CIFAR-100-shaped synthetic data, training pool of {pool:,} images")
-        dm = phases.cifar100_like(cfg.batch_size, pool)
-        training = phases.bench_training(cfg, dm, workdir / "training", log)
-        data = phases.bench_data(cfg, dm, log)
-        memory = phases.bench_memory(cfg, log)
+        dm = config.cifar100_like(cfg.batch_size, pool)
+        training = bench_training(cfg, dm, workdir / "training", log)
+        data = bench_data(cfg, dm, log)
+        memory = bench_memory(cfg, log)
         del dm
         collectives = bench_collectives(log)
         gpu = bench_gpu(cfg, workdir / "gpu", log)

@@ -26,7 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.phases import quiet_fit_kwargs
+from benchmarks.config import quiet_fit_kwargs
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 

@@ -32,7 +32,8 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from benchmarks.phases import BenchConfig, Log, child_environment, cifar100_like
+from benchmarks.config import BenchConfig, Log, cifar100_like
+from benchmarks.memory import child_environment
 from benchmarks.stats import Summary
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check: no CUDA device here; the GPU tests and the bench's GPU section skipped")
         return 0
 
-    from benchmarks import phases
+    from benchmarks import config
     from benchmarks.gpu import bench_gpu
     from benchmarks.report import build_report, to_jsonable, write_reports
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", category=UserWarning)
-    cfg = phases.BenchConfig.for_device(quick=True, device="cuda")
+    cfg = config.BenchConfig.for_device(quick=True, device="cuda")
     with tempfile.TemporaryDirectory(prefix="gradtrace-gpu-check-") as tmp:
         gpu = bench_gpu(cfg, Path(tmp), log)
     gpu["gpu_tests"] = tests
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     report = _previous_report(args.out)
     if report is None:
         report = build_report(
-            device=phases.describe_device("cuda"),
+            device=config.describe_device("cuda"),
             settings=cfg.to_dict(),
             environment={"python": platform.python_version(), "torch": torch.__version__},
             caveats=["Made by `make gpu-check` alone: only the GPU section was measured."],

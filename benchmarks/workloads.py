@@ -1,4 +1,4 @@
-"""What the bench times: the plain PyTorch baselines, matmul, data pipelines, FLOP counts.
+"""What the bench times against: the plain PyTorch loop, a dense matmul, FLOP counts.
 
 The baselines are what a researcher would write by hand, doing the same work as gradtrace:
 the same network from :func:`gradtrace.models.create_model`, the same uint8 tensors, the same
@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from gradtrace.datamodule import (
-    ImageDataModule,
-    TrainBatches,
     crop_flip,
     epoch_order,
     normalize,
@@ -28,9 +26,7 @@ from gradtrace.models import create_model
 
 __all__ = [
     "Matmul",
-    "OurBatches",
     "PlainLoop",
-    "TorchvisionBatches",
     "train_step_flops",
 ]
 
@@ -188,133 +184,3 @@ class Matmul:
     def run(self) -> float:
         """The fastest of ``trials`` tries of ``repeat`` multiplications, in seconds."""
         return min(self._once() for _ in range(self.trials))
-
-
-class OurBatches:
-    """ImageDataModule's training batches, augmented, ``n`` per :meth:`run`, epoch after epoch.
-
-    Exactly what a training step gets: :class:`~gradtrace.datamodule.TrainBatches` over the
-    module's uint8 split (on ``device``), then ``dm.transform_batch`` (crop + flip + normalise).
-    """
-
-    def __init__(self, dm: ImageDataModule, device: torch.device | str = "cpu") -> None:
-        self.dm = dm
-        self.device = torch.device(device)
-        images, labels = dm.split("train")
-        self.loader = TrainBatches(
-            images.to(self.device),
-            labels.to(self.device),
-            dm.batch_size,
-            seed=dm.seed,
-            augment=dm.augment,
-            padding=dm.crop_padding,
-        )
-        self._batches = self._forever()
-
-    def _forever(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        epoch = 0
-        while True:
-            self.loader.set_epoch(epoch)
-            for batch in self.loader:
-                crops = (batch[2].to(self.device, non_blocking=True),) if len(batch) == 3 else ()
-                yield (batch[0], batch[1], *crops)
-            epoch += 1
-
-    def run(self, batches: int) -> float:
-        """Produce ``batches`` augmented batches; return the wall time."""
-        _sync(self.device)
-        start = time.perf_counter()
-        for _ in range(batches):
-            self.dm.transform_batch(next(self._batches))
-        _sync(self.device)
-        return time.perf_counter() - start
-
-
-class _PerSampleImages(torch.utils.data.Dataset):
-    """What ``torchvision.datasets.CIFAR100`` does per item: HWC uint8 -> PIL -> transform."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any) -> None:
-        self.images = images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
-        self.labels = labels.cpu().tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
-
-
-class TorchvisionBatches:
-    """The usual torchvision recipe: per-sample transforms in a ``DataLoader`` with workers.
-
-    ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` on
-    PIL images, ``num_workers`` worker processes, shuffled, batch 100, then (on CUDA) a
-    pinned, non-blocking copy to the device. Timed in steady state: the workers start, and
-    ``warmup`` batches are drawn, before any timing.
-
-    It can draw at most one epoch (``len(self)`` batches) in all, warm-up included, so that
-    no epoch restart lands inside a timing.
-    """
-
-    def __init__(
-        self,
-        dm: ImageDataModule,
-        *,
-        workers: int = 2,
-        device: torch.device | str = "cpu",
-        warmup: int = 4,
-    ) -> None:
-        from torch.utils.data import DataLoader
-        from torchvision import transforms
-
-        self.device = torch.device(device)
-        images, labels = dm.split("train")
-        height, width = images.shape[-2:]
-        transform = transforms.Compose(
-            [
-                transforms.RandomCrop((height, width), padding=dm.crop_padding),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(dm.mean.tolist(), dm.std.tolist()),
-            ]
-        )
-        self.loader = DataLoader(
-            _PerSampleImages(images, labels, transform),
-            batch_size=dm.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(0),
-        )
-        self._iterator = iter(self.loader)
-        self.drawn = 0
-        self.run(warmup)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def run(self, batches: int) -> float:
-        """Draw ``batches`` batches (moved to the device); return the wall time."""
-        if self.drawn + batches > len(self.loader):
-            raise ValueError(
-                f"an epoch has {len(self.loader)} batches and {self.drawn} are drawn; "
-                f"cannot draw {batches} more without restarting the workers"
-            )
-        _sync(self.device)
-        start = time.perf_counter()
-        for _ in range(batches):
-            x, y = next(self._iterator)
-            if self.device.type == "cuda":
-                x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-        _sync(self.device)
-        self.drawn += batches
-        return time.perf_counter() - start
-
-    def close(self) -> None:
-        """Stop the worker processes."""
-        self._iterator = None  # type: ignore[assignment]
