@@ -69,7 +69,7 @@ def _sharded_model() -> nn.Module:
 
 
 def _rank(rank: int, world_size: int, port: int, out: str) -> None:
-    from gradtrace import grad_stats
+    from gradtrace.gradient_flow import grad_stats
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -95,10 +95,10 @@ def bench_collectives(log: Callable[[str], None], world_size: int = 2) -> dict[s
     """Collectives per logged step of ``grad_stats`` on an FSDP2 model, ``world_size`` gloo
     processes; ``{"not_available": why}`` when this gradtrace has no ``grad_stats``."""
     try:
-        from gradtrace import grad_stats  # noqa: F401  (only: is it there)
+        from gradtrace.gradient_flow import grad_stats  # noqa: F401  (only: is it there)
     except ImportError as err:
-        log(f"gradtrace.grad_stats is not available: {err}")
-        return {"not_available": f"gradtrace.grad_stats cannot be imported ({err})"}
+        log(f"gradtrace.gradient_flow.grad_stats is not available: {err}")
+        return {"not_available": f"not available: grad_stats cannot be imported ({err})"}
     log(f"collectives: grad_stats on an FSDP2 model, {world_size} gloo processes")
     import torch.multiprocessing as mp
 
@@ -106,7 +106,7 @@ def bench_collectives(log: Callable[[str], None], world_size: int = 2) -> dict[s
         mp.spawn(_rank, args=(world_size, _free_port(), tmp), nprocs=world_size)
         ops = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world_size)]
     return {
-        "collectives_per_logged_step": len(ops[0]),
+        "collectives_per_logged_step": max(len(rank_ops) for rank_ops in ops),
         "ops_per_rank": ops,
         "processes": world_size,
         "backend": "gloo",
