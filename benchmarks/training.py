@@ -59,13 +59,24 @@ def bench_training(cfg: BenchConfig, dm: ImageDataModule, workdir: Path, log: Lo
     }
 
 
+def _gradient_flow(role: str, **kwargs: Any) -> GradientFlow:
+    """A GradientFlow with a checkpoint state key of its own (``GradientFlow[role]``).
+
+    Lightning refuses two stateful callbacks with the same ``state_key`` in one Trainer, and
+    the bench puts several GradientFlow callbacks in one fit (each active in its own blocks).
+    """
+    state_key = f"GradientFlow[{role}]"
+    keyed = {"state_key": property(lambda _: state_key)}
+    return type(f"GradientFlow_{role}", (GradientFlow,), keyed)(**kwargs)
+
+
 def _activation_flows(log: Log) -> tuple[GradientFlow, GradientFlow] | str:
     """GradientFlow with activation statistics measuring every step, and one attached but
     measuring only every millionth step; or why they cannot be made (an older gradtrace)."""
     try:
         return (
-            GradientFlow(every_n_steps=1, plot=False, activations=True),
-            GradientFlow(every_n_steps=10**6, plot=False, activations=True),
+            _gradient_flow("activations", every_n_steps=1, plot=False, activations=True),
+            _gradient_flow("idle", every_n_steps=10**6, plot=False, activations=True),
         )
     except TypeError as err:
         log(f"GradientFlow(activations=True) is not available: {err}")
@@ -104,7 +115,7 @@ def _bench_model(
     not_measured: dict[str, str] = {}
     run = None
     if full:
-        flow = GradientFlow(every_n_steps=1, plot=False)
+        flow = _gradient_flow("gradients", every_n_steps=1, plot=False)
         clocks[CALLBACKS["gradtrace"]] = TimedCallback(flow)
         clocks[CALLBACKS["grad_norm"]] = GradNormLogging()
         callbacks += [flow, clocks[CALLBACKS["grad_norm"]]]
