@@ -46,10 +46,12 @@ from benchmarks.stats import (  # noqa: E402
     round_orders,
 )
 from benchmarks.stepper import TrainerSteps  # noqa: E402
+from benchmarks.training import _gradient_flow  # noqa: E402
 from benchmarks.workloads import Matmul, PlainLoop, train_step_flops  # noqa: E402
 
 from gradtrace.classifier import ImageClassifier  # noqa: E402
 from gradtrace.datamodule import ImageDataModule, TrainBatches  # noqa: E402
+from gradtrace.gradient_flow import GradientFlow  # noqa: E402
 from gradtrace.models import create_model  # noqa: E402
 
 SMALL = {"dataset": "synthetic", "synthetic_sizes": (300, 20), "val_size": 20, "batch_size": 8}
@@ -307,6 +309,14 @@ def test_timed_callback_times_its_hooks_and_the_hooks_it_registers_only_when_act
     # 3 x (20 ms + 10 ms) slept inside, and the time inside is part of the block's time
     assert 0.09 <= timed.seconds < 0.09 + 0.05
     assert timed.seconds < block
+
+
+def test_several_gradient_flows_share_one_fit_with_their_own_state_keys(tmp_path: Path) -> None:
+    flows = [_gradient_flow(role, plot=False) for role in ("gradients", "idle")]
+    trainer = pl.Trainer(**quiet_trainer_kwargs(tmp_path, callbacks=flows))  # no clash
+    assert [f.state_key for f in flows] == ["GradientFlow[gradients]", "GradientFlow[idle]"]
+    assert all(isinstance(f, GradientFlow) for f in flows)
+    assert trainer.callbacks[-2:] == flows
 
 
 # ---------------------------------------------------------------------------------------------
