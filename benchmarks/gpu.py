@@ -39,7 +39,7 @@ from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
 
-__all__ = ["bench_gpu", "table1_rows"]
+__all__ = ["bench_gpu", "epoch_time", "table1_rows"]
 
 # Model settings that change the optimisation, not the network's cost per step.
 _TRAINING_ONLY = frozenset({"lr", "lr_min", "optimizer", "scheduler", "weight_decay"})
@@ -70,12 +70,14 @@ def table1_rows() -> list[dict[str, Any]]:
 class _PhaseTimer(pl.Callback):
     """Times the second epoch's training steps and its validation pass (synchronised)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cuda: bool) -> None:
         self.compile_s = self.train_s = self.val_s = 0.0
+        self._cuda = cuda
         self._start = time.perf_counter()
 
     def _now(self) -> float:
-        torch.cuda.synchronize()
+        if self._cuda:
+            torch.cuda.synchronize()
         return time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -93,19 +95,29 @@ class _PhaseTimer(pl.Callback):
             self.val_s = self._now() - self._start
 
 
-def _epoch_time(
-    model_settings: dict[str, Any], dm: ImageDataModule, steps: int, root: Path, name: str
+def epoch_time(
+    model_settings: dict[str, Any],
+    dm: ImageDataModule,
+    steps: int,
+    root: Path,
+    *,
+    accelerator: str = "cuda",
+    precision: str = "bf16-mixed",
+    compile: bool = True,
 ) -> dict[str, float]:
-    model = ImageClassifier(**model_settings, num_classes=dm.num_classes, compile=True)
-    timer = _PhaseTimer()
+    """Seconds of one epoch of ``dm`` as ``gradtrace fit`` trains it (see the module's
+    docstring): ``compile_s`` (the first, short epoch), ``train_s`` (training steps of a
+    full epoch, from ``steps`` timed ones), ``val_s`` and ``epoch_s`` (their sum)."""
+    model = ImageClassifier(**model_settings, num_classes=dm.num_classes, compile=compile)
+    timer = _PhaseTimer(cuda=accelerator == "cuda")
     trainer = pl.Trainer(
-        accelerator="cuda",
+        accelerator=accelerator,
         devices=1,
-        precision="bf16-mixed",
+        precision=precision,
         max_epochs=2,
         limit_train_batches=steps,
         num_sanity_val_steps=0,
-        logger=CSVLogger(root, name=name),
+        logger=CSVLogger(root),
         callbacks=[
             timer,
             GradientFlow(),
@@ -183,9 +195,8 @@ def bench_gpu(cfg: BenchConfig, workdir: Path, log: Log) -> dict[str, Any]:
     epoch_times: dict[str, dict[str, float]] = {}
     for network in networks.values():
         log(f"gpu: epoch time of {network['name']} ({cfg.gpu_steps} steps x 2 epochs)")
-        epoch_times[network["name"]] = _epoch_time(
-            network["model"], dm, cfg.gpu_steps, workdir / "epochs", network["name"]
-        )
+        root = workdir / "epochs" / network["name"]
+        epoch_times[network["name"]] = epoch_time(network["model"], dm, cfg.gpu_steps, root)
     total = sum(
         row["epochs"] * epoch_times[networks[row["network"]]["name"]]["epoch_s"] for row in rows
     )

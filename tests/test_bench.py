@@ -33,7 +33,7 @@ from benchmarks.collectives import CollectiveCounter  # noqa: E402
 from benchmarks.config import BenchConfig  # noqa: E402
 from benchmarks.data import OurBatches, TorchvisionBatches  # noqa: E402
 from benchmarks.figures import FIGURES, Goal  # noqa: E402
-from benchmarks.gpu import table1_rows  # noqa: E402
+from benchmarks.gpu import epoch_time, table1_rows  # noqa: E402
 from benchmarks.markdown import render_markdown  # noqa: E402
 from benchmarks.memory import run_children  # noqa: E402
 from benchmarks.report import TOP_LEVEL_KEYS, build_report  # noqa: E402
@@ -374,6 +374,17 @@ def test_table1_rows_come_from_the_packaged_configs() -> None:
     assert all(dict(network[name]).items() <= rows[i]["model"].items() for i, name in
                enumerate(network))  # fmt: skip
     assert len(set(network.values())) == 5
+
+
+def test_epoch_time_of_the_gpu_section_on_a_tiny_network(tmp_path: Path) -> None:
+    dm = small_dm()  # 280 training images: 35 steps of 8 per full epoch; 20 validation images
+    settings = {"arch": "vgg", "arch_kwargs": {"width": 4}}
+    times = epoch_time(
+        settings, dm, 3, tmp_path, accelerator="cpu", precision="32-true", compile=False
+    )
+    # every phase was timed: the second epoch's hooks fired (and only a CPU run, no CUDA sync)
+    assert all(times[key] > 0 for key in ("compile_s", "train_s", "val_s"))
+    assert times["epoch_s"] == pytest.approx(times["train_s"] + times["val_s"])
 
 
 def test_training_pool_holds_every_timed_step_in_one_epoch() -> None:
