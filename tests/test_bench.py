@@ -387,6 +387,15 @@ def test_epoch_time_of_the_gpu_section_on_a_tiny_network(tmp_path: Path) -> None
     assert times["epoch_s"] == pytest.approx(times["train_s"] + times["val_s"])
 
 
+@pytest.mark.gpu
+def test_epoch_time_on_a_gpu_with_bf16_and_compile(tmp_path: Path) -> None:
+    dm = small_dm()
+    settings = {"arch": "vgg", "arch_kwargs": {"width": 4}}
+    times = epoch_time(settings, dm, 3, tmp_path)  # cuda, bf16-mixed, compiled
+    assert all(times[key] > 0 for key in ("compile_s", "train_s", "val_s"))
+    assert dm.split("train")[0].is_cuda  # the data sat on the GPU
+
+
 def test_training_pool_holds_every_timed_step_in_one_epoch() -> None:
     assert BenchConfig.for_device(quick=True, device="cpu").training_pool() == 50_000
     gpu = BenchConfig.for_device(quick=False, device="cuda")
