@@ -61,15 +61,15 @@ class BenchConfig:
     data_rounds: int = 3
     data_batches: int = 30
     memory_steps: int = 2
-    scaling_rounds: int = 1  # GPU only: rounds of 1 vs 2 training processes on the device
-    scaling_warmup: int = 2
-    scaling_steps: int = 3
+    shared_gpu_rounds: int = 1  # GPU only: rounds of 1 vs 2 training processes on the device
+    shared_gpu_warmup: int = 2
+    shared_gpu_steps: int = 3
     matmul_size: int = 2048
     gpu_steps: int = 100  # GPU only: training steps per epoch in the epoch-time runs
 
     @classmethod
     def for_device(cls, quick: bool, device: str | None = None) -> BenchConfig:
-        """The bench's settings: ``--quick`` (< 3 minutes on 2 CPU cores) or full."""
+        """The bench's settings: ``--quick`` (about 5 minutes on 2 CPU cores) or full."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda":
             return cls(
@@ -83,10 +83,10 @@ class BenchConfig:
                 data_rounds=3 if quick else 10,
                 data_batches=40,
                 memory_steps=3,
-                scaling_rounds=1 if quick else 2,
+                shared_gpu_rounds=1 if quick else 2,
                 gpu_steps=60 if quick else 100,
-                scaling_warmup=30,
-                scaling_steps=100,
+                shared_gpu_warmup=30,
+                shared_gpu_steps=100,
                 matmul_size=8192,
             )
         return cls(

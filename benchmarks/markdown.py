@@ -105,12 +105,16 @@ def _gpu_lines(gpu: Mapping[str, Any]) -> list[str]:
         )
     speedup = gpu["two_processes_speedup"]["median"]
     minutes = gpu["table1_minutes"]
-    verdict = "pass" if minutes < 30 else "FAIL"
+    rows = gpu["rows"]
+    complete = gpu.get("rows_projected", len(rows)) == len(rows)
+    verdict = ("pass" if minutes < 30 else "FAIL") if complete else "inconclusive"
+    if gpu.get("not_measured"):
+        lines += ["", f"Not measured (out of time): {', '.join(gpu['not_measured'])}."]
     lines += [
         "",
         f"Two training processes on one GPU: {speedup:.2f}x the throughput of one.",
-        f"Projected Table 1 ({len(gpu['rows'])} rows, "
-        f"{sum(r['epochs'] for r in gpu['rows'])} epochs in all): "
+        f"Projected Table 1 ({gpu.get('rows_projected', len(rows))} of {len(rows)} rows, "
+        f"{sum(r['epochs'] for r in rows)} epochs in all): "
         f"{gpu['table1_minutes_one_run_at_a_time']:.1f} min one run at a time; "
         f"**{minutes:.1f} min** with {gpu['runs_per_gpu']} run(s) per GPU "
         f"(goal: under 30 min on one H100: **{verdict}**).",
