@@ -306,9 +306,9 @@ def test_timed_callback_times_its_hooks_and_the_hooks_it_registers_only_when_act
         timed.active = False
         steps.run(1)
     assert (callback.optimizer_calls, callback.forward_calls) == (3, 3)
-    # 3 x (20 ms + 10 ms) slept inside, and the time inside is part of the block's time
-    assert 0.09 <= timed.seconds < 0.09 + 0.05
-    assert timed.seconds < block
+    # 3 x (20 ms + 10 ms) slept inside (plus a busy machine's delays), and the time inside
+    # is part of the block's time
+    assert 0.09 <= timed.seconds < min(0.25, block)
 
 
 def test_several_gradient_flows_share_one_fit_with_their_own_state_keys(tmp_path: Path) -> None:
