@@ -31,7 +31,8 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
         "the next batch, the step, callbacks, logging), without the fit's start-up. The plain "
         "loop's blocks include its own batch cutting and augmentation.",
         "Callbacks are switched on for their own blocks only, in one fit: GradientFlow "
-        "(every_n_steps=1, plot=False) measures and logs every step of its blocks; "
+        "(every_n_steps=1, plot=False) measures and logs every step of its blocks "
+        "(log_every_n_steps=1 there, so Lightning writes its summary scalars every step); "
         "GradientFlow(activations=True) measures every step of one kind of block and is "
         "attached but idle (every_n_steps=10**6) in another; grad_norm "
         "is `self.log_dict(grad_norm(module, 2))` in `on_before_optimizer_step` with "

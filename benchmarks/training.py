@@ -148,10 +148,12 @@ def _bench_model(
                 clock.switch(name == f"gradtrace+{clock_name}")
             else:
                 clock.active = name == f"gradtrace+{clock_name}"
-        # "logged every step": Lightning hands self.log values to the logger every
-        # log_every_n_steps steps, so grad_norm's blocks log at every step.
-        grad_norm_block = name == f"gradtrace+{CALLBACKS['grad_norm']}"
-        stepper.trainer.log_every_n_steps = 1 if grad_norm_block else default_log_every
+        # "logged every step": Lightning hands self.log values (grad_norm's, GradientFlow's
+        # summary scalars) to the logger every log_every_n_steps steps, so the blocks of
+        # callbacks measuring every step log at every step too.
+        every_step = {CALLBACKS[k] for k in ("gradtrace", "grad_norm", "activations_every_step")}
+        logs_every_step = name.removeprefix("gradtrace+") in every_step
+        stepper.trainer.log_every_n_steps = 1 if logs_every_step else default_log_every
 
     try:
         stepper.start()  # sets the data up (on the device when it is device-resident)
