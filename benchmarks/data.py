@@ -18,6 +18,9 @@ from gradtrace.datamodule import ImageDataModule, TrainBatches
 
 __all__ = ["OurBatches", "TorchvisionBatches", "bench_data"]
 
+# Seconds for DataLoader workers to fill their prefetch queue (2 workers x 2 batches).
+PREFETCH_SETTLE_S = 0.5
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -183,7 +186,11 @@ def bench_data(cfg: BenchConfig, dm: ImageDataModule, log: Log, workers: int = 2
     if cfg.device == "cpu" and torch.get_num_threads() > 1:
         workloads["gradtrace_1_thread"] = one_thread
     try:
-        samples = interleave(workloads, cfg.data_rounds, warmup=1)
+        # The DataLoader's workers go on prefetching after each of its turns; waiting before
+        # every turn (outside the timings) keeps them from competing with the next workload.
+        samples = interleave(
+            workloads, cfg.data_rounds, warmup=1, between=lambda _: time.sleep(PREFETCH_SETTLE_S)
+        )
     finally:
         theirs.close()
     rate = {name: [batches / t for t in times] for name, times in samples.items()}
