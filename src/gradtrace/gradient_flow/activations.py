@@ -25,7 +25,7 @@ same global batch gives. Under AMP with a ``GradScaler`` the loss scale is divid
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,8 @@ __all__ = [
     "ActivationCollector",
     "ActivationDiagnosis",
     "ActivationsUnavailableError",
+    "layer_modules",
+    "loss_scale",
 ]
 
 ACTIVATION_STATS: tuple[str, ...] = (
@@ -100,6 +102,33 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
     if isinstance(module, nn.Hardtanh):
         return float(module.min_val), float(module.max_val)
     return None
+
+
+def layer_modules(layers: Iterable[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
+    """``{name: module}`` with each module once, under the first name given for it.
+
+    ``layers`` are (parameter name, owning module) pairs in the gradient side's selection; a
+    module's output belongs to its first selected parameter (a layer's ``weight`` comes before
+    its ``bias``), so activation columns land on the ``weight`` rows.
+    """
+    named: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for name, module in layers:
+        if id(module) not in seen:
+            seen.add(id(module))
+            named[name] = module
+    return named
+
+
+def loss_scale(precision_plugin: Any) -> float:
+    """The loss scale of an enabled AMP ``GradScaler`` (Lightning's ``16-mixed``), else 1.
+
+    Read before the scaler's ``update()``: the scale this step's backward pass used.
+    """
+    scaler = getattr(precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 def _is_compiled(root: nn.Module) -> bool:
