@@ -4,21 +4,29 @@ DDP (2 gloo processes vs one) and the dead/saturated diagnosis."""
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from gradtrace import GradientFlow, GradientFlowWarning
+from gradtrace.gradient_flow import read_history
 from gradtrace.gradient_flow.activations import (
     ACTIVATION_STATS,
     ActivationCollector,
     ActivationDiagnosis,
     ActivationsUnavailableError,
+    loss_scale,
 )
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -255,3 +263,144 @@ def test_diagnosis_rejects_bad_arguments(kwargs: dict, message: str) -> None:
 def test_nan_values_never_count() -> None:
     diagnosis = ActivationDiagnosis(patience=1)
     assert diagnosis.update(0, {"a": {"act_zero_frac": math.nan}}) == []
+
+
+# --------------------------------------------------------------------------- the callback
+
+
+class MLP(pl.LightningModule):
+    """Cross-entropy MLP; remembers its first batch and the forward hooks seen every batch."""
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU, width: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(6, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 3)
+        )
+        self.first_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.hooks_seen: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.first_batch is None:
+            self.first_batch = (x.clone(), y.clone())
+        self.hooks_seen.append(sum(len(m._forward_hooks) for m in self.net.modules()))
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def fit(model: MLP, tmp_path: Path, steps: int = 4, **flow_kwargs) -> GradientFlow:
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(8 * steps, 6, generator=g), torch.randint(0, 3, (8 * steps,)))
+    flow = GradientFlow(plot=False, activations=True, **flow_kwargs)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[flow],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    return flow
+
+
+def act_records(flow: GradientFlow, layer: str) -> list[dict]:
+    return [r for r in flow.history if r["layer"] == layer]
+
+
+def test_the_callback_records_the_independent_values_in_the_same_rows(tmp_path: Path) -> None:
+    model = MLP()
+    start = copy.deepcopy(model.net)
+    flow = fit(model, tmp_path, every_n_steps=2)
+    assert {r["step"] for r in flow.history} == {0, 2}
+    net = start
+    x, y = model.first_batch
+    outputs: dict[int, torch.Tensor] = {}
+    for i in range(5):
+        net[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+    loss = F.cross_entropy(net(x), y)
+    grads = torch.autograd.grad(loss, [outputs[0], outputs[2], outputs[4]])
+    for (i, act), grad in zip([(0, 1), (2, 3), (4, None)], grads):
+        (record,) = [r for r in act_records(flow, f"net.{i}.weight") if r["step"] == 0]
+        z, a = outputs[i].detach(), outputs[act if act is not None else i].detach()
+        assert record["act_mean"] == pytest.approx(z.mean().item(), rel=1e-5)
+        assert record["act_std"] == pytest.approx(z.std().item(), rel=1e-5)
+        assert record["act_zero_frac"] == pytest.approx((a == 0).double().mean().item())
+        assert record["act_grad_mean_abs"] == pytest.approx(grad.abs().mean().item(), rel=1e-5)
+        assert "act_sat_frac" not in record  # ReLU
+        assert "mean_abs" in record  # the gradient statistics of the same row
+    # hooks exist only inside measured steps: none while training steps 1 and 3 ran
+    assert model.hooks_seen == [5, 0, 5, 0]  # one per leaf module
+    assert hook_count(model) == 0
+    written = read_history(flow.csv_path)
+    assert [r["layer"] for r in written] == [r["layer"] for r in flow.history]
+    for got, want in zip(written, flow.history):
+        assert got["act_zero_frac"] == want["act_zero_frac"]
+        assert math.isnan(got["act_sat_frac"])  # absent: an empty cell
+
+
+def test_a_dead_relu_layer_is_reported_and_named(tmp_path: Path) -> None:
+    model = MLP()
+    with torch.no_grad():
+        model.net[2].bias.fill_(-10.0)
+    with pytest.warns(GradientFlowWarning, match=r"Dead units in layer 'net\.2\.weight' at step 2"):
+        flow = fit(model, tmp_path, every_n_steps=1)
+    assert all(r["act_zero_frac"] > 0.9 for r in act_records(flow, "net.2.weight"))
+    assert all(r["act_zero_frac"] < 0.9 for r in act_records(flow, "net.0.weight"))
+
+
+def test_a_saturated_tanh_layer_is_reported(tmp_path: Path) -> None:
+    model = MLP(act=nn.Tanh)
+    with torch.no_grad():
+        model.net[0].weight.mul_(200.0)
+    with pytest.warns(
+        GradientFlowWarning, match=r"Saturated activation after layer 'net\.0\.weight'"
+    ):
+        flow = fit(model, tmp_path, every_n_steps=1)
+    assert all(r["act_sat_frac"] > 0.9 for r in act_records(flow, "net.0.weight"))
+
+
+def test_a_healthy_net_reports_neither(tmp_path: Path) -> None:
+    for act in (nn.ReLU, nn.Tanh):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradientFlowWarning)
+            flow = fit(MLP(act=act), tmp_path / act.__name__, every_n_steps=1, vanishing_ratio=None)
+        for record in flow.history:
+            assert record["act_zero_frac"] < 0.9
+            assert record.get("act_sat_frac", 0.0) < 0.9
+
+
+def test_the_thresholds_are_arguments(tmp_path: Path) -> None:
+    with pytest.warns(GradientFlowWarning, match=r"Dead units in layer 'net\.0\.weight' at step 0"):
+        fit(MLP(), tmp_path, steps=1, dead_fraction=0.1, activation_patience=1)
+    with pytest.raises(ValueError, match="dead_fraction must be in"):
+        GradientFlow(activations=True, dead_fraction=1.0)
+    with pytest.raises(ValueError, match="activation_patience must be an integer >= 1; got 0"):
+        GradientFlow(activations=True, activation_patience=0)
+
+
+def test_loss_scale_reads_an_enabled_grad_scaler() -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    assert loss_scale(SimpleNamespace(scaler=scaler)) == 512.0
+    assert loss_scale(SimpleNamespace(scaler=None)) == 1.0
+    assert loss_scale(SimpleNamespace()) == 1.0
+
+
+def test_a_compiled_model_gives_the_eager_values(tmp_path: Path) -> None:
+    eager = fit(MLP(), tmp_path / "eager", every_n_steps=2)
+    model = MLP()
+    model.net.compile(backend="eager")
+    compiled = fit(model, tmp_path / "compiled", every_n_steps=2)
+    assert model.hooks_seen == [5, 0, 5, 0]
+    assert len(compiled.history) == len(eager.history)
+    for got, want in zip(compiled.history, eager.history):
+        assert got.keys() == want.keys()
+        assert (got["step"], got["layer"]) == (want["step"], want["layer"])
+        for key in ("mean_abs", *ACTIVATION_STATS):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5), key

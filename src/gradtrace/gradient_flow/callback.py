@@ -25,7 +25,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradtrace.checks import check_choice
+from gradtrace.checks import check_choice, check_int
+from gradtrace.gradient_flow.activations import (
+    ACTIVATION_STATS,
+    ActivationCollector,
+    ActivationDiagnosis,
+    ActivationsUnavailableError,
+    layer_modules,
+    loss_scale,
+)
+from gradtrace.gradient_flow.selection import select_layers
 
 __all__ = [
     "STATS",
@@ -262,6 +271,15 @@ class GradientFlow(Callback):
         exploding_ratio: warn when first/last ``mean_abs`` exceeds this (``None``: never).
         on_nonfinite: ``"warn"`` or ``"raise"`` on inf/nan gradients.
         filename: name of the CSV file inside the log directory.
+        activations: also record the activation statistics of the same layers on the same
+            steps (``act_mean``, ``act_std``, ``act_zero_frac``, ``act_sat_frac``,
+            ``act_grad_mean_abs``; see ``docs/activations.md`` and
+            :mod:`gradtrace.gradient_flow.activations`): extra columns of the same rows.
+        dead_fraction: warn when a layer's ``act_zero_frac`` exceeds this (``None``: never).
+        saturated_fraction: warn when a layer's ``act_sat_frac`` exceeds this (``None``:
+            never).
+        activation_patience: how many measured steps in a row a layer must be dead or
+            saturated before the warning.
     """
 
     def __init__(
@@ -278,8 +296,16 @@ class GradientFlow(Callback):
         exploding_ratio: float | None = 1e4,
         on_nonfinite: str = "warn",
         filename: str = "gradient_flow.csv",
+        activations: bool = False,
+        dead_fraction: float | None = 0.9,
+        saturated_fraction: float | None = 0.9,
+        activation_patience: int = 3,
     ) -> None:
         super().__init__()
+        check_choice("activations", activations, (False, True))
+        check_int("activation_patience", activation_patience, 1)
+        # Checks the thresholds now; a fresh one per fit in _reset.
+        ActivationDiagnosis(dead_fraction, saturated_fraction, activation_patience)
         if isinstance(stats, str):
             stats = (stats,)
         stats = tuple(stats)
@@ -331,12 +357,17 @@ class GradientFlow(Callback):
         self.exploding_ratio = exploding_ratio
         self.on_nonfinite = on_nonfinite
         self.filename = filename
+        self.activations = activations
+        self.dead_fraction = dead_fraction
+        self.saturated_fraction = saturated_fraction
+        self.activation_patience = activation_patience
 
         self.history: list[dict[str, Any]] = []
         """One dict per (logged step, layer): ``step``, ``layer`` and one key per stat."""
         self.csv_path: Path | None = None
         """Where the CSV goes (``<log_dir>/<filename>``), known once training starts."""
         self._columns = ["step", "layer", *self.stats] + (["update_ratio"] if update_ratio else [])
+        self._columns += list(ACTIVATION_STATS) if activations else []
         self._reset()
 
     # ---------------------------------------------------------------- public helpers
@@ -376,6 +407,11 @@ class GradientFlow(Callback):
         self._warned_nonfinite: set[str] = set()
         self._plots_unavailable = False
         self._log_dir: Path | None = None
+        self._activation_collector = ActivationCollector()
+        self._activation_diagnosis = ActivationDiagnosis(
+            self.dead_fraction, self.saturated_fraction, self.activation_patience
+        )
+        self._activations_unavailable = False
 
     def _rank_of(self, name: str) -> tuple[int, str]:
         return (self._rank.get(name, len(self._rank)), name)
@@ -420,11 +456,14 @@ class GradientFlow(Callback):
     ) -> None:
         if not self._order_final and self._order_finder is None:
             self._order_finder = _ForwardOrder(pl_module)
+        # After the order finder: the compiler stances must be left in reverse order.
+        self._start_activations(trainer, pl_module)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        activation_stats = self._finish_activations(trainer)  # every rank: one all_reduce
         if step % self._interval:
             return
         # Rank 0 reports; with "raise" every rank checks so that DDP ranks stop together.
@@ -461,9 +500,15 @@ class GradientFlow(Callback):
                 "nonfinite": nonfinite,
             }
             records = [
-                {"step": step, "layer": name, **{s: columns[s][i] for s in self.stats}}
+                {
+                    "step": step,
+                    "layer": name,
+                    **{s: columns[s][i] for s in self.stats},
+                    **activation_stats.get(name, {}),
+                }
                 for i, name in enumerate(names)
             ]
+            self._diagnose_activations(step, activation_stats)
             step_means = dict(zip(names, means))
             if self.update_ratio:
                 with torch.no_grad():  # one batched copy of the weights before the step
@@ -489,6 +534,7 @@ class GradientFlow(Callback):
             self._finish_update_ratios(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activation_collector.detach()  # a measured batch that never stepped
         if not trainer.is_global_zero:
             return
         self._flush_csv()
@@ -497,6 +543,7 @@ class GradientFlow(Callback):
             self._plot(trainer, "flow", records, f"epoch_{trainer.current_epoch:03d}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activation_collector.detach()
         self._close_order_finder()
         if not trainer.is_global_zero:
             return
@@ -507,6 +554,7 @@ class GradientFlow(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._activation_collector.detach()
         self._close_order_finder()
         if not trainer.is_global_zero:
             return
@@ -519,6 +567,38 @@ class GradientFlow(Callback):
             self._flush_csv()
 
     # ---------------------------------------------------------------- measuring
+
+    def _start_activations(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach the activation hooks for a measured step (all its micro-batches)."""
+        if not self.activations or self._activations_unavailable:
+            return
+        if self._activation_collector.attached:
+            return  # a later micro-batch of the same optimizer step
+        if trainer.fit_loop.epoch_loop._batches_that_stepped % self._interval:
+            return
+        layers = layer_modules((layer.name, layer.module) for layer in select_layers(pl_module))
+        try:
+            self._activation_collector.attach(pl_module, layers)
+        except ActivationsUnavailableError as err:
+            self._activations_unavailable = True
+            if trainer.is_global_zero:
+                warnings.warn(
+                    f"GradientFlow: no activation statistics: {err}",
+                    GradientFlowWarning,
+                    stacklevel=2,
+                )
+
+    def _finish_activations(self, trainer: pl.Trainer) -> dict[str, dict[str, float]]:
+        """The measured step's activation statistics, reduced over ranks; hooks removed."""
+        collector = self._activation_collector
+        if not collector.attached:
+            return {}
+        collector.detach()
+        return collector.compute(grad_scale=loss_scale(trainer.precision_plugin))
+
+    def _diagnose_activations(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
+        for message in self._activation_diagnosis.update(step, stats):
+            warnings.warn(message, GradientFlowWarning, stacklevel=2)
 
     def _grads_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) with a gradient in ``optimizer``, in data-flow order."""
@@ -597,8 +677,11 @@ class GradientFlow(Callback):
             return
         self.history.extend(records)
         step = records[0]["step"]
-        metrics = {
-            f"grad_flow/{key}/{r['layer']}": r[key] for r in records for key in self._columns[2:]
+        metrics = {  # activation columns only where the layer has them
+            f"grad_flow/{key}/{r['layer']}": r[key]
+            for r in records
+            for key in self._columns[2:]
+            if key in r
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
