@@ -10,13 +10,9 @@ Needs only torch and Lightning at import; plots need matplotlib (the ``plot`` ex
 """
 
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
-from gradtrace.gradient_flow.callback import (
-    GradientFlow,
-    GradientFlowWarning,
-    NonFiniteGradientError,
-    input_output_ratio,
-    read_history,
-)
+from gradtrace.gradient_flow.callback import GradientFlow
+from gradtrace.gradient_flow.diagnosis import GradientFlowWarning, NonFiniteGradientError
+from gradtrace.gradient_flow.records import input_output_ratio, read_history
 from gradtrace.gradient_flow.selection import Layer, parameter_names, select_layers
 from gradtrace.gradient_flow.stats import STATS, grad_stats, grad_stats_table
 
