@@ -7,10 +7,17 @@ import csv
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("matplotlib")
 
+from gradtrace import GradientFlow
 from gradtrace.cli import main
 from gradtrace.compare import compare_runs, first_problem_layer, markdown_table
 from gradtrace.gradient_flow import input_output_ratio, read_history
@@ -197,3 +204,56 @@ def test_an_absent_saturation_reads_back_as_nan(tmp_path: Path) -> None:
     record = read_history(run / "gradient_flow.csv")[0]
     assert math.isnan(record["act_sat_frac"])
     assert record["act_zero_frac"] == 0.4
+
+
+class TinyClassifier(pl.LightningModule):
+    """An MLP logging val/acc; ``dead=True`` gives its second layer a bias of -10."""
+
+    def __init__(self, dead: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.net.append(nn.Linear(16, 3))
+        if dead:
+            with torch.no_grad():
+                self.net[2].bias.fill_(-10.0)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/acc", (self.net(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_compare_two_runs_that_lightning_wrote(tmp_path: Path, capsys) -> None:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    dirs = []
+    for name in ("healthy", "dead"):
+        logger = CSVLogger(tmp_path, name=name, version="")
+        trainer = pl.Trainer(
+            max_epochs=2,
+            logger=logger,
+            callbacks=[GradientFlow(every_n_steps=1, plot=False, activations=True)],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        loader = DataLoader(data, batch_size=8)
+        trainer.fit(TinyClassifier(dead=name == "dead"), loader, loader)
+        dirs.append(logger.log_dir)
+    png = tmp_path / "flow.png"
+    with pytest.raises(SystemExit) as done:
+        main(["compare", *dirs, "-o", str(png)])
+    assert done.value.code == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[1].startswith("| healthy |")
+    assert table[1].endswith("| none |")
+    assert table[2].startswith("| dead |")
+    assert table[2].endswith("| net.2.weight (dead, 100%) |")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
