@@ -405,3 +405,44 @@ def test_a_compiled_model_gives_the_eager_values(tmp_path: Path) -> None:
         for key in ("mean_abs", *ACTIVATION_STATS):
             if key in want:
                 assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+class ResidualBlock(nn.Module):
+    """conv1 -> Identity (no BN) -> ReLU; conv2 -> relu(conv2 + shortcut(x)) with a 1x1 conv
+    shortcut called between conv2 and the final ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.bn1 = nn.Identity()
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.shortcut = nn.Conv2d(2, 2, 1)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.conv2(out)
+        return self.act2(out + self.shortcut(x))
+
+
+def test_the_activation_is_the_module_that_takes_the_layer_output() -> None:
+    torch.manual_seed(0)
+    block = ResidualBlock()
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("conv1", "act1", "conv2", "shortcut"):
+        getattr(block, name).register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__(name, out.detach().clone())
+        )
+    collector = ActivationCollector()
+    layers = {"conv1.weight": block.conv1, "conv2.weight": block.conv2}
+    collector.attach(block, {**layers, "shortcut.weight": block.shortcut})
+    block(torch.randn(4, 2, 5, 5)).sum().backward()
+    got = collector.compute()
+    collector.detach()
+    frac = lambda t: (t == 0).double().mean().item()  # noqa: E731
+    assert got["conv1.weight"]["act_zero_frac"] == pytest.approx(frac(seen["act1"]))  # via Identity
+    assert got["conv1.weight"]["act_zero_frac"] > 0.2
+    # conv2's output goes into a sum, not into a module: its own zeros (none)
+    assert got["conv2.weight"]["act_zero_frac"] == frac(seen["conv2"]) == 0.0
+    assert got["shortcut.weight"]["act_zero_frac"] == 0.0

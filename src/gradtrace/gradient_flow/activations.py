@@ -8,12 +8,15 @@ This module measures both sides of that product on measured steps:
   ``act_mean`` and ``act_std`` (Bessel-corrected, as ``torch.std``) over every element of the
   batch, and ``act_grad_mean_abs``, the mean of ``|dL/dz|`` (read with ``Tensor.register_hook``
   on ``z``: no full backward hooks);
-* the **following activation's output** ``a = f(z)``: the next module called after the layer
-  in data-flow order, skipping normalization layers (``Conv -> BatchNorm -> ReLU`` gives the
-  ReLU). ``act_zero_frac`` is the fraction of exact zeros of ``a`` (dead ReLU units), or of
-  ``z`` when the next module called is not an activation; ``act_sat_frac`` is the fraction of
-  ``a`` within 1% (of the output range) of the bounds of a saturating activation (``Sigmoid``,
-  ``Tanh``, ``Hardtanh`` and its subclass ``ReLU6``), absent after any other.
+* the **layer's activation output** ``a = f(z)``: the output of the activation module that
+  takes ``z`` itself as its input, possibly through normalization layers and ``Identity``
+  (``Conv -> BatchNorm -> ReLU`` gives the ReLU; tensors are followed by identity, so branches
+  and shortcuts called in between do not matter). ``act_zero_frac`` is the fraction of exact
+  zeros of ``a`` (dead ReLU units), or of ``z`` when no activation module takes it (a final
+  classifier, or ``relu(z + shortcut)`` in a residual block, whose input is a new tensor);
+  ``act_sat_frac`` is the fraction of ``a`` within 1% (of the output range) of the bounds of a
+  saturating activation (``Sigmoid``, ``Tanh``, ``Hardtanh`` and its subclass ``ReLU6``),
+  absent after any other.
 
 Activations applied as functions (``F.relu`` inside ``forward``) are invisible to module hooks;
 the zoo's models use modules. Under DDP every rank adds its partial sums into one tensor that is
@@ -25,6 +28,7 @@ same global batch gives. Under AMP with a ``GradScaler`` the loss scale is divid
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -84,6 +88,10 @@ _NORMS = (
     nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
+_PASS_THROUGH = (*_NORMS, nn.Identity)
+
+# A layer call waiting for its activation: (layer index, zeros of its own output, its size).
+_Waiting = tuple[int, torch.Tensor, int]
 
 # Columns of the partial-sum table, one row per layer.
 _N, _SUM, _SUMSQ, _ZEROS, _N_ZERO, _SAT, _N_SAT, _GRAD, _N_GRAD = range(9)
@@ -142,11 +150,12 @@ class ActivationCollector:
     """Hooks that measure the activation statistics of chosen layers over one measured step.
 
     ``attach`` registers forward hooks (on the chosen layers and on every leaf module, to find
-    each layer's following activation) and switches ``torch.compile``d code to eager execution
-    (``torch.compiler.set_stance("force_eager")``) so the hooks fire; every forward and backward
-    pass until ``compute`` adds to the same sums (micro-batches of gradient accumulation
-    included). ``detach`` removes every hook and restores the stance; the tensor hooks on layer
-    outputs go with their autograd graph. Between steps nothing is registered.
+    the activation that takes each layer's output) and switches ``torch.compile``d code to
+    eager execution (``torch.compiler.set_stance("force_eager")``) so the hooks fire; every
+    forward and backward pass until ``compute`` adds to the same sums (micro-batches of
+    gradient accumulation included). ``detach`` removes every hook and restores the stance;
+    the tensor hooks on layer outputs go with their autograd graph. Between steps nothing is
+    registered.
 
     Usage::
 
@@ -163,8 +172,8 @@ class ActivationCollector:
         self._handles: list[RemovableHandle] = []
         self._stance: Any = None
         self._parts: list[list[Any]] = []
-        # Layers whose output waits for the next module call (their activation).
-        self._pending: list[tuple[int, torch.Tensor]] = []
+        # id(tensor) -> (the tensor, weakly; layer calls whose activation would consume it)
+        self._pending: dict[int, tuple[weakref.ref, list[_Waiting]]] = {}
 
     @property
     def attached(self) -> bool:
@@ -189,14 +198,14 @@ class ActivationCollector:
             )
         self._names = list(layers)
         self._parts = [[0, None, None, None, 0, None, 0, None, 0] for _ in self._names]
-        self._pending = []
+        self._pending = {}
         index = {id(module): i for i, module in enumerate(layers.values())}
         for module in root.modules():
             i = index.get(id(module))
             if i is not None:
                 self._handles.append(module.register_forward_hook(self._layer_hook(i)))
             elif not module._modules:
-                self._handles.append(module.register_forward_hook(self._next_module))
+                self._handles.append(module.register_forward_hook(self._leaf_hook))
         if set_stance is not None:
             # Constructing it switches the stance; __exit__ restores the previous one.
             self._stance = set_stance("force_eager")
@@ -227,24 +236,21 @@ class ActivationCollector:
         self._resolve_pending()
         if not self._names:
             return {}
-        device = next(
-            (v.device for part in self._parts for v in part if isinstance(v, torch.Tensor)),
-            torch.device("cpu"),
-        )
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        table = torch.stack(
-            [
-                torch.stack(
-                    [
-                        v.to(device, torch.float64)
-                        if isinstance(v, torch.Tensor)
-                        else zero + (v or 0)
-                        for v in part
-                    ]
-                )
-                for part in self._parts
-            ]
-        )
+        counts = torch.zeros(len(self._parts), len(self._parts[0]), dtype=torch.float64)
+        slots: list[int] = []
+        sums: list[torch.Tensor] = []
+        for r, part in enumerate(self._parts):
+            for c, value in enumerate(part):
+                if isinstance(value, torch.Tensor):
+                    slots.append(r * counts.shape[1] + c)
+                    sums.append(value)
+                elif value:
+                    counts[r, c] = value
+        device = sums[0].device if sums else torch.device("cpu")
+        table = counts.to(device)
+        if sums:  # the device-side sums, placed with one stack and one scatter
+            stacked = torch.stack([t.to(device, torch.float64) for t in sums])
+            table.view(-1)[torch.tensor(slots, device=device)] = stacked
         world = 1
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size(process_group)
@@ -276,7 +282,8 @@ class ActivationCollector:
 
     def _layer_hook(self, i: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._next_module(module, args, output)  # this call may be another layer's follower
+            # This call may consume another layer's output (e.g. a selected BatchNorm).
+            carried = self._next_module(module, args, output)
             if not isinstance(output, torch.Tensor) or not output.is_floating_point():
                 return
             z = output.detach()
@@ -288,9 +295,14 @@ class ActivationCollector:
             part[_SUMSQ] = squares if part[_SUMSQ] is None else part[_SUMSQ] + squares
             if output.requires_grad:
                 output.register_hook(self._grad_hook(i))
-            self._pending.append((i, z))
+            # Zeros of z itself count unless an activation consumes z.
+            own = (i, (z == 0).sum(), z.numel())
+            self._pending[id(output)] = (weakref.ref(output), [*carried, own])
 
         return hook
+
+    def _leaf_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._next_module(module, args, output)  # a forward hook must return None
 
     def _grad_hook(self, i: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
@@ -301,35 +313,56 @@ class ActivationCollector:
 
         return hook
 
-    def _next_module(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Any hooked module was called: it decides what the pending layers' activation is."""
-        if not self._pending:
-            return
-        if isinstance(module, _NORMS):
-            return  # Conv -> BatchNorm -> activation: keep waiting
+    def _next_module(self, module: nn.Module, args: Any, output: Any) -> list[_Waiting]:
+        """A hooked module was called: if its input is a pending layer output, it decides
+        that layer's activation. Returns what a pass-through module carries to its output."""
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        entry = self._pending.pop(id(source), None) if source is not None else None
+        if entry is None or entry[0]() is not source:
+            if entry is not None:  # an id reused by another tensor: the old one is gone
+                self._resolve(entry[1])
+            return []
+        waiting = entry[1]
+        if isinstance(module, _PASS_THROUGH) and isinstance(output, torch.Tensor):
+            return self._carry(waiting, output)
         if isinstance(module, _ACTIVATIONS) and isinstance(output, torch.Tensor):
-            self._resolve_pending(output.detach(), _bounds(module))
+            self._resolve(waiting, output.detach(), _bounds(module))
         else:
-            self._resolve_pending()
+            self._resolve(waiting)
+        return []
 
-    def _resolve_pending(
-        self, activated: torch.Tensor | None = None, bounds: tuple[float, float] | None = None
+    def _carry(self, waiting: list[_Waiting], output: torch.Tensor) -> list[_Waiting]:
+        """Conv -> BatchNorm -> activation: the norm's output stands for the layer's."""
+        self._pending[id(output)] = (weakref.ref(output), waiting)
+        return waiting
+
+    def _resolve_pending(self) -> None:
+        """Layers whose output no activation consumed: count the zeros of their own output."""
+        pending, self._pending = self._pending, {}
+        for _, waiting in pending.values():
+            self._resolve(waiting)
+
+    def _resolve(
+        self,
+        waiting: list[_Waiting],
+        activated: torch.Tensor | None = None,
+        bounds: tuple[float, float] | None = None,
     ) -> None:
-        """Count zeros (and saturation) for every pending layer: of ``activated`` when the
-        layers are followed by an activation, else of each layer's own output."""
-        pending, self._pending = self._pending, []
+        """Add zero (and saturation) counts for waiting layers: of ``activated`` when an
+        activation consumed their output, else each layer's own count."""
         if activated is not None:
             zeros = (activated == 0).sum()
             if bounds is not None:
                 low, high = bounds
                 margin = SATURATION_TOLERANCE * (high - low)
                 saturated = ((activated <= low + margin) | (activated >= high - margin)).sum()
-        for i, z in pending:
+        for i, own_zeros, own_count in waiting:
             part = self._parts[i]
-            target = z if activated is None else activated
-            count = zeros if activated is not None else (z == 0).sum()
+            count, total = (
+                (own_zeros, own_count) if activated is None else (zeros, activated.numel())
+            )
             part[_ZEROS] = count if part[_ZEROS] is None else part[_ZEROS] + count
-            part[_N_ZERO] += target.numel()
+            part[_N_ZERO] += total
             if activated is not None and bounds is not None:
                 part[_SAT] = saturated if part[_SAT] is None else part[_SAT] + saturated
                 part[_N_SAT] += activated.numel()
