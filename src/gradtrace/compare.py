@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ class ComparedRun:
     """One row of the comparison."""
 
     run: FinishedRun
+    name: str
+    """The run's folder name, or its path below the runs' common folder when names repeat."""
     label: str
     """The run's legend label: its name and final validation accuracy."""
     val_acc: float | None
@@ -81,8 +84,14 @@ def first_problem_layer(
     return "none"
 
 
-def _label(run: FinishedRun, val_acc: float | None) -> str:
-    return f"{run.name} (val acc {val_acc:.1%})" if val_acc is not None else run.name
+def _display_names(runs: Sequence[FinishedRun]) -> list[str]:
+    """Folder names, or paths below the common folder when folder names repeat."""
+    names = [run.name for run in runs]
+    if len(set(names)) == len(names):
+        return names
+    paths = [run.path.resolve() for run in runs]
+    common = Path(os.path.commonpath(paths))
+    return [str(path.relative_to(common)) if path != common else path.name for path in paths]
 
 
 def _last_steps(history: Sequence[Mapping[str, Any]], n: int) -> list[int]:
@@ -110,9 +119,9 @@ def compare_runs(
     check_int("last_n_steps", last_n_steps, 1)
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory; got none")
+    runs = [read_run(path) for path in run_dirs]
     rows = []
-    for path in run_dirs:
-        run = read_run(path)
+    for run, name in zip(runs, _display_names(runs)):
         flow_csv = run.path / GRADIENT_FLOW_FILE
         if not run.gradient_flow:
             raise RunFilesError(f"{flow_csv}: no gradient-flow records (missing or empty)")
@@ -130,17 +139,13 @@ def compare_runs(
         problem = first_problem_layer(
             recent, dead_fraction=dead_fraction, saturated_fraction=saturated_fraction
         )
-        rows.append(ComparedRun(run, _label(run, val_acc), val_acc, ratio, problem))
+        label = f"{name} (val acc {val_acc:.1%})" if val_acc is not None else name
+        rows.append(ComparedRun(run, name, label, val_acc, ratio, problem))
     if output is not None:
         from gradtrace.plots import plot_runs, save_figure
 
-        labels = [row.label for row in rows]
-        if len(set(labels)) < len(labels):  # same folder names: tell them apart by path
-            labels = [
-                f"{row.run.path} {row.label.removeprefix(row.run.name)}".strip() for row in rows
-            ]
         fig = plot_runs(
-            {label: row.run.gradient_flow for label, row in zip(labels, rows)},
+            {row.label: row.run.gradient_flow for row in rows},
             last_n_steps=last_n_steps,
             title=title or f"Gradient flow over the last {last_n_steps} logged steps of each run",
         )
@@ -157,7 +162,7 @@ def markdown_table(rows: Sequence[ComparedRun]) -> str:
     for row in rows:
         acc = f"{row.val_acc:.1%}" if row.val_acc is not None else "-"
         ratio = f"{row.input_output_ratio:.2e}" if math.isfinite(row.input_output_ratio) else "-"
-        lines.append(f"| {row.run.name} | {acc} | {ratio} | {row.first_problem} |")
+        lines.append(f"| {row.name} | {acc} | {ratio} | {row.first_problem} |")
     return "\n".join(lines)
 
 

@@ -363,9 +363,30 @@ def plot_runs(
                 plot_activation_flow(
                     records, layers=order, steps=steps, x="depth", ax=top, label=label, color=color
                 )
+        _key_legends(top, bottom, runs)
         if title is not None:
             bottom.figure.suptitle(title)
     return bottom.figure
+
+
+def _key_legends(top: Axes | None, bottom: Axes, runs: Mapping[str, Any]) -> None:
+    """One legend entry per run (its colour) and one per line style, instead of one per line."""
+    from matplotlib.lines import Line2D
+
+    def key(style: str, text: str) -> Line2D:
+        return Line2D([], [], color="0.4", linestyle=style, label=text)
+
+    handles = [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(runs)]
+    if any(line.get_linestyle() == "--" for line in bottom.lines):
+        handles += [
+            key("-", "weights: mean |grad|"),
+            key("--", "layer outputs: mean |dL/d output|"),
+        ]
+    bottom.legend(handles=handles, fontsize=7)
+    if top is not None:
+        top.legend(
+            handles=[key(style, text) for _, text, _, style in _ACTIVATION_PANEL], fontsize=7
+        )
 
 
 def plot_gradient_heatmap(
