@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gradtrace.checks import check_choice, check_int
+from gradtrace.gradient_flow.activations import (
+    ACTIVATION_STATS,
+    ActivationCollector,
+    ActivationDiagnosis,
+    ActivationsUnavailableError,
+    layer_modules,
+    loss_scale,
+)
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
-from gradtrace.gradient_flow.diagnosis import Diagnosis
+from gradtrace.gradient_flow.diagnosis import Diagnosis, GradientFlowWarning
 from gradtrace.gradient_flow.order import ForwardProbe, data_flow_order
 from gradtrace.gradient_flow.records import BoundedHistory, CsvRecords, input_output_ratio
 from gradtrace.gradient_flow.run_dir import run_directory
@@ -142,6 +151,15 @@ class GradientFlow(Callback):
         exploding_ratio: warn when input/output ``mean_abs`` exceeds this (``None``: never).
         on_nonfinite: ``"warn"`` or ``"raise"`` on inf/nan gradients.
         filename: name of the CSV file inside the run directory.
+        activations: also record the activation statistics of the same layers on the same
+            steps, as extra columns of the same rows (``act_mean``, ``act_std``,
+            ``act_zero_frac``, ``act_sat_frac``, ``act_grad_mean_abs``; see
+            :mod:`gradtrace.gradient_flow.activations` and ``docs/activations.md``).
+        dead_fraction: warn when a layer's ``act_zero_frac`` exceeds this (``None``: never).
+        saturated_fraction: warn when a layer's ``act_sat_frac`` exceeds this (``None``:
+            never).
+        activation_patience: measured steps in a row a layer must be dead or saturated before
+            the warning.
     """
 
     def __init__(
@@ -162,8 +180,16 @@ class GradientFlow(Callback):
         exploding_ratio: float | None = 1e4,
         on_nonfinite: str = "warn",
         filename: str = "gradient_flow.csv",
+        activations: bool = False,
+        dead_fraction: float | None = 0.9,
+        saturated_fraction: float | None = 0.9,
+        activation_patience: int = 3,
     ) -> None:
         super().__init__()
+        check_choice("activations", activations, (False, True))
+        check_int("activation_patience", activation_patience, 1)
+        # Checks the thresholds now; a fresh one per fit in _reset_fit.
+        ActivationDiagnosis(dead_fraction, saturated_fraction, activation_patience)
         if isinstance(stats, str):
             stats = (stats,)
         stats = tuple(stats)
@@ -210,6 +236,10 @@ class GradientFlow(Callback):
         self.plot = plot
         self.log_scale = log_scale
         self.filename = filename
+        self.activations = activations
+        self.dead_fraction = dead_fraction
+        self.saturated_fraction = saturated_fraction
+        self.activation_patience = activation_patience
         self.diagnosis = Diagnosis(vanishing_ratio, exploding_ratio, warmup_steps, on_nonfinite)
 
         self.csv_path: Path | None = None
@@ -262,6 +292,8 @@ class GradientFlow(Callback):
             columns.append("update_ratio")
         if self._scaler_in_use:
             columns.append("scaler_skipped")
+        if self.activations:
+            columns += ACTIVATION_STATS
         return columns
 
     # ---------------------------------------------------------------- state
@@ -281,6 +313,11 @@ class GradientFlow(Callback):
         self._epoch_first_step = 0
         self._plots_unavailable = False
         self._run_dir: Path | None = None
+        self._activation_collector = ActivationCollector()
+        self._activation_diagnosis = ActivationDiagnosis(
+            self.dead_fraction, self.saturated_fraction, self.activation_patience
+        )
+        self._activations_unavailable = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -337,10 +374,13 @@ class GradientFlow(Callback):
     ) -> None:
         if not self._order_final and self._probe is None:
             self._probe = ForwardProbe(pl_module)
+        # After the probe: compiler stances must be left in the reverse order.
+        self._start_activations(trainer, pl_module)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        activation_stats = self._finish_activations(trainer)  # every rank: one all_reduce
         if not self.is_measured_step(trainer):
             return
         step = logging_step(trainer)
@@ -368,6 +408,7 @@ class GradientFlow(Callback):
             values_of = {"mean_abs": mean_abs, "l2": l2, "max_abs": max_abs}
             values_of["nonfinite"] = int(nonfinite)
             record = {"step": step, "layer": plan.names[i], **{s: values_of[s] for s in self.stats}}
+            record.update(activation_stats.get(plan.names[i], {}))
             records.append(record)
         skipped = self._scaler_in_use and any(values[k][3] for k in range(len(present)))
         if self._scaler_in_use:
@@ -389,6 +430,7 @@ class GradientFlow(Callback):
                 self._emit(trainer, records)
             path = [(plan.names[i], latest[plan.names[i]]) for i in plan.path_rows]
             self.diagnosis.check_path(step, [entry for entry in path if entry[0] in latest])
+            self._diagnose_activations(step, activation_stats)
         if not skipped:
             sizes = [plan.params[i].numel() for i in layer_rows]
             bad = [
@@ -412,6 +454,7 @@ class GradientFlow(Callback):
             self._finish_update_ratios(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activation_collector.detach()  # a measured batch that never stepped
         if not trainer.is_global_zero:
             return
         self._flush_csv()
@@ -420,6 +463,7 @@ class GradientFlow(Callback):
             self._plot(trainer, "flow", records, f"epoch_{trainer.current_epoch:03d}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activation_collector.detach()
         self._close_probe()
         if not trainer.is_global_zero:
             return
@@ -431,6 +475,7 @@ class GradientFlow(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._activation_collector.detach()
         self._close_probe()
         if not trainer.is_global_zero:
             return
@@ -442,6 +487,36 @@ class GradientFlow(Callback):
         self._flush_csv()
 
     # ---------------------------------------------------------------- measuring
+
+    def _start_activations(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach the activation hooks for a measured step (all its micro-batches)."""
+        if not self.activations or self._activations_unavailable:
+            return
+        if self._activation_collector.attached or not self.is_measured_step(trainer):
+            return  # attached: a later micro-batch of the same optimizer step
+        layers = layer_modules((layer.name, layer.module) for layer in self._layers)
+        try:
+            self._activation_collector.attach(pl_module, layers)
+        except ActivationsUnavailableError as err:
+            self._activations_unavailable = True
+            if trainer.is_global_zero:
+                warnings.warn(
+                    f"GradientFlow: no activation statistics: {err}",
+                    GradientFlowWarning,
+                    stacklevel=2,
+                )
+
+    def _finish_activations(self, trainer: pl.Trainer) -> dict[str, dict[str, float]]:
+        """The measured step's activation statistics, reduced over ranks; hooks removed."""
+        collector = self._activation_collector
+        if not collector.attached:
+            return {}
+        collector.detach()
+        return collector.compute(grad_scale=loss_scale(trainer.precision_plugin))
+
+    def _diagnose_activations(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
+        for message in self._activation_diagnosis.update(step, stats):
+            warnings.warn(message, GradientFlowWarning, stacklevel=2)
 
     def _plan(self, optimizer: torch.optim.Optimizer) -> _OptimizerLayers:
         """The parameters ``optimizer`` steps, in data-flow order, and which are layers."""
