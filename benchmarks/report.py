@@ -131,7 +131,7 @@ def build_report(
         "data_vs_model": median("data_vs_model"),
         "peak_memory_mb": {arch: median(f"peak_memory_mb/{arch}") for arch in memory or {}},
         "flops_fraction": median("flops_fraction"),
-        "collectives_per_logged_step": median("collectives_per_logged_step"),
+        "collectives_per_logged_step": (collectives or {}).get("collectives_per_logged_step"),
         "figures": figures,
         "timings": dict(training or {}),
         "data": dict(data or {}),

@@ -560,6 +560,7 @@ def test_report_keys_values_and_verdicts() -> None:
     assert report["peak_memory_mb"] == {"vgg08": 90.5, "vgg38": 400.0}
     assert report["flops_fraction"] == 0.75
     assert report["collectives_per_logged_step"] == 1
+    assert isinstance(report["collectives_per_logged_step"], int)
     figures = report["figures"]
     assert [f.key for f in FIGURES] == list(figures)
     verdicts = {key: figure["verdict"] for key, figure in figures.items()}
