@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gradtrace.checks import check_choice, check_int
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
-from gradtrace.gradient_flow.diagnosis import Diagnosis
+from gradtrace.gradient_flow.diagnosis import Diagnosis, GradientFlowWarning
 from gradtrace.gradient_flow.order import ForwardProbe, data_flow_order
 from gradtrace.gradient_flow.records import BoundedHistory, CsvRecords, input_output_ratio
 from gradtrace.gradient_flow.run_dir import run_directory
@@ -218,6 +219,7 @@ class GradientFlow(Callback):
         """The last step measured."""
         self._history = BoundedHistory(history_size)
         self._order: list[str] = []
+        self._rank: dict[str, int] = {}
         self._main_path: set[str] = set()
         self._reset_fit()
 
@@ -294,13 +296,16 @@ class GradientFlow(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.diagnosis.load_state_dict(state_dict["diagnosis"])
         self.last_step = state_dict["last_step"]
-        self._order = list(state_dict["order"])
+        self._set_order(list(state_dict["order"]))
         self._main_path = set(state_dict["main_path"])
         self._history.load_state_dict(state_dict["history"])
 
+    def _set_order(self, order: list[str]) -> None:
+        self._order = order
+        self._rank = {name: i for i, name in enumerate(order)}
+
     def _rank_of(self, name: str) -> tuple[int, str]:
-        rank = self._order.index(name) if name in self._order else len(self._order)
-        return (rank, name)
+        return (self._rank.get(name, len(self._rank)), name)
 
     # ---------------------------------------------------------------- Lightning hooks
 
@@ -309,7 +314,8 @@ class GradientFlow(Callback):
         self._reset_fit()
         if not resumed:
             self._history = BoundedHistory(self.history_size)
-            self._order, self._main_path = [], set()
+            self._set_order([])
+            self._main_path = set()
             self.diagnosis.load_state_dict(Diagnosis(None, None, 0, "warn").state_dict())
             self.last_step = None
         if self.every_n_steps is None and trainer.log_every_n_steps < 1:
@@ -324,7 +330,12 @@ class GradientFlow(Callback):
         self._layers = select_layers(pl_module, self.include, self.exclude)
         self._names = parameter_names(pl_module)
         if not self._order:
-            self._order = list(self._names.values())
+            self._set_order(list(self._names.values()))
+        if self.update_ratio and any(_sharded(layer.param) for layer in self._layers):
+            raise ValueError(
+                "GradientFlow(update_ratio=True) needs whole parameters on global rank 0; with "
+                "sharded parameters (FSDP, DTensor) pass update_ratio=False"
+            )
         if trainer.is_global_zero:
             self._csv = CsvRecords(self.csv_path, self.columns)
             self._csv.start(append=resumed)
@@ -347,7 +358,13 @@ class GradientFlow(Callback):
         if not self._order_final:
             self._update_order(final=False)
         plan = self._plan(optimizer)
-        present = [i for i, p in enumerate(plan.params) if p.grad is not None or _sharded(p)]
+        # FSDP1 ranks hold a slice of a gradient or None: every rank takes every such row, so
+        # that the tables they combine have the same rows.
+        present = [
+            i
+            for i, p in enumerate(plan.params)
+            if p.grad is not None or getattr(p, "_fsdp_flattened", False)
+        ]
         if not present:
             return
         scale = None
@@ -498,10 +515,6 @@ class GradientFlow(Callback):
             self._order_final = True
             self._per_optimizer.clear()  # built with the provisional order
             if not probe.called and self._names:
-                import warnings
-
-                from gradtrace.gradient_flow.diagnosis import GradientFlowWarning
-
                 warnings.warn(
                     "GradientFlow could not see the forward pass (no module was called through "
                     "its hooks, e.g. compiled code on torch < 2.6), so layers are in "
@@ -510,7 +523,7 @@ class GradientFlow(Callback):
                     stacklevel=2,
                 )
         if probe.called:
-            self._order = data_flow_order(probe.called, self._names)
+            self._set_order(data_flow_order(probe.called, self._names))
         self._main_path = {name for i, name in self._names.items() if i in probe.main_path}
 
     def _close_probe(self) -> None:
@@ -565,7 +578,8 @@ class GradientFlow(Callback):
     ) -> None:
         from gradtrace.gradient_flow.histograms import send_histograms
 
-        grads = [(plan.names[i], plan.params[i].grad) for i in rows]
+        grads = [(plan.names[i], _local(plan.params[i].grad)) for i in rows]
+        grads = [(name, grad) for name, grad in grads if grad is not None and grad.numel()]
         send_histograms(trainer.loggers if trainer.is_global_zero else [], grads, step)
 
     def _flush_csv(self) -> None:
@@ -605,5 +619,10 @@ class GradientFlow(Callback):
 
 
 def _sharded(param: torch.Tensor) -> bool:
-    """A parameter whose gradient this rank may not hold (FSDP1 original parameters)."""
-    return bool(getattr(param, "_fsdp_flattened", False))
+    """A parameter this rank holds only part of (FSDP1 original parameters, DTensors)."""
+    return bool(getattr(param, "_fsdp_flattened", False)) or hasattr(param, "device_mesh")
+
+
+def _local(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of ``grad`` this rank holds (a DTensor's local tensor)."""
+    return grad.to_local() if grad is not None and hasattr(grad, "to_local") else grad
