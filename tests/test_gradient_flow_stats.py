@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,13 +63,19 @@ def test_layers_without_gradient_and_sparse_gradients() -> None:
     assert table[1, 1] == 0
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     """DDP, FSDP1 (use_orig_params), FSDP2 fully_shard and DTensor Shard(0) weights on 2
     processes vs 1 process."""
     script = SCRIPTS / "grad_stats_distributed.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "--world", "2", "--port", "29541"],
+        [sys.executable, str(script), str(tmp_path), "--world", "2", "--port", str(_free_port())],
         capture_output=True,
         text=True,
         timeout=300,

@@ -119,6 +119,7 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     try:
         setups = {"ddp": ddp, "fsdp1": fsdp1, "fsdp2": fsdp2, "dtensor": dtensor}
         results = {name: run() for name, run in setups.items()}
+        dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
