@@ -106,8 +106,8 @@ class Model(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _strategy(name: str) -> str | FSDPStrategy:
-    if name != "fsdp":
+def _strategy(name: str, accelerator: str) -> str | FSDPStrategy:
+    if name != "fsdp" or accelerator != "cpu":
         return name
 
     class CPUFSDPStrategy(FSDPStrategy):
@@ -125,16 +125,18 @@ def _strategy(name: str) -> str | FSDPStrategy:
     return CPUFSDPStrategy()
 
 
-def run(out: Path, devices: int, poison_step: int, strategy: str = "ddp") -> dict:
+def run(
+    out: Path, devices: int, poison_step: int, strategy: str = "ddp", accelerator: str = "cpu"
+) -> dict:
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g))
     torch.manual_seed(0)
     model = Model(data, poison_step)
     callback = CountingGradientFlow(every_n_steps=1, on_nonfinite="raise", plot=False)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
-        strategy=_strategy(strategy) if devices > 1 else "auto",
+        strategy=_strategy(strategy, accelerator) if devices > 1 else "auto",
         max_epochs=1,
         logger=False,
         enable_progress_bar=False,
@@ -168,5 +170,6 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--poison-step", type=int, default=2)
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args()
-    run(args.out, args.devices, args.poison_step, args.strategy)
+    run(args.out, args.devices, args.poison_step, args.strategy, args.accelerator)
