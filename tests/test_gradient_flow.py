@@ -450,6 +450,8 @@ def test_nonfinite_under_a_grad_scaler_is_recorded_not_raised(tmp_path: Path) ->
         warnings.simplefilter("error", GradientFlowWarning)
         fit(tmp_path, model, cb, plugins=[MixedPrecision("16-mixed", "cpu")])
     assert [r["nonfinite"] for r in cb.history if r["step"] == 1] == [0, 2, 1]
+    # the scaler skipped step 1 (and only it): flagged on every record of that step
+    assert [r["scaler_skipped"] for r in cb.history] == [0] * 3 + [1] * 3
     # the gradients were unscaled before the callback saw them (initial scale is 65536)
     step0 = model.seen[0]["grads"]
     for record in by_step(cb.history)[0].values():

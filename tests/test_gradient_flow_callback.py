@@ -99,7 +99,8 @@ def test_wandb_first_logger_gets_one_csv_per_run(
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        cb = GradientFlow(every_n_steps=1, plot=False)
+        # histograms exercise wandb.Histogram (offline runs cannot be read back here)
+        cb = GradientFlow(every_n_steps=1, plot=False, histogram_every_n_steps=1)
         logger = WandbLogger(save_dir=str(save_dir), offline=True, project="proj")
         fit(tmp_path, Classifier(TinyNet()), cb, logger=logger, max_steps=2)
         logger.experiment.finish()
