@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning
 from gradtrace.gradient_flow import read_history
+from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis
 from gradtrace.gradient_flow.activations import (
     ACTIVATION_STATS,
     ActivationCollector,
-    ActivationDiagnosis,
     ActivationsUnavailableError,
     loss_scale,
 )
