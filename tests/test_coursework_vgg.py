@@ -145,3 +145,37 @@ def test_plain_vgg38_gradients_vanish_at_init_and_batch_norm_fixes_it() -> None:
     assert first_last_ratio(create_model("vgg38", batch_norm=True)) > 1e-2
     torch.manual_seed(0)
     assert first_last_ratio(create_model("vgg08")) > 1e-3
+
+
+def original_forward(model: torch.nn.Module, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The original coursework code's forward pass (``ConvolutionalNetwork.forward``, VICO-UoE/
+    mlpractical ``pytorch_mlp_framework``), with torch.nn.functional on ``model``'s parameters
+    taken in registration order: entry conv -> BN (batch statistics) -> leaky_relu; per stage
+    ``blocks`` x (conv, leaky_relu, conv, leaky_relu), then conv -> leaky_relu -> avg_pool 2 ->
+    conv -> leaky_relu (convs with bias); avg_pool over the whole map; linear."""
+    params = iter(model.parameters())
+
+    def conv(out: torch.Tensor, bias: bool) -> torch.Tensor:
+        weight = next(params)
+        return F.conv2d(out, weight, next(params) if bias else None, padding=1)
+
+    out = conv(x, bias=False)
+    out = F.leaky_relu(F.batch_norm(out, None, None, next(params), next(params), training=True))
+    for _ in range(3):
+        for _ in range(blocks):
+            out = F.leaky_relu(conv(F.leaky_relu(conv(out, bias=False)), bias=False))
+        out = F.avg_pool2d(F.leaky_relu(conv(out, bias=True)), 2)
+        out = F.leaky_relu(conv(out, bias=True))
+    out = F.avg_pool2d(out, out.shape[-1]).flatten(1)
+    return F.linear(out, next(params), next(params))
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("vgg08", 0), ("vgg38", 5)])
+def test_defaults_match_the_original_coursework_network_output_for_output(
+    name: str, blocks: int
+) -> None:
+    torch.manual_seed(0)
+    model = create_model(name)
+    x = torch.randn(4, 3, 32, 32)
+    expected = original_forward(model, x, blocks)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
