@@ -50,7 +50,7 @@ class ZeroPadShortcut(nn.Module):
 
 
 def _shortcut(
-    kind: str, in_planes: int, out_planes: int, stride: int, norm_layer: NormLayer
+    kind: str, in_planes: int, out_planes: int, stride: int, norm: NormLayer
 ) -> nn.Module | None:
     """The skip path of one block: ``"identity"``, ``"zeropad"`` (option A), ``"project"``
     (1x1 conv + norm, option B) or ``"none"`` (plain network: no skip at all)."""
@@ -61,7 +61,7 @@ def _shortcut(
     if kind == "project":
         return nn.Sequential(
             nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
-            norm_layer(out_planes),
+            norm(out_planes),
         )
     return nn.Identity()
 
@@ -85,17 +85,17 @@ class BasicBlock(nn.Module):
         planes: int,
         stride: int,
         shortcut: str,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: ActLayer = nn.ReLU,
+        norm: NormLayer = nn.BatchNorm2d,
+        act: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_planes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu1 = act_layer()
+        self.bn1 = norm(planes)
+        self.relu1 = act()
         self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.shortcut = _shortcut(shortcut, in_planes, planes, stride, norm_layer)
-        self.relu2 = act_layer()
+        self.bn2 = norm(planes)
+        self.shortcut = _shortcut(shortcut, in_planes, planes, stride, norm)
+        self.relu2 = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
@@ -115,21 +115,21 @@ class Bottleneck(nn.Module):
         planes: int,
         stride: int,
         shortcut: str,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: ActLayer = nn.ReLU,
+        norm: NormLayer = nn.BatchNorm2d,
+        act: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
         out_planes = planes * self.expansion
         self.conv1 = _conv1x1(in_planes, planes)
-        self.bn1 = norm_layer(planes)
-        self.relu1 = act_layer()
+        self.bn1 = norm(planes)
+        self.relu1 = act()
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = norm_layer(planes)
-        self.relu2 = act_layer()
+        self.bn2 = norm(planes)
+        self.relu2 = act()
         self.conv3 = _conv1x1(planes, out_planes)
-        self.bn3 = norm_layer(out_planes)
-        self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride, norm_layer)
-        self.relu3 = act_layer()
+        self.bn3 = norm(out_planes)
+        self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride, norm)
+        self.relu3 = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -151,17 +151,17 @@ class PreActBasicBlock(nn.Module):
         planes: int,
         stride: int,
         shortcut: str,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: ActLayer = nn.ReLU,
+        norm: NormLayer = nn.BatchNorm2d,
+        act: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
-        self.bn1 = norm_layer(in_planes)
-        self.relu1 = act_layer()
+        self.bn1 = norm(in_planes)
+        self.relu1 = act()
         self.conv1 = _conv3x3(in_planes, planes, stride)
-        self.bn2 = norm_layer(planes)
-        self.relu2 = act_layer()
+        self.bn2 = norm(planes)
+        self.relu2 = act()
         self.conv2 = _conv3x3(planes, planes)
-        self.shortcut = _shortcut(shortcut, in_planes, planes, stride, norm_layer)
+        self.shortcut = _shortcut(shortcut, in_planes, planes, stride, norm)
         self.project = shortcut == "project"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,21 +183,21 @@ class PreActBottleneck(nn.Module):
         planes: int,
         stride: int,
         shortcut: str,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: ActLayer = nn.ReLU,
+        norm: NormLayer = nn.BatchNorm2d,
+        act: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
         out_planes = planes * self.expansion
-        self.bn1 = norm_layer(in_planes)
-        self.relu1 = act_layer()
+        self.bn1 = norm(in_planes)
+        self.relu1 = act()
         self.conv1 = _conv1x1(in_planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.relu2 = act_layer()
+        self.bn2 = norm(planes)
+        self.relu2 = act()
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn3 = norm_layer(planes)
-        self.relu3 = act_layer()
+        self.bn3 = norm(planes)
+        self.relu3 = act()
         self.conv3 = _conv1x1(planes, out_planes)
-        self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride, norm_layer)
+        self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride, norm)
         self.project = shortcut == "project"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
