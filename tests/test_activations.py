@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning
 from gradtrace.gradient_flow import read_history
+from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis
 from gradtrace.gradient_flow.activations import (
     ACTIVATION_STATS,
     ActivationCollector,
-    ActivationDiagnosis,
     ActivationsUnavailableError,
     loss_scale,
 )
@@ -446,3 +446,31 @@ def test_the_activation_is_the_module_that_takes_the_layer_output() -> None:
     # conv2's output goes into a sum, not into a module: its own zeros (none)
     assert got["conv2.weight"]["act_zero_frac"] == frac(seen["conv2"]) == 0.0
     assert got["shortcut.weight"]["act_zero_frac"] == 0.0
+
+
+@pytest.mark.gpu
+def test_16_mixed_divides_the_loss_scale_out(tmp_path: Path) -> None:
+    records = {}
+    for precision in ("32-true", "16-mixed"):
+        g = torch.Generator().manual_seed(2)
+        data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,)))
+        flow = GradientFlow(plot=False, activations=True, every_n_steps=1)
+        trainer = pl.Trainer(
+            max_steps=1,
+            accelerator="gpu",
+            devices=1,
+            precision=precision,
+            logger=False,
+            callbacks=[flow],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path / precision,
+        )
+        trainer.fit(MLP(), DataLoader(data, batch_size=32))
+        records[precision] = flow.history
+    for fp32, fp16 in zip(records["32-true"], records["16-mixed"]):
+        assert fp16["layer"] == fp32["layer"]
+        # the GradScaler multiplies dL/dz by 65536; fp16 rounding stays within 1%
+        assert fp16["act_grad_mean_abs"] == pytest.approx(fp32["act_grad_mean_abs"], rel=1e-2)
+        assert fp16["act_mean"] == pytest.approx(fp32["act_mean"], rel=1e-2, abs=1e-3)

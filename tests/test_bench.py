@@ -155,7 +155,7 @@ class CountingClassifier(ImageClassifier):
 
 
 def tiny_model(cls: type = CountingClassifier) -> ImageClassifier:
-    return cls("vgg", num_classes=10, arch_kwargs={"width": 4}, scheduler="none")
+    return cls("coursework_vgg", num_classes=10, arch_kwargs={"width": 4}, scheduler="none")
 
 
 def test_trainer_steps_runs_exactly_the_steps_asked_for(tmp_path: Path) -> None:
@@ -200,7 +200,7 @@ def test_plain_loop_trains_on_the_batches_the_data_module_makes() -> None:
     dm = small_dm()
     images, labels = dm.split("train")
     plain = PlainLoop(
-        "vgg", images, labels, dm.mean, dm.std, num_classes=10, batch_size=8,
+        "coursework_vgg", images, labels, dm.mean, dm.std, num_classes=10, batch_size=8,
         model_options={"width": 4},
     )  # fmt: skip
     ours = TrainBatches(images, labels, 8, seed=dm.seed, augment=True, padding=dm.crop_padding)
@@ -242,8 +242,10 @@ def conv_linear_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def test_train_step_flops_match_a_count_by_hand() -> None:
-    flops = train_step_flops("vgg", batch_size=4, num_classes=10, model_options={"width": 4})
-    net = create_model("vgg", num_classes=10, width=4)
+    flops = train_step_flops(
+        "coursework_vgg", batch_size=4, num_classes=10, model_options={"width": 4}
+    )
+    net = create_model("coursework_vgg", num_classes=10, width=4)
     assert flops == conv_linear_flops(net, torch.zeros(4, 3, 32, 32))
 
 
@@ -378,7 +380,7 @@ def test_table1_rows_come_from_the_packaged_configs() -> None:
 
 def test_epoch_time_of_the_gpu_section_on_a_tiny_network(tmp_path: Path) -> None:
     dm = small_dm()  # 280 training images: 35 steps of 8 per full epoch; 20 validation images
-    settings = {"arch": "vgg", "arch_kwargs": {"width": 4}}
+    settings = {"arch": "coursework_vgg", "arch_kwargs": {"width": 4}}
     times = epoch_time(
         settings, dm, 3, tmp_path, accelerator="cpu", precision="32-true", compile=False
     )
@@ -390,7 +392,7 @@ def test_epoch_time_of_the_gpu_section_on_a_tiny_network(tmp_path: Path) -> None
 @pytest.mark.gpu
 def test_epoch_time_on_a_gpu_with_bf16_and_compile(tmp_path: Path) -> None:
     dm = small_dm()
-    settings = {"arch": "vgg", "arch_kwargs": {"width": 4}}
+    settings = {"arch": "coursework_vgg", "arch_kwargs": {"width": 4}}
     times = epoch_time(settings, dm, 3, tmp_path)  # cuda, bf16-mixed, compiled
     assert all(times[key] > 0 for key in ("compile_s", "train_s", "val_s"))
     assert dm.split("train")[0].is_cuda  # the data sat on the GPU

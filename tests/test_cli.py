@@ -47,7 +47,7 @@ def test_the_sweep_command_from_the_issue_runs(tmp_path: Path) -> None:
     main(
         [
             "fit",
-            "--model.arch", "vgg",
+            "--model.arch", "coursework_vgg",
             "--model.depth", "38",
             "--model.batch_norm", "true",
             "--model.residual", "true",
@@ -168,9 +168,10 @@ def test_bf16_is_the_default_only_on_a_cuda_gpu_that_has_it(
 
 
 def test_default_run_names() -> None:
-    model = {"arch": "vgg", "depth": 8, "lr": 0.001}
+    model = {"arch": "coursework_vgg", "depth": 8, "lr": 0.001}
     assert default_run_name(model, {"dataset": "cifar100"}) == "vgg08-cifar100-lr0.001"
-    model = {"arch": "vgg", "depth": 38, "batch_norm": True, "residual": True, "lr": 0.01}
+    model = {"arch": "coursework_vgg", "depth": 38, "batch_norm": True, "residual": True}
+    model["lr"] = 0.01
     assert default_run_name(model, {"dataset": "cifar100"}) == "vgg38-bn-rc-cifar100-lr0.01"
     model = {"arch": "resnet56", "activation": None, "lr": 0.1}
     assert default_run_name(model, {"dataset": "imagefolder:/x"}) == "resnet56-imagefolder-lr0.1"
@@ -191,7 +192,7 @@ def test_every_shipped_config_parses(capsys) -> None:
         )
     row7 = yaml.safe_load(Path(resolve_config("table1/vgg38-bn-rc-lr1e-2")).read_text())
     assert row7["model"] == {
-        "arch": "vgg",
+        "arch": "coursework_vgg",
         "depth": 38,
         "batch_norm": True,
         "residual": True,
@@ -211,7 +212,7 @@ def test_unknown_config_lists_the_shipped_ones() -> None:
 def test_bad_model_option_fails_before_training(tmp_path: Path, capsys) -> None:
     root = f"--trainer.default_root_dir={tmp_path}"
     with pytest.raises(SystemExit):
-        main(["fit", *SMALL, "--model.arch=vgg", "--model.depth=37", root])
+        main(["fit", *SMALL, "--model.arch=coursework_vgg", "--model.depth=37", root])
     assert "nearest valid: 32, 38" in capsys.readouterr().err
     assert not (tmp_path / "vgg37-synthetic-lr0.001").exists()
 

@@ -56,7 +56,7 @@ def gradient_flow(
     """GradientFlow's records of ``steps`` steps of a small VGG, from the same initial weights."""
     torch.manual_seed(0)
     model = ImageClassifier(
-        "vgg",
+        "coursework_vgg",
         num_classes=10,
         batch_norm=batch_norm,
         activation="tanh",
@@ -89,7 +89,7 @@ def assert_same_flow(
     assert [(r["step"], r["layer"]) for r in other] == [(r["step"], r["layer"]) for r in reference]
     layers = {r["layer"] for r in reference}
     # GradientFlow's default layers: the weights of the network's convolutions and linears
-    net = create_model("vgg", num_classes=10, width=8)
+    net = create_model("coursework_vgg", num_classes=10, width=8)
     weights = {
         f"net.{name}.weight"
         for name, module in net.named_modules()
@@ -157,7 +157,7 @@ def count_syncs(root: Path, accelerator: str, log_every: int, steps: int = 6) ->
         def on_train_epoch_end(self, *args: Any) -> None:
             counter.active = False
 
-    model = ImageClassifier("vgg", num_classes=10, arch_kwargs={"width": 8})
+    model = ImageClassifier("coursework_vgg", num_classes=10, arch_kwargs={"width": 8})
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -242,7 +242,7 @@ class CountLogCalls(ImageClassifier):
 def test_training_steps_log_only_the_step_loss_and_only_when_it_is_written(
     tmp_path: Path,
 ) -> None:
-    model = CountLogCalls("vgg", num_classes=10, arch_kwargs={"width": 4})
+    model = CountLogCalls("coursework_vgg", num_classes=10, arch_kwargs={"width": 4})
     logger = pl.loggers.CSVLogger(tmp_path)
     captured: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 

@@ -450,6 +450,8 @@ def test_nonfinite_under_a_grad_scaler_is_recorded_not_raised(tmp_path: Path) ->
         warnings.simplefilter("error", GradientFlowWarning)
         fit(tmp_path, model, cb, plugins=[MixedPrecision("16-mixed", "cpu")])
     assert [r["nonfinite"] for r in cb.history if r["step"] == 1] == [0, 2, 1]
+    # the scaler skipped step 1 (and only it): flagged on every record of that step
+    assert [r["scaler_skipped"] for r in cb.history] == [0] * 3 + [1] * 3
     # the gradients were unscaled before the callback saw them (initial scale is 65536)
     step0 = model.seen[0]["grads"]
     for record in by_step(cb.history)[0].values():
@@ -767,6 +769,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     assert rank0["error"] == rank1["error"] == single["error"] == message
     # rank 0 reports, rank 1 does not; the values are those of one process on the same batch
     assert rank1["history"] == []
+    assert rank0["collectives"] == rank1["collectives"] == [0, 0, 0]  # replicated: none
     assert len(rank0["history"]) == len(single["history"]) == 3 * 3
     for got, want in zip(rank0["history"], single["history"]):
         assert (got["step"], got["layer"], got["nonfinite"]) == (
@@ -777,3 +780,57 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
         for stat in ("mean_abs", "l2", "max_abs"):
             assert got[stat] == pytest.approx(want[stat], rel=1e-5), (got["layer"], stat)
     assert read_history(ddp_out / "gradient_flow.csv") == rank0["history"]
+
+
+@pytest.mark.parametrize(
+    "accelerator",
+    [
+        pytest.param("cpu", marks=pytest.mark.slow),
+        pytest.param(
+            "gpu",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+            ],
+        ),
+    ],
+)
+def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
+    tmp_path: Path, accelerator: str
+) -> None:
+    """Lightning's FSDP strategy (FSDP1, use_orig_params=True): each rank holds slices of the
+    gradients; one all_gather per measured step gives the one-process values. On CPU the
+    strategy runs through a subclass (Lightning allows "fsdp" only with a GPU)."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    fsdp_out, single_out = tmp_path / "fsdp", tmp_path / "single"
+    fsdp_out.mkdir()
+    single_out.mkdir()
+    script = SCRIPTS / "ddp_gradient_flow.py"
+    args = [str(fsdp_out), "--devices", "2", "--poison-step", "-1", "--strategy", "fsdp"]
+    args += ["--accelerator", accelerator]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("ddp_gradient_flow", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    single = module.run(single_out, devices=1, poison_step=-1)
+
+    rank0, rank1 = (json.loads((fsdp_out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["collectives"] == rank1["collectives"] == [1, 1, 1]  # 3 measured steps
+    assert single["collectives"] == [0, 0, 0]
+    assert rank1["history"] == []
+    assert [(r["step"], r["layer"]) for r in rank0["history"]] == [
+        (s, layer)
+        for s in range(3)
+        for layer in ("net.inp.weight", "net.hidden.weight", "net.head.weight")
+    ]
+    for got, want in zip(rank0["history"], single["history"], strict=True):
+        assert got["nonfinite"] == want["nonfinite"] == 0
+        for stat in ("mean_abs", "l2", "max_abs"):
+            assert got[stat] == pytest.approx(want[stat], rel=1e-5), (got["layer"], stat)

@@ -99,7 +99,8 @@ def test_wandb_first_logger_gets_one_csv_per_run(
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        cb = GradientFlow(every_n_steps=1, plot=False)
+        # histograms exercise wandb.Histogram (offline runs cannot be read back here)
+        cb = GradientFlow(every_n_steps=1, plot=False, histogram_every_n_steps=1)
         logger = WandbLogger(save_dir=str(save_dir), offline=True, project="proj")
         fit(tmp_path, Classifier(TinyNet()), cb, logger=logger, max_steps=2)
         logger.experiment.finish()
@@ -368,3 +369,35 @@ def test_histograms_go_to_tensorboard(tmp_path: Path) -> None:
         assert value.num == grad.numel()
         assert sum(value.bucket) == grad.numel()
         assert value.sum == pytest.approx(grad.sum().item(), rel=1e-4, abs=1e-7)
+
+
+def test_zoo_googlenet_output_end_is_the_main_head_and_vit_starts_at_patches() -> None:
+    """One watched forward pass of the real models (what the callback does on its first batch)."""
+    pytest.importorskip("timm")
+    from gradtrace.gradient_flow import parameter_names, select_layers
+    from gradtrace.gradient_flow.order import ForwardProbe, data_flow_order
+    from gradtrace.models import create_model
+
+    for arch, kwargs in (("googlenet", {"stem": "cifar"}), ("vit_tiny_cifar", {})):
+        torch.manual_seed(28)
+        root = nn.Module()
+        root.net = create_model(arch, num_classes=10, **kwargs)
+        probe = ForwardProbe(root)
+        try:
+            root.net(torch.randn(1, 3, 32, 32))
+        finally:
+            probe.close()
+        names = parameter_names(root)
+        selected = {layer.name for layer in select_layers(root)}
+        order = [n for n in data_flow_order(probe.called, names) if n in selected]
+        on_path = {names[i] for i in probe.main_path if i in names}
+        main = [n for n in order if n in on_path]
+        if arch == "googlenet":
+            aux = [n for n in order if n.startswith("net.aux")]
+            assert aux  # measured ...
+            assert not set(aux) & set(main)  # ... but off the main path
+            assert main[-1] == "net.fc.weight"
+            assert main[0] == order[0]
+        else:
+            assert order[0] == main[0] == "net.patch_embed.proj.weight"
+            assert main[-1] == "net.head.weight"

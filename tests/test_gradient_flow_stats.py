@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,12 +63,19 @@ def test_layers_without_gradient_and_sparse_gradients() -> None:
     assert table[1, 1] == 0
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
-    """DDP, FSDP2 fully_shard and DTensor Shard(0) weights on 2 processes vs 1 process."""
+    """DDP, FSDP1 (use_orig_params), FSDP2 fully_shard and DTensor Shard(0) weights on 2
+    processes vs 1 process."""
     script = SCRIPTS / "grad_stats_distributed.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "--world", "2", "--port", "29541"],
+        [sys.executable, str(script), str(tmp_path), "--world", "2", "--port", str(_free_port())],
         capture_output=True,
         text=True,
         timeout=300,
@@ -81,7 +89,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     reference = dist_script.single()
     assert len(reference) == 6 * 4  # 3 weights + 3 biases, 4 stats
     # collectives issued by one grad_stats call: none when nothing is sharded, exactly one else
-    expected_calls = {"ddp": 0, "fsdp2": 1, "dtensor": 1}
+    expected_calls = {"ddp": 0, "fsdp1": 1, "fsdp2": 1, "dtensor": 1}
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert sorted(results) == sorted(expected_calls)

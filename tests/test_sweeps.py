@@ -41,6 +41,7 @@ EXPECTED_RUNS = {
     "architectures": 28,  # 14 models x {CIFAR-10, CIFAR-100}
     "stabilizers": 36,  # 3 inits x 6 activations x clipping {off, 1.0}
     "vgg_cifar10": 6,  # L2 {0, 1e-4, 5e-4} x momentum {0, 0.9}
+    "normalization": 8,  # norm {none, batch, group, layer} x residual
 }
 # Tiny synthetic data, one step, no validation, no checkpoint files, no plots.
 TINY = [
@@ -136,7 +137,7 @@ def test_sweep_file_is_valid_for_the_engine_and_expands_to_the_full_grid(name: s
     assert all(c.name == cell_name(c.params) for c in cells)
 
 
-def test_the_directory_holds_exactly_the_five_sweeps() -> None:
+def test_the_directory_holds_exactly_the_six_sweeps() -> None:
     assert sorted(p.stem for p in SWEEPS.glob("*.yaml")) == sorted(EXPECTED_RUNS)
 
 
@@ -289,7 +290,7 @@ def test_only_cells_differing_in_lr_or_dataset_share_a_run() -> None:
     # depth's 48 differ in lr by pairs, architectures' 28 in the dataset by pairs.
     assert fixed_args(sweep_config("table1")) == fixed_args(sweep_config("depth"))
     ran = grid_cells()
-    assert len(ran) == 16 // 2 + (48 - 16) // 2 + 28 // 2 + 36 + 6
+    assert len(ran) == 16 // 2 + (48 - 16) // 2 + 28 // 2 + 36 + 6 + 8
     assert {n for n, _, _ in ran} == set(EXPECTED_RUNS)
 
 
@@ -326,7 +327,7 @@ TWO_CELLS = """\
 name: two
 method: grid
 metric: {name: val/acc, goal: maximize}
-command: ["${env}", "${interpreter}", -m, gradtrace, fit, --model.arch=vgg, "${args}"]
+command: ["${env}", "${interpreter}", -m, gradtrace, fit, --model.arch=coursework_vgg, "${args}"]
 parameters:
   model.depth: {values: [8, 9]}   # 9 is not 8 + 6b: that cell fails
 """
@@ -390,7 +391,7 @@ def test_sweep_local_dry_run_prints_the_commands(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{path}: 2 runs, one after the other, under runs/sweeps/two"
     assert lines[1] == (
-        f"depth=8: /usr/bin/env {sys.executable} -m gradtrace fit --model.arch=vgg "
+        f"depth=8: /usr/bin/env {sys.executable} -m gradtrace fit --model.arch=coursework_vgg "
         "--model.depth=8 --trainer.default_root_dir=runs/sweeps/two --run_name=depth=8 "
         "--ckpt_path=last --x=1"
     )

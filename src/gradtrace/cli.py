@@ -73,14 +73,14 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
 def default_run_name(model: dict[str, Any], data: dict[str, Any]) -> str:
     """A readable run name from the settings that tell runs apart, e.g. ``vgg38-bn-rc-lr0.01``."""
     arch = model["arch"]
-    if arch == "vgg" and model.get("depth") is not None:
+    if arch == "coursework_vgg" and model.get("depth") is not None:
         arch = f"vgg{model['depth']:02d}"
     elif model.get("depth") is not None:
         arch = f"{arch}-d{model['depth']}"
     parts = [arch]
     parts += ["bn"] if model.get("batch_norm") else []
     parts += ["rc"] if model.get("residual") else []
-    for key in ("activation", "init"):
+    for key in ("norm", "activation", "init"):
         if model.get(key) is not None:
             parts.append(str(model[key]))
     parts.append(str(data["dataset"]).split(":")[0])

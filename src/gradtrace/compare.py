@@ -20,7 +20,7 @@ from typing import Any
 
 from gradtrace.checks import check_int
 from gradtrace.gradient_flow import input_output_ratio
-from gradtrace.gradient_flow.activations import ActivationDiagnosis
+from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis
 from gradtrace.run_files import GRADIENT_FLOW_FILE, FinishedRun, RunFilesError, read_run
 
 __all__ = ["ComparedRun", "compare_main", "compare_runs", "first_problem_layer", "markdown_table"]

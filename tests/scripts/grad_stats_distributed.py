@@ -1,5 +1,6 @@
-"""``grad_stats`` on ``--world`` gloo CPU processes: DDP, FSDP2 ``fully_shard`` and a
-DTensor-sharded parameter set; rank 0 writes the stats and the collective count as JSON.
+"""``grad_stats`` on ``--world`` gloo CPU processes: DDP, FSDP1 (``use_orig_params=True``),
+FSDP2 ``fully_shard`` and a DTensor-sharded parameter set; each rank writes the stats and the
+collective count as JSON.
 
 Used by tests/test_gradient_flow_stats.py, which compares the 2-process values with one
 process on the same model and batch. Every rank sees the full batch (the DDP/FSDP average of
@@ -71,6 +72,18 @@ def ddp() -> tuple[dict[str, float], int]:
     return measure(model)
 
 
+def fsdp1() -> tuple[dict[str, float], int]:
+    """FSDP1 with ``use_orig_params=True`` (Lightning's default): each rank holds a slice of
+    some gradients and ``None`` for the others."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = FullyShardedDataParallel(
+        make_model(), use_orig_params=True, device_id=torch.device("cpu")
+    )
+    backward(model)
+    return measure(model)
+
+
 def fsdp2() -> tuple[dict[str, float], int]:
     from torch.distributed.fsdp import fully_shard
 
@@ -104,9 +117,9 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        results = {
-            name: run() for name, run in (("ddp", ddp), ("fsdp2", fsdp2), ("dtensor", dtensor))
-        }
+        setups = {"ddp": ddp, "fsdp1": fsdp1, "fsdp2": fsdp2, "dtensor": dtensor}
+        results = {name: run() for name, run in setups.items()}
+        dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()
     (out / f"rank{rank}.json").write_text(json.dumps(results))

@@ -164,13 +164,14 @@ def _matches(spec: RunSpec, config: dict[str, Any], dataset: str) -> bool:
     trainer = config.get("trainer") or {}
     arch, depth = model.get("arch"), model.get("depth")
     if arch in ("vgg08", "vgg38"):
-        arch, depth = "vgg", depth or int(arch[3:])
+        arch, depth = "coursework_vgg", depth or int(arch[3:])
     want = spec.model
     return (
-        arch == "vgg"
+        arch == "coursework_vgg"
         and depth == want["depth"]
         and bool(model.get("batch_norm")) == bool(want["batch_norm"])
         and bool(model.get("residual")) == bool(want["residual"])
+        and model.get("norm") in (None, "batch" if want["batch_norm"] else "none")
         and math.isclose(float(model.get("lr", math.nan)), spec.lr, rel_tol=1e-9)
         and model.get("optimizer", "adam") == want.get("optimizer", "adam")
         and model.get("scheduler", "cosine") == want.get("scheduler", "cosine")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -37,12 +37,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradtrace.checks import check_int, check_range
-
 __all__ = [
     "ACTIVATION_STATS",
     "ActivationCollector",
-    "ActivationDiagnosis",
     "ActivationsUnavailableError",
     "layer_modules",
     "loss_scale",
@@ -366,63 +363,3 @@ class ActivationCollector:
             if activated is not None and bounds is not None:
                 part[_SAT] = saturated if part[_SAT] is None else part[_SAT] + saturated
                 part[_N_SAT] += activated.numel()
-
-
-class ActivationDiagnosis:
-    """Find dead or saturated layers in a stream of measured steps.
-
-    A layer is dead when ``act_zero_frac > dead_fraction`` and saturated when ``act_sat_frac >
-    saturated_fraction``, each at ``patience`` measured steps in a row; each layer is reported
-    once per finding.
-    """
-
-    def __init__(
-        self, dead_fraction: float = 0.9, saturated_fraction: float = 0.9, patience: int = 3
-    ) -> None:
-        check_range("dead_fraction", dead_fraction, 0.0, 1.0, high_inclusive=False, optional=True)
-        check_range(
-            "saturated_fraction", saturated_fraction, 0.0, 1.0, high_inclusive=False, optional=True
-        )
-        check_int("patience", patience, 1)
-        self.dead_fraction = dead_fraction
-        self.saturated_fraction = saturated_fraction
-        self.patience = patience
-        self._streak: dict[tuple[str, str], int] = {}
-        self._reported: set[tuple[str, str]] = set()
-
-    def update(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> list[str]:
-        """Take one measured step's ``{layer: {stat: value}}``; return new warning messages."""
-        messages = []
-        checks: Sequence[tuple[str, str, float | None]] = (
-            ("dead", "act_zero_frac", self.dead_fraction),
-            ("saturated", "act_sat_frac", self.saturated_fraction),
-        )
-        for layer, values in stats.items():
-            for kind, stat, threshold in checks:
-                key = (layer, kind)
-                value = values.get(stat, math.nan)
-                if threshold is None or not value > threshold:
-                    self._streak.pop(key, None)
-                    continue
-                self._streak[key] = self._streak.get(key, 0) + 1
-                if self._streak[key] < self.patience or key in self._reported:
-                    continue
-                self._reported.add(key)
-                messages.append(self._message(kind, layer, step, value, threshold))
-        return messages
-
-    def _message(self, kind: str, layer: str, step: int, value: float, threshold: float) -> str:
-        steps = f"{self.patience} measured steps in a row" if self.patience > 1 else "a step"
-        if kind == "dead":
-            return (
-                f"Dead units in layer {layer!r} at step {step}: {value:.1%} of its activated "
-                f"outputs are exactly zero (over dead_fraction={threshold:g} at {steps}), so "
-                "almost no gradient passes back through it. A lower learning rate, LeakyReLU, "
-                "another initialisation or batch normalization usually help."
-            )
-        return (
-            f"Saturated activation after layer {layer!r} at step {step}: {value:.1%} of its "
-            f"outputs lie within 1% of the bounds (over saturated_fraction={threshold:g} at "
-            f"{steps}), where its derivative is nearly zero. Batch normalization, a smaller "
-            "initialisation or a non-saturating activation usually help."
-        )

@@ -6,68 +6,41 @@ Thin glue over the pieces of this package: :func:`~gradtrace.gradient_flow.selec
 and main path), :class:`~gradtrace.gradient_flow.diagnosis.Diagnosis` (warnings) and the
 records (bounded history, CSV, loggers). Plots need matplotlib (``pip install
 'gradtrace[plot]'``) and are skipped without it.
+
+Over 400 lines because the class docstring is the callback's user reference (about 90 lines);
+the code itself is the Lightning hooks and the state they share.
 """
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gradtrace.checks import check_choice, check_int
-from gradtrace.gradient_flow.activations import (
-    ACTIVATION_STATS,
-    ActivationCollector,
-    ActivationDiagnosis,
-    ActivationsUnavailableError,
-    layer_modules,
-    loss_scale,
-)
+from gradtrace.gradient_flow.activation_recorder import ActivationRecorder
+from gradtrace.gradient_flow.activations import ACTIVATION_STATS
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
-from gradtrace.gradient_flow.diagnosis import Diagnosis, GradientFlowWarning
-from gradtrace.gradient_flow.order import ForwardProbe, data_flow_order
+from gradtrace.gradient_flow.diagnosis import Diagnosis
+from gradtrace.gradient_flow.figures import draw_figure, matplotlib_missing
+from gradtrace.gradient_flow.order import LayerOrder
 from gradtrace.gradient_flow.records import BoundedHistory, CsvRecords, input_output_ratio
 from gradtrace.gradient_flow.run_dir import run_directory
 from gradtrace.gradient_flow.selection import Layer, parameter_names, select_layers
-from gradtrace.gradient_flow.stats import STATS, grad_stats_table
+from gradtrace.gradient_flow.stats import STATS
+from gradtrace.gradient_flow.step import OptimizerLayers, measure, plan_layers
+from gradtrace.gradient_flow.update_ratio import PendingUpdate
 
 __all__ = ["GradientFlow"]
 
-NONFINITE_ACTIONS: tuple[str, ...] = ("warn", "raise")
-
 # Write the CSV at least this often (seconds) even inside a long epoch.
 _FLUSH_INTERVAL_S = 60.0
-
-
-@dataclass
-class _OptimizerLayers:
-    """What one optimizer steps: every trainable parameter (for the global norm and the
-    non-finite count) and, among them, the rows that are recorded layers."""
-
-    names: list[str]
-    params: list[torch.Tensor]
-    layer_rows: list[int]
-    path_rows: list[int]
-    """Rows of main-path layers in data-flow order: input end first, output end last."""
-
-
-@dataclass
-class _PendingStep:
-    """A measured step waiting for its optimizer step to finish (for ``update_ratio``)."""
-
-    records: list[dict[str, Any]]
-    params: list[torch.Tensor]
-    before: list[torch.Tensor]
 
 
 class GradientFlow(Callback):
@@ -107,31 +80,24 @@ class GradientFlow(Callback):
     model's primary output (the first tensor it returns) are the main path; auxiliary heads
     are recorded but are never the output end.
 
-    **Outputs.** Logger metrics ``grad_flow/<stat>/<layer>``; summary scalars through
-    ``pl_module.log`` (for ``EarlyStopping``, ``ModelCheckpoint``, the progress bar):
-    ``grad_flow/input_output_ratio`` (input over output end of the main path's ``mean_abs``),
-    ``grad_flow/grad_norm`` (L2 norm of all of the optimizer's gradients, before clipping) and
-    ``grad_flow/nonfinite``, suffixed ``/optimizer_<i>`` for optimizers after the first;
+    **Outputs** (details in ``docs/callback.md``). Logger metrics
+    ``grad_flow/<stat>/<layer>``; through ``pl_module.log`` (for ``EarlyStopping``,
+    ``ModelCheckpoint``, the progress bar) ``grad_flow/input_output_ratio`` (main path),
+    ``grad_flow/grad_norm`` (all the optimizer's gradients, before clipping) and
+    ``grad_flow/nonfinite``, suffixed ``/optimizer_<i>`` after the first optimizer;
     :attr:`history` (the last ``history_size`` records per layer); ``<run dir>/<filename>``
-    (every record, written by global rank 0 at epoch ends, at the end of fit, on an exception
-    and at least once a minute); with matplotlib and ``plot=True``, per-epoch plots and a
-    final heatmap in ``<run dir>/gradient_flow/``, also sent to W&B and TensorBoard.
-    ``histogram_every_n_steps`` sends gradient histograms (computed on the device) to
-    TensorBoard and W&B.
+    (every record; global rank 0 writes it at epoch ends, at the end, on an exception and at
+    least once a minute); with matplotlib, per-epoch plots and a final heatmap in
+    ``<run dir>/gradient_flow/``; optional histograms. The run directory is ``dirpath``, else
+    derived like ``ModelCheckpoint``'s (:func:`~gradtrace.gradient_flow.run_dir.run_directory`);
+    a resumed fit appends to its CSV, or starts a new one (steps continuing) in a new directory.
 
-    **Run directory**: ``dirpath`` if given, else derived like ``ModelCheckpoint``'s: the first
-    logger's ``log_dir`` (CSV, TensorBoard), ``save_dir/name/version`` for other loggers (W&B:
-    ``save_dir/project/run_id``), ``default_root_dir`` without loggers. A fit resumed from a
-    checkpoint appends to the CSV when the directory is the same; in a new directory it starts
-    a new CSV whose steps continue.
-
-    **Diagnosis** (global rank 0, from step ``warmup_steps`` on, per optimizer): input end
-    over output end of that optimizer's main path. Below ``vanishing_ratio`` or above
-    ``exploding_ratio`` a :class:`GradientFlowWarning` is issued once, naming the step, the
-    ratio and the pair of consecutive layers with the largest drop (or rise). Non-finite
-    gradients warn once per layer (``on_nonfinite="warn"``) or stop training on every rank
-    with :class:`NonFiniteGradientError` (``"raise"``). Warn-once flags, the last step, the
-    layer order and the history are in :meth:`state_dict`, so a resumed fit keeps them.
+    **Diagnosis** (global rank 0, from ``warmup_steps`` on, per optimizer): input over output
+    end of that optimizer's main path; below ``vanishing_ratio`` or above ``exploding_ratio`` a
+    :class:`GradientFlowWarning` is issued once, naming the layer pair with the largest drop
+    (rise). Non-finite gradients warn once per layer or, with ``on_nonfinite="raise"``, stop
+    every rank with :class:`NonFiniteGradientError`. :meth:`state_dict` keeps the warn-once
+    flags, the last step, the layer order and the history across a resumed fit.
 
     Args:
         include: name globs or module types (or type names) whose parameters are also layers.
@@ -188,8 +154,6 @@ class GradientFlow(Callback):
         super().__init__()
         check_choice("activations", activations, (False, True))
         check_int("activation_patience", activation_patience, 1)
-        # Checks the thresholds now; a fresh one per fit in _reset_fit.
-        ActivationDiagnosis(dead_fraction, saturated_fraction, activation_patience)
         if isinstance(stats, str):
             stats = (stats,)
         stats = tuple(stats)
@@ -205,25 +169,12 @@ class GradientFlow(Callback):
         check_int("every_n_steps", every_n_steps, 1, optional=True)
         check_int("history_size", history_size, 1, optional=True)
         check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
-        check_int("warmup_steps", warmup_steps, 0)
-        if vanishing_ratio is not None and not (
-            isinstance(vanishing_ratio, (int, float)) and 0 < vanishing_ratio < 1
-        ):
-            raise ValueError(
-                f"vanishing_ratio must be a number in (0, 1) or None; got {vanishing_ratio!r}"
-            )
-        if exploding_ratio is not None and not (
-            isinstance(exploding_ratio, (int, float)) and 1 < exploding_ratio < math.inf
-        ):
-            raise ValueError(
-                f"exploding_ratio must be a finite number > 1 or None; got {exploding_ratio!r}"
-            )
-        check_choice("on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
         if not isinstance(filename, str) or not filename or Path(filename).name != filename:
             raise ValueError(
                 f"filename must be a plain file name such as 'gradient_flow.csv'; got {filename!r}"
             )
         select_layers(torch.nn.Module(), include, exclude)  # checks the patterns now
+        self.diagnosis = Diagnosis(vanishing_ratio, exploding_ratio, warmup_steps, on_nonfinite)
 
         self.include = tuple(include) if not isinstance(include, (str, type)) else (include,)
         self.exclude = tuple(exclude) if not isinstance(exclude, (str, type)) else (exclude,)
@@ -237,18 +188,15 @@ class GradientFlow(Callback):
         self.log_scale = log_scale
         self.filename = filename
         self.activations = activations
-        self.dead_fraction = dead_fraction
-        self.saturated_fraction = saturated_fraction
-        self.activation_patience = activation_patience
-        self.diagnosis = Diagnosis(vanishing_ratio, exploding_ratio, warmup_steps, on_nonfinite)
+        self._activation_args = (dead_fraction, saturated_fraction, activation_patience)
+        ActivationRecorder(*self._activation_args)  # checks the thresholds now
 
         self.csv_path: Path | None = None
         """Where the CSV goes (``<run dir>/<filename>``), known once training starts."""
         self.last_step: int | None = None
         """The last step measured."""
         self._history = BoundedHistory(history_size)
-        self._order: list[str] = []
-        self._main_path: set[str] = set()
+        self._order = LayerOrder()
         self._reset_fit()
 
     # ---------------------------------------------------------------- public helpers
@@ -263,12 +211,12 @@ class GradientFlow(Callback):
     def layer_order(self) -> list[str]:
         """Names of the layers recorded so far, in data-flow order (input first)."""
         recorded = {r["layer"] for r in self._history.records()}
-        return sorted(recorded, key=self._rank_of)
+        return sorted(recorded, key=self._order.rank_of)
 
     @property
     def main_path(self) -> list[str]:
         """The recorded layers on the path to the model's primary output, input first."""
-        return [name for name in self.layer_order if name in self._main_path]
+        return [name for name in self.layer_order if name in self._order.main_path]
 
     def input_output_ratio(self, last_n: int = 1) -> float:
         """Input end over output end of the main path's ``mean_abs``, each averaged over its
@@ -303,41 +251,28 @@ class GradientFlow(Callback):
         self._scaler_in_use = False
         self._layers: list[Layer] = []
         self._names: dict[int, str] = {}
-        self._per_optimizer: dict[tuple[int, int], _OptimizerLayers] = {}
-        self._probe: ForwardProbe | None = None
-        self._order_final = False
-        self._latest: dict[int, dict[str, float]] = {}
-        self._pending: list[_PendingStep] = []
+        self._per_optimizer: dict[tuple[int, int], OptimizerLayers] = {}
+        self._pending: list[PendingUpdate] = []
         self._csv: CsvRecords | None = None
         self._last_flush = time.monotonic()
         self._epoch_first_step = 0
         self._plots_unavailable = False
         self._run_dir: Path | None = None
-        self._activation_collector = ActivationCollector()
-        self._activation_diagnosis = ActivationDiagnosis(
-            self.dead_fraction, self.saturated_fraction, self.activation_patience
-        )
-        self._activations_unavailable = False
+        self._activations = ActivationRecorder(*self._activation_args)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "diagnosis": self.diagnosis.state_dict(),
             "last_step": self.last_step,
-            "order": list(self._order),
-            "main_path": sorted(self._main_path),
+            "order": self._order.state_dict(),
             "history": self._history.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.diagnosis.load_state_dict(state_dict["diagnosis"])
         self.last_step = state_dict["last_step"]
-        self._order = list(state_dict["order"])
-        self._main_path = set(state_dict["main_path"])
+        self._order.load_state_dict(state_dict["order"])
         self._history.load_state_dict(state_dict["history"])
-
-    def _rank_of(self, name: str) -> tuple[int, str]:
-        rank = self._order.index(name) if name in self._order else len(self._order)
-        return (rank, name)
 
     # ---------------------------------------------------------------- Lightning hooks
 
@@ -346,8 +281,7 @@ class GradientFlow(Callback):
         self._reset_fit()
         if not resumed:
             self._history = BoundedHistory(self.history_size)
-            self._order, self._main_path = [], set()
-            self.diagnosis.load_state_dict(Diagnosis(None, None, 0, "warn").state_dict())
+            self.diagnosis.reset()
             self.last_step = None
         if self.every_n_steps is None and trainer.log_every_n_steps < 1:
             raise ValueError(
@@ -360,8 +294,12 @@ class GradientFlow(Callback):
         self.csv_path = self._run_dir / self.filename
         self._layers = select_layers(pl_module, self.include, self.exclude)
         self._names = parameter_names(pl_module)
-        if not self._order:
-            self._order = list(self._names.values())
+        self._order.start(self._names, keep=resumed)
+        if self.update_ratio and any(_sharded(layer.param) for layer in self._layers):
+            raise ValueError(
+                "GradientFlow(update_ratio=True) needs whole parameters on global rank 0; with "
+                "sharded parameters (FSDP, DTensor) pass update_ratio=False"
+            )
         if trainer.is_global_zero:
             self._csv = CsvRecords(self.csv_path, self.columns)
             self._csv.start(append=resumed)
@@ -372,73 +310,50 @@ class GradientFlow(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self._order_final and self._probe is None:
-            self._probe = ForwardProbe(pl_module)
-        # After the probe: compiler stances must be left in the reverse order.
-        self._start_activations(trainer, pl_module)
+        self._order.watch(pl_module)
+        # After the order probe: compiler stances must be left in the reverse order.
+        if self.activations and self.is_measured_step(trainer):
+            layers = ((layer.name, layer.module) for layer in self._layers)
+            self._activations.start(trainer, pl_module, layers)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        activation_stats = self._finish_activations(trainer)  # every rank: one all_reduce
+        activation_stats = self._activations.finish(trainer)  # every rank: one all_reduce
         if not self.is_measured_step(trainer):
             return
         step = logging_step(trainer)
-        if not self._order_final:
-            self._update_order(final=False)
+        if not self._order.final:
+            self._order.update(final=False)
         plan = self._plan(optimizer)
-        present = [i for i, p in enumerate(plan.params) if p.grad is not None or _sharded(p)]
-        if not present:
+        measured = measure(plan, optimizer, trainer.precision_plugin)  # every rank
+        if measured is None:
             return
-        scale = None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled() and _optimizer_handles_unscaling(optimizer):
-            scale = scaler._get_scale_async()  # Lightning did not unscale: divide on the device
-        stats = ("mean_abs", "l2", "max_abs", "nonfinite")
-        named = [(plan.names[i], plan.params[i]) for i in present]
-        _, table = grad_stats_table(named, stats, scale=scale)  # every rank: may be collective
-        self._log_summary(pl_module, optimizer, table, plan, present)
-        values = table.cpu().tolist()  # the one device-to-host copy of a measured step
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        for key, value in measured.summary_scalars(f"/optimizer_{index}" if index else "").items():
+            pl_module.log(key, value, on_step=True, on_epoch=False)
         self.last_step = step
-        row_of = {i: k for k, i in enumerate(present)}
-        layer_rows = [i for i in plan.layer_rows if i in row_of]
-        records = []
-        for i in layer_rows:
-            mean_abs, l2, max_abs, nonfinite = values[row_of[i]]
-            values_of = {"mean_abs": mean_abs, "l2": l2, "max_abs": max_abs}
-            values_of["nonfinite"] = int(nonfinite)
-            record = {"step": step, "layer": plan.names[i], **{s: values_of[s] for s in self.stats}}
-            record.update(activation_stats.get(plan.names[i], {}))
-            records.append(record)
-        skipped = self._scaler_in_use and any(values[k][3] for k in range(len(present)))
+        records = measured.records(step, self.stats)
+        for record in records:
+            record.update(activation_stats.get(record["layer"], {}))
+        skipped = self._scaler_in_use and measured.any_nonfinite
         if self._scaler_in_use:
             for record in records:
                 record["scaler_skipped"] = int(skipped)
-        latest = self._latest.setdefault(id(optimizer), {})
-        for i in layer_rows:
-            if math.isfinite(values[row_of[i]][0]):
-                latest[plan.names[i]] = values[row_of[i]][0]
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
-            self._send_histograms(trainer, plan, layer_rows, step)
+            self._send_histograms(trainer, plan, measured.layer_rows, step)
         if trainer.is_global_zero:
             if self.update_ratio:
-                params = [plan.params[i] for i in layer_rows]
-                with torch.no_grad():  # one batched copy of the weights before the step
-                    before = list(torch._foreach_mul([p.detach() for p in params], 1.0))
-                self._pending.append(_PendingStep(records, params, before))
+                params = [plan.params[i] for i in measured.layer_rows]
+                self._pending.append(PendingUpdate.snapshot(records, params))
             else:
                 self._emit(trainer, records)
-            path = [(plan.names[i], latest[plan.names[i]]) for i in plan.path_rows]
-            self.diagnosis.check_path(step, [entry for entry in path if entry[0] in latest])
-            self._diagnose_activations(step, activation_stats)
-        if not skipped:
-            sizes = [plan.params[i].numel() for i in layer_rows]
-            bad = [
-                (r["layer"], int(values[row_of[i]][3]), n)
-                for r, i, n in zip(records, layer_rows, sizes)
-                if values[row_of[i]][3]
-            ]
-            self.diagnosis.nonfinite(step, bad, report=trainer.is_global_zero)
+            self.diagnosis.check_path(step, measured.path_means())
+            self._activations.diagnose(step, activation_stats)
+        if not skipped:  # a GradScaler skips such steps: expected in fp16
+            self.diagnosis.nonfinite(
+                step, measured.nonfinite_layers(), report=trainer.is_global_zero
+            )
 
     def on_train_batch_end(
         self,
@@ -448,13 +363,14 @@ class GradientFlow(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._probe is not None:
-            self._update_order(final=True)
+        if not self._order.final:
+            self._order.update(final=True)
+            self._per_optimizer.clear()  # built with the provisional order
         if self._pending:
             self._finish_update_ratios(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activation_collector.detach()  # a measured batch that never stepped
+        self._activations.close()  # a measured batch that never stepped
         if not trainer.is_global_zero:
             return
         self._flush_csv()
@@ -463,8 +379,8 @@ class GradientFlow(Callback):
             self._plot(trainer, "flow", records, f"epoch_{trainer.current_epoch:03d}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activation_collector.detach()
-        self._close_probe()
+        self._activations.close()
+        self._order.close()
         if not trainer.is_global_zero:
             return
         self._flush_csv()
@@ -475,143 +391,32 @@ class GradientFlow(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._activation_collector.detach()
-        self._close_probe()
+        self._activations.close()
+        self._order.close()
         if not trainer.is_global_zero:
             return
         pending, self._pending = self._pending, []
         for entry in pending:  # the optimizer step never finished
-            for record in entry.records:
-                record["update_ratio"] = math.nan
-            self._emit(trainer, entry.records)
+            self._emit(trainer, entry.abandon())
         self._flush_csv()
 
     # ---------------------------------------------------------------- measuring
 
-    def _start_activations(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Attach the activation hooks for a measured step (all its micro-batches)."""
-        if not self.activations or self._activations_unavailable:
-            return
-        if self._activation_collector.attached or not self.is_measured_step(trainer):
-            return  # attached: a later micro-batch of the same optimizer step
-        layers = layer_modules((layer.name, layer.module) for layer in self._layers)
-        try:
-            self._activation_collector.attach(pl_module, layers)
-        except ActivationsUnavailableError as err:
-            self._activations_unavailable = True
-            if trainer.is_global_zero:
-                warnings.warn(
-                    f"GradientFlow: no activation statistics: {err}",
-                    GradientFlowWarning,
-                    stacklevel=2,
-                )
-
-    def _finish_activations(self, trainer: pl.Trainer) -> dict[str, dict[str, float]]:
-        """The measured step's activation statistics, reduced over ranks; hooks removed."""
-        collector = self._activation_collector
-        if not collector.attached:
-            return {}
-        collector.detach()
-        return collector.compute(grad_scale=loss_scale(trainer.precision_plugin))
-
-    def _diagnose_activations(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
-        for message in self._activation_diagnosis.update(step, stats):
-            warnings.warn(message, GradientFlowWarning, stacklevel=2)
-
-    def _plan(self, optimizer: torch.optim.Optimizer) -> _OptimizerLayers:
+    def _plan(self, optimizer: torch.optim.Optimizer) -> OptimizerLayers:
         """The parameters ``optimizer`` steps, in data-flow order, and which are layers."""
         key = (id(optimizer), sum(len(group["params"]) for group in optimizer.param_groups))
-        plan = self._per_optimizer.get(key) if self._order_final else None
-        if plan is not None:
-            return plan
-        found: dict[int, tuple[str, torch.Tensor]] = {}
-        for g, group in enumerate(optimizer.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.requires_grad and id(p) not in found:
-                    found[id(p)] = (self._names.get(id(p), f"param_group{g}.{i}"), p)
-        ordered = sorted(found.values(), key=lambda item: self._rank_of(item[0]))
-        layer_ids = {id(layer.param) for layer in self._layers}
-        names = [name for name, _ in ordered]
-        layer_rows = [i for i, (_, p) in enumerate(ordered) if id(p) in layer_ids]
-        on_path = [i for i in layer_rows if names[i] in self._main_path]
-        plan = _OptimizerLayers(names, [p for _, p in ordered], layer_rows, on_path or layer_rows)
-        self._per_optimizer[key] = plan
+        plan = self._per_optimizer.get(key) if self._order.final else None
+        if plan is None:
+            layer_ids = {id(layer.param) for layer in self._layers}
+            order = self._order
+            plan = plan_layers(optimizer, self._names, layer_ids, order.rank_of, order.main_path)
+            self._per_optimizer[key] = plan
         return plan
-
-    def _log_summary(
-        self,
-        pl_module: pl.LightningModule,
-        optimizer: torch.optim.Optimizer,
-        table: torch.Tensor,
-        plan: _OptimizerLayers,
-        present: list[int],
-    ) -> None:
-        """Summary scalars through ``pl_module.log``, as device tensors (no host sync)."""
-        optimizers = pl_module.trainer.optimizers
-        index = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
-        suffix = f"/optimizer_{index}" if index else ""
-        l2 = torch.nan_to_num(table[:, 1], nan=math.inf)
-        scalars = {
-            f"grad_flow/grad_norm{suffix}": l2.square().sum().sqrt(),
-            f"grad_flow/nonfinite{suffix}": table[:, 3].sum(),
-        }
-        row_of = {i: k for k, i in enumerate(present)}
-        path = [row_of[i] for i in plan.path_rows if i in row_of]
-        if len(path) >= 2:
-            scalars[f"grad_flow/input_output_ratio{suffix}"] = (
-                table[path[0], 0] / table[path[-1], 0]
-            )
-        for key, value in scalars.items():
-            pl_module.log(key, value.float(), on_step=True, on_epoch=False)
-
-    def _update_order(self, final: bool) -> None:
-        probe = self._probe
-        if probe is None:
-            return
-        if final:
-            self._close_probe()
-            self._order_final = True
-            self._per_optimizer.clear()  # built with the provisional order
-            if not probe.called and self._names:
-                import warnings
-
-                from gradtrace.gradient_flow.diagnosis import GradientFlowWarning
-
-                warnings.warn(
-                    "GradientFlow could not see the forward pass (no module was called through "
-                    "its hooks, e.g. compiled code on torch < 2.6), so layers are in "
-                    "registration order, not data-flow order",
-                    GradientFlowWarning,
-                    stacklevel=2,
-                )
-        if probe.called:
-            self._order = data_flow_order(probe.called, self._names)
-        self._main_path = {name for i, name in self._names.items() if i in probe.main_path}
-
-    def _close_probe(self) -> None:
-        if self._probe is not None:
-            self._probe.close()
-            self._probe = None
 
     def _finish_update_ratios(self, trainer: pl.Trainer) -> None:
         pending, self._pending = self._pending, []
-        with torch.no_grad():
-            for entry in pending:
-                deltas = torch._foreach_sub([p.detach() for p in entry.params], entry.before)
-                norms = (
-                    torch.stack(
-                        [
-                            torch.stack(torch._foreach_norm(deltas)),
-                            torch.stack(torch._foreach_norm(entry.before)),
-                        ]
-                    )
-                    .double()
-                    .cpu()
-                    .tolist()
-                )
-                for record, d, w in zip(entry.records, norms[0], norms[1]):
-                    record["update_ratio"] = d / w if w else (math.inf if d else 0.0)
-                self._emit(trainer, entry.records)
+        for entry in pending:
+            self._emit(trainer, entry.finish())
 
     # ---------------------------------------------------------------- reporting
 
@@ -636,11 +441,12 @@ class GradientFlow(Callback):
             self._flush_csv()
 
     def _send_histograms(
-        self, trainer: pl.Trainer, plan: _OptimizerLayers, rows: list[int], step: int
+        self, trainer: pl.Trainer, plan: OptimizerLayers, rows: list[int], step: int
     ) -> None:
         from gradtrace.gradient_flow.histograms import send_histograms
 
-        grads = [(plan.names[i], plan.params[i].grad) for i in rows]
+        grads = [(plan.names[i], _local(plan.params[i].grad)) for i in rows]
+        grads = [(name, grad) for name, grad in grads if grad is not None and grad.numel()]
         send_histograms(trainer.loggers if trainer.is_global_zero else [], grads, step)
 
     def _flush_csv(self) -> None:
@@ -653,32 +459,25 @@ class GradientFlow(Callback):
     ) -> None:
         if self._plots_unavailable or self._run_dir is None:
             return
-        try:
-            import matplotlib  # noqa: F401  (optional: the "plot" extra)
-        except ImportError as err:
+        missing = matplotlib_missing()
+        if missing is not None:
             self._plots_unavailable = True
             rank_zero_info(
-                f"GradientFlow: no gradient-flow plots ({err}); install matplotlib "
+                f"GradientFlow: no gradient-flow plots ({missing}); install matplotlib "
                 "(pip install 'gradtrace[plot]') to get them. The CSV and logger metrics are "
                 "unaffected."
             )
             return
-        from gradtrace import plots
-
-        order = sorted({r["layer"] for r in records}, key=self._rank_of)
-        if kind == "flow":
-            title = f"Gradient flow, epoch {trainer.current_epoch}"
-            fig = plots.plot_gradient_flow(
-                records, layers=order, log_scale=self.log_scale, title=title
-            )
-            key = "grad_flow/plot"
-        else:
-            fig = plots.plot_gradient_heatmap(records, layers=order, title="Gradient flow")
-            key = "grad_flow/heatmap"
-        path = plots.save_figure(fig, self._run_dir / "gradient_flow" / f"{stem}.png")
-        plots.send_to_loggers(trainer.loggers, key, fig, path, step=logging_step(trainer))
+        order = sorted({r["layer"] for r in records}, key=self._order.rank_of)
+        path = self._run_dir / "gradient_flow" / f"{stem}.png"
+        draw_figure(trainer, kind, records, order, path, logging_step(trainer), self.log_scale)
 
 
 def _sharded(param: torch.Tensor) -> bool:
-    """A parameter whose gradient this rank may not hold (FSDP1 original parameters)."""
-    return bool(getattr(param, "_fsdp_flattened", False))
+    """A parameter this rank holds only part of (FSDP1 original parameters, DTensors)."""
+    return bool(getattr(param, "_fsdp_flattened", False)) or hasattr(param, "device_mesh")
+
+
+def _local(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of ``grad`` this rank holds (a DTensor's local tensor)."""
+    return grad.to_local() if grad is not None and hasattr(grad, "to_local") else grad

@@ -7,11 +7,16 @@ heads and other optimizers' layers never take part.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Diagnosis", "GradientFlowWarning", "NonFiniteGradientError"]
+from gradtrace.checks import check_choice, check_int
+
+__all__ = ["NONFINITE_ACTIONS", "Diagnosis", "GradientFlowWarning", "NonFiniteGradientError"]
+
+NONFINITE_ACTIONS: tuple[str, ...] = ("warn", "raise")
 
 
 class GradientFlowWarning(UserWarning):
@@ -32,10 +37,28 @@ class Diagnosis:
         warmup_steps: int,
         on_nonfinite: str,
     ) -> None:
+        check_int("warmup_steps", warmup_steps, 0)
+        if vanishing_ratio is not None and not (
+            isinstance(vanishing_ratio, (int, float)) and 0 < vanishing_ratio < 1
+        ):
+            raise ValueError(
+                f"vanishing_ratio must be a number in (0, 1) or None; got {vanishing_ratio!r}"
+            )
+        if exploding_ratio is not None and not (
+            isinstance(exploding_ratio, (int, float)) and 1 < exploding_ratio < math.inf
+        ):
+            raise ValueError(
+                f"exploding_ratio must be a finite number > 1 or None; got {exploding_ratio!r}"
+            )
+        check_choice("on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
         self.vanishing_ratio = vanishing_ratio
         self.exploding_ratio = exploding_ratio
         self.warmup_steps = warmup_steps
         self.on_nonfinite = on_nonfinite
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was warned about (a new fit)."""
         self.warned_vanishing = False
         self.warned_exploding = False
         self.warned_nonfinite: set[str] = set()

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ForwardProbe", "data_flow_order", "primary_output", "reachable_parameters"]
+__all__ = [
+    "ForwardProbe",
+    "LayerOrder",
+    "data_flow_order",
+    "primary_output",
+    "reachable_parameters",
+]
 
 
 def primary_output(output: Any) -> torch.Tensor | None:
@@ -129,3 +135,79 @@ def data_flow_order(called: Iterable[nn.Module], names: dict[int, str]) -> list[
                 ordered.append(name)
                 placed.add(name)
     return ordered + [name for name in names.values() if name not in placed]
+
+
+class LayerOrder:
+    """The layer order and main path of one model, found on its first training batch and
+    kept across a resumed fit (:meth:`state_dict`)."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.main_path: set[str] = set()
+        self.final = False
+        """Whether the watched batch is over (the order no longer changes this fit)."""
+        self._rank: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._probe: ForwardProbe | None = None
+
+    def start(self, names: dict[int, str], keep: bool) -> None:
+        """A fit begins: ``names`` maps ``id(parameter)`` to its name; ``keep`` keeps what an
+        earlier (resumed) fit found until the first batch is watched again."""
+        self.close()
+        self._names = names
+        self.final = False
+        if not keep:
+            self.main_path = set()
+            self._set([])
+        if not self.order:
+            self._set(list(names.values()))  # registration order until a batch is watched
+
+    def watch(self, root: nn.Module) -> None:
+        """Before a training batch: watch its forward pass if the order is not final yet."""
+        if not self.final and self._probe is None:
+            self._probe = ForwardProbe(root)
+
+    def update(self, final: bool) -> None:
+        """Take what the watched forward pass showed; ``final`` at the end of the batch."""
+        probe = self._probe
+        if probe is None:
+            return
+        if final:
+            self.close()
+            self.final = True
+            if not probe.called and self._names:
+                import warnings
+
+                from gradtrace.gradient_flow.diagnosis import GradientFlowWarning
+
+                warnings.warn(
+                    "GradientFlow could not see the forward pass (no module was called through "
+                    "its hooks, e.g. compiled code on torch < 2.6), so layers are in "
+                    "registration order, not data-flow order",
+                    GradientFlowWarning,
+                    stacklevel=3,
+                )
+        if probe.called:
+            self._set(data_flow_order(probe.called, self._names))
+        self.main_path = {name for i, name in self._names.items() if i in probe.main_path}
+
+    def close(self) -> None:
+        """Remove the hooks (idempotent)."""
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+
+    def rank_of(self, name: str) -> tuple[int, str]:
+        """Sort key: position in the order (unknown names last, by name)."""
+        return (self._rank.get(name, len(self._rank)), name)
+
+    def _set(self, order: list[str]) -> None:
+        self.order = order
+        self._rank = {name: i for i, name in enumerate(order)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": list(self.order), "main_path": sorted(self.main_path)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._set(list(state["order"]))
+        self.main_path = set(state["main_path"])
