@@ -95,9 +95,12 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="fewer rounds (about 5 minutes on 2 CPU cores)"
+        "--quick", action="store_true", help="5 rounds per figure (1 to 3 minutes on 2 CPU cores)"
     )
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
+    parser.add_argument(
+        "--note", default="", help="a first caveat, e.g. what else ran on the machine meanwhile"
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "lightning": lightning.__version__,
         },
-        caveats=caveats(cfg),
+        caveats=([args.note] if args.note else []) + caveats(cfg),
         elapsed_s=time.perf_counter() - start,
     )
     write_reports(report, args.out)

@@ -69,7 +69,7 @@ class BenchConfig:
 
     @classmethod
     def for_device(cls, quick: bool, device: str | None = None) -> BenchConfig:
-        """The bench's settings: ``--quick`` (about 5 minutes on 2 CPU cores) or full."""
+        """The bench's settings: ``--quick`` (1 to 3 minutes on 2 CPU cores) or full."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda":
             return cls(
