@@ -38,6 +38,7 @@ __all__ = [
     "list_configs",
     "main",
     "resolve_config",
+    "run_directory",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -228,6 +229,33 @@ class GradtraceCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path()
+
+
+class _RunDirectoryFound(Exception):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+
+class _ParseOnlyCLI(GradtraceCLI):
+    """Stops once the arguments are parsed, before anything is built or seeded."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        raise _RunDirectoryFound(self.run_dir)
+
+
+def run_directory(args: Sequence[str]) -> Path:
+    """The run directory ``gradtrace <args>`` writes to (``args`` start with the subcommand),
+    found by parsing only: how launchers know where a run goes before starting it.
+    Under ``wandb agent`` the environment's run id names it (see :mod:`gradtrace.run_identity`).
+    """
+    try:
+        _ParseOnlyCLI(args=args)
+    except _RunDirectoryFound as found:
+        return found.path
+    raise AssertionError("unreachable: the CLI always parses before it builds")
 
 
 def summary_main(argv: Sequence[str]) -> int:
