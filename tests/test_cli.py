@@ -408,17 +408,19 @@ def test_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_path: Path) 
             timeout=300,
         )
     single, ddp = tmp_path / "single/r", tmp_path / "ddp/r"
-    # Only rank 0 wrote: one version directory.
-    assert [p.name for p in ddp.iterdir()] == ["version_0"]
-    flow_single = read_history(single / "version_0/gradient_flow.csv")
-    flow_ddp = read_history(ddp / "version_0/gradient_flow.csv")
+    # Only rank 0 wrote, into the run's one directory.
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+    flow_single = read_history(single / "gradient_flow.csv")
+    flow_ddp = read_history(ddp / "gradient_flow.csv")
     assert [(r["step"], r["layer"]) for r in flow_ddp] == [
         (r["step"], r["layer"]) for r in flow_single
     ]
     for a, b in zip(flow_single, flow_ddp):
-        assert b["mean_abs"] == pytest.approx(a["mean_abs"], rel=1e-3, abs=1e-9)
-        assert b["l2"] == pytest.approx(a["l2"], rel=1e-3, abs=1e-9)
-    rows_single = metrics_rows(single / "version_0")
-    rows_ddp = metrics_rows(ddp / "version_0")
+        # Two ranks' gradients are all-reduced, summing in another order: layers whose
+        # gradients are tiny (1e-7) differ by a few 1e-3 relatively.
+        assert b["mean_abs"] == pytest.approx(a["mean_abs"], rel=5e-3, abs=1e-9)
+        assert b["l2"] == pytest.approx(a["l2"], rel=5e-3, abs=1e-9)
+    rows_single = metrics_rows(single)
+    rows_ddp = metrics_rows(ddp)
     for key in ("val/loss", "val/acc", "train/loss"):
         assert last_value(rows_ddp, key) == pytest.approx(last_value(rows_single, key), rel=1e-4)

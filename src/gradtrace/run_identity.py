@@ -163,7 +163,8 @@ class ResumeCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if trainer.is_global_zero and trainer.log_dir is not None:
+        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask
+        if trainer.is_global_zero and log_dir is not None:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for name in ("metrics.csv", "gradient_flow.csv"):
-                drop_rows_from_step(Path(trainer.log_dir) / name, step)
+                drop_rows_from_step(Path(log_dir) / name, step)
