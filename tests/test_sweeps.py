@@ -809,3 +809,16 @@ def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Pat
         assert last_value(metrics_rows(runs["ddp"]), key) == pytest.approx(
             last_value(metrics_rows(runs["single"]), key), rel=1e-4
         )
+
+
+def test_no_user_facing_extra_pins_numpy_or_needs_the_sweep_engine() -> None:
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for name, requirements in extras.items():
+        if name == "dev":
+            continue
+        for requirement in requirements:
+            assert not requirement.startswith(("sweeps", "numpy")), (name, requirement)
