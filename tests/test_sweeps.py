@@ -812,7 +812,7 @@ def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Pat
 
 
 def test_no_user_facing_extra_pins_numpy_or_needs_the_sweep_engine() -> None:
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
