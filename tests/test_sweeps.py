@@ -166,8 +166,6 @@ def test_sweep_file_expands_to_the_full_grid(name: str) -> None:
         "fit",
     ]
     assert raw["command"][-1] == "${args}"
-    # One device per run unless asked for DDP.
-    assert "--trainer.devices=1" in raw["command"]
     cells = expand(raw)
     assert len(cells) == EXPECTED_RUNS[name]
     # The grid is the full product of the files' values (independently computed).
@@ -177,6 +175,14 @@ def test_sweep_file_expands_to_the_full_grid(name: str) -> None:
         for combo in itertools.product(*values.values())
     }
     assert {json.dumps(c.params, sort_keys=True) for c in cells} == expected
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_sweep_pins_one_device_and_fp32_per_run(path: Path) -> None:
+    # Unpinned, a run under `wandb agent` would take every visible GPU (devices=auto: DDP).
+    command = load_sweep(path)["command"]
+    assert "--trainer.devices=1" in command
+    assert "--trainer.precision=32-true" in command
 
 
 def test_the_directory_holds_the_five_sweeps() -> None:

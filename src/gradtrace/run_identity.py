@@ -60,7 +60,7 @@ def readable_prefix(model: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     """The readable part of a run name, e.g. ``vgg38-bn-rc-cifar100-lr0.01``.
 
     Architecture (with the depth for families that take one), ``bn`` and ``rc`` when set,
-    activation and init when set, the dataset (without an ``imagefolder:`` path) and lr.
+    norm, activation and init when set, the dataset (without an ``imagefolder:`` path) and lr.
     """
     arch = str(model.get("arch"))
     depth = model.get("depth")
@@ -70,7 +70,8 @@ def readable_prefix(model: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     parts = [arch]
     parts += ["bn"] if model.get("batch_norm") else []
     parts += ["rc"] if model.get("residual") else []
-    parts += [str(model[key]) for key in ("activation", "init") if model.get(key) is not None]
+    keys = ("norm", "activation", "init")
+    parts += [str(model[key]) for key in keys if model.get(key) is not None]
     parts.append(str(data.get("dataset")).split(":")[0])
     if model.get("lr") is not None:
         parts.append(f"lr{model['lr']:g}")
