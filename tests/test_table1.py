@@ -139,7 +139,8 @@ def test_rows_match_with_the_code_defaults_filled_in() -> None:
         if p.default is not inspect.Parameter.empty
     }
     # The run's config.yaml lists every option, the row's config only those it sets.
-    saved = {**defaults, **spec.model}
+    # (config.yaml writes the tuple defaults, such as milestones, as lists)
+    saved = {**defaults, **spec.model, "milestones": list(defaults["milestones"])}
     config = {"model": saved, "data": {"dataset": "cifar100"}, "trainer": {}}
     assert table1_rows.matches(spec, config, "cifar100")
     assert not table1_rows.matches(spec, config, "cifar10")

@@ -114,7 +114,8 @@ def _row_settings(model: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict
     settings["arch_kwargs"] = settings.get("arch_kwargs") or {}
     for key in NOT_ROW_SETTINGS:
         settings.pop(key, None)
-    return settings
+    # config.yaml holds lists where the signature's defaults are tuples (milestones).
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def matches(spec: RunSpec, config: Mapping[str, Any], dataset: str) -> bool:
