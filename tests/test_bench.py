@@ -142,7 +142,7 @@ class CountingClassifier(ImageClassifier):
 
 
 def tiny_model(cls: type = CountingClassifier) -> ImageClassifier:
-    return cls("vgg", num_classes=10, arch_kwargs={"width": 4}, scheduler="none")
+    return cls("coursework_vgg", num_classes=10, arch_kwargs={"width": 4}, scheduler="none")
 
 
 def test_trainer_steps_runs_exactly_the_steps_asked_for(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ def test_plain_loop_trains_on_the_batches_the_data_module_makes() -> None:
     dm = small_dm()
     images, labels = dm.split("train")
     plain = PlainLoop(
-        "vgg", images, labels, dm.mean, dm.std, num_classes=10, batch_size=8,
+        "coursework_vgg", images, labels, dm.mean, dm.std, num_classes=10, batch_size=8,
         model_options={"width": 4},
     )  # fmt: skip
     ours = TrainBatches(images, labels, 8, seed=dm.seed, augment=True, padding=dm.crop_padding)
@@ -229,8 +229,10 @@ def conv_linear_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def test_train_step_flops_match_a_count_by_hand() -> None:
-    flops = train_step_flops("vgg", batch_size=4, num_classes=10, model_options={"width": 4})
-    net = create_model("vgg", num_classes=10, width=4)
+    flops = train_step_flops(
+        "coursework_vgg", batch_size=4, num_classes=10, model_options={"width": 4}
+    )
+    net = create_model("coursework_vgg", num_classes=10, width=4)
     assert flops == conv_linear_flops(net, torch.zeros(4, 3, 32, 32))
 
 
@@ -323,8 +325,8 @@ def test_table1_rows_come_from_the_packaged_configs() -> None:
     assert len(rows) == 7
     assert all(row["epochs"] == 100 for row in rows)
     by_name = {row["name"]: row["arch"] for row in rows}
-    assert by_name["vgg08"] == ("vgg", 8, False, False)
-    assert by_name["vgg38-bn-rc-lr1e-2"] == ("vgg", 38, True, True)
+    assert by_name["vgg08"] == ("coursework_vgg", 8, False, False)
+    assert by_name["vgg38-bn-rc-lr1e-2"] == ("coursework_vgg", 38, True, True)
     # the GPU section times each distinct network once
     assert len(set(by_name.values())) == 5
 

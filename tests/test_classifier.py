@@ -37,7 +37,7 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 
 def test_flat_knobs_reach_the_model() -> None:
-    module = ImageClassifier(arch="vgg", depth=38, batch_norm=True, residual=True)
+    module = ImageClassifier(arch="coursework_vgg", depth=38, batch_norm=True, residual=True)
     assert sum(p.numel() for p in module.net.parameters()) == 338_500
     assert module.net.stages[0].blocks[0].residual is True
     shortcut = ImageClassifier(
@@ -48,7 +48,7 @@ def test_flat_knobs_reach_the_model() -> None:
 
 def test_knob_given_twice_is_refused() -> None:
     with pytest.raises(ValueError, match=r"\['depth'\] given both as arguments and in arch_kwargs"):
-        ImageClassifier(arch="vgg", depth=8, arch_kwargs={"depth": 14})
+        ImageClassifier(arch="coursework_vgg", depth=8, arch_kwargs={"depth": 14})
 
 
 def test_knob_the_model_lacks_names_the_valid_ones() -> None:

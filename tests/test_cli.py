@@ -55,7 +55,7 @@ def test_the_sweep_command_from_the_issue_runs(tmp_path: Path) -> None:
     main(
         [
             "fit",
-            "--model.arch", "vgg",
+            "--model.arch", "coursework_vgg",
             "--model.depth", "38",
             "--model.batch_norm", "true",
             "--model.residual", "true",
@@ -88,6 +88,8 @@ def test_the_sweep_command_from_the_issue_runs(tmp_path: Path) -> None:
     assert layers[0] == "net.stem.0.weight"
     assert layers[-1] == "net.head.weight"
     assert not [layer for layer in layers if layer.endswith("bias")]
+    # The 38 conv/linear weights; BatchNorm weights and biases only when included.
+    assert len(layers) == 38
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
 
@@ -184,12 +186,20 @@ def test_wandb_offline_logger_under_an_agent(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_readable_prefixes() -> None:
-    model = {"arch": "vgg", "depth": 8, "lr": 0.001}
+    model = {"arch": "coursework_vgg", "depth": 8, "lr": 0.001}
     assert readable_prefix(model, {"dataset": "cifar100"}) == "vgg08-cifar100-lr0.001"
-    model = {"arch": "vgg", "depth": 38, "batch_norm": True, "residual": True, "lr": 0.01}
+    model = {
+        "arch": "coursework_vgg",
+        "depth": 38,
+        "batch_norm": True,
+        "residual": True,
+        "lr": 0.01,
+    }
     assert readable_prefix(model, {"dataset": "cifar100"}) == "vgg38-bn-rc-cifar100-lr0.01"
     model = {"arch": "resnet56", "activation": None, "lr": 0.1}
     assert readable_prefix(model, {"dataset": "imagefolder:/x"}) == "resnet56-imagefolder-lr0.1"
+    model = {"arch": "vgg38", "norm": "group", "lr": 0.001}
+    assert readable_prefix(model, {"dataset": "cifar100"}) == "vgg38-group-cifar100-lr0.001"
 
 
 def test_run_names_tell_apart_what_the_prefix_does_not() -> None:
@@ -245,7 +255,7 @@ def test_every_shipped_config_parses(capsys) -> None:
         )
     row7 = yaml.safe_load(Path(resolve_config("table1/vgg38-bn-rc-lr1e-2")).read_text())
     assert row7["model"] == {
-        "arch": "vgg",
+        "arch": "coursework_vgg",
         "depth": 38,
         "batch_norm": True,
         "residual": True,
@@ -279,7 +289,7 @@ def test_unknown_config_lists_the_shipped_ones() -> None:
 def test_bad_model_option_fails_before_training(tmp_path: Path, capsys) -> None:
     root = f"--trainer.default_root_dir={tmp_path}"
     with pytest.raises(SystemExit):
-        main(["fit", *SMALL, "--model.arch=vgg", "--model.depth=37", root])
+        main(["fit", *SMALL, "--model.arch=coursework_vgg", "--model.depth=37", root])
     assert "nearest valid: 32, 38" in capsys.readouterr().err
     assert not (tmp_path / "vgg37-synthetic-lr0.001").exists()
 

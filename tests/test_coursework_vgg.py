@@ -1,4 +1,10 @@
-"""The Table 1 network: exact parameter counts, layout, options and the vanishing-gradient fact."""
+"""The Table 1 network of the MLP Coursework 2 report: exact parameter counts, layout, options
+and the vanishing-gradient fact.
+
+The counts are those of the original coursework code (``ConvolutionalNetwork`` in
+``pytorch_mlp_framework/model_architectures.py``, VICO-UoE/mlpractical) built with 100 classes;
+the report's Table 1 rounds them to 60 K, 336 K and 339 K.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ def n_params(model: torch.nn.Module) -> int:
         ("vgg38", {"batch_norm": True}, 338_500),
         ("vgg38", {"residual": True}, 336_196),
         ("vgg38", {"batch_norm": True, "residual": True}, 338_500),
-        ("vgg", {"depth": 8}, 59_716),
+        ("coursework_vgg", {"depth": 8}, 59_716),
+        ("coursework_vgg", {"depth": 38, "norm": "batch"}, 338_500),
     ],
 )
 def test_parameter_counts_match_table1(name: str, options: dict, expected: int) -> None:
@@ -45,7 +52,7 @@ def test_parameter_count_from_the_layout() -> None:
 
 def test_depth_counts_weight_layers() -> None:
     for depth in (8, 14, 20, 38, 56, 110):
-        model = create_model("vgg", depth=depth)
+        model = create_model("coursework_vgg", depth=depth)
         weights = [p for p in model.parameters() if p.ndim > 1]
         assert len(weights) == depth
 
@@ -105,7 +112,7 @@ def test_bad_options_name_the_valid_ones() -> None:
     with pytest.raises(
         ValueError, match=r"unknown option\(s\) \['dropout'\].*valid options: depth"
     ):
-        create_model("vgg", dropout=0.5)
+        create_model("coursework_vgg", dropout=0.5)
     with pytest.raises(ValueError, match=r"'vgg38' fixes \{'depth': 38\}"):
         create_model("vgg38", depth=8)
 
@@ -116,7 +123,9 @@ def test_unknown_name_lists_the_closest() -> None:
 
 
 def test_registry_lists_aliases() -> None:
-    assert {"vgg", "vgg08", "vgg38"} <= set(list_models("vgg*"))
+    assert {"vgg08", "vgg38"} <= set(list_models(family="coursework_vgg"))
+    assert list_models("coursework*") == ["coursework_vgg"]
+    assert model_info("vgg").family == "vgg"  # the classic VGG-11/13/16/19
     assert model_info("vgg38").fixed == {"depth": 38}
     assert model_info("vgg38").num_classes == 100
 
@@ -136,3 +145,37 @@ def test_plain_vgg38_gradients_vanish_at_init_and_batch_norm_fixes_it() -> None:
     assert first_last_ratio(create_model("vgg38", batch_norm=True)) > 1e-2
     torch.manual_seed(0)
     assert first_last_ratio(create_model("vgg08")) > 1e-3
+
+
+def original_forward(model: torch.nn.Module, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The original coursework code's forward pass (``ConvolutionalNetwork.forward``, VICO-UoE/
+    mlpractical ``pytorch_mlp_framework``), with torch.nn.functional on ``model``'s parameters
+    taken in registration order: entry conv -> BN (batch statistics) -> leaky_relu; per stage
+    ``blocks`` x (conv, leaky_relu, conv, leaky_relu), then conv -> leaky_relu -> avg_pool 2 ->
+    conv -> leaky_relu (convs with bias); avg_pool over the whole map; linear."""
+    params = iter(model.parameters())
+
+    def conv(out: torch.Tensor, bias: bool) -> torch.Tensor:
+        weight = next(params)
+        return F.conv2d(out, weight, next(params) if bias else None, padding=1)
+
+    out = conv(x, bias=False)
+    out = F.leaky_relu(F.batch_norm(out, None, None, next(params), next(params), training=True))
+    for _ in range(3):
+        for _ in range(blocks):
+            out = F.leaky_relu(conv(F.leaky_relu(conv(out, bias=False)), bias=False))
+        out = F.avg_pool2d(F.leaky_relu(conv(out, bias=True)), 2)
+        out = F.leaky_relu(conv(out, bias=True))
+    out = F.avg_pool2d(out, out.shape[-1]).flatten(1)
+    return F.linear(out, next(params), next(params))
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("vgg08", 0), ("vgg38", 5)])
+def test_defaults_match_the_original_coursework_network_output_for_output(
+    name: str, blocks: int
+) -> None:
+    torch.manual_seed(0)
+    model = create_model(name)
+    x = torch.randn(4, 3, 32, 32)
+    expected = original_forward(model, x, blocks)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)

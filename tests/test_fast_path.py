@@ -53,7 +53,7 @@ def gradient_flow(
     """GradientFlow's records of ``steps`` steps of a small VGG, from the same initial weights."""
     torch.manual_seed(0)
     model = ImageClassifier(
-        "vgg",
+        "coursework_vgg",
         num_classes=10,
         batch_norm=batch_norm,
         activation="tanh",
@@ -147,7 +147,7 @@ def count_syncs(root: Path, accelerator: str, log_every: int, steps: int = 6) ->
         def on_train_epoch_end(self, *args: Any) -> None:
             counter.active = False
 
-    model = ImageClassifier("vgg", num_classes=10, arch_kwargs={"width": 8})
+    model = ImageClassifier("coursework_vgg", num_classes=10, arch_kwargs={"width": 8})
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -230,7 +230,7 @@ class CountLogCalls(ImageClassifier):
 def test_training_steps_log_only_the_step_loss_and_only_when_it_is_written(
     tmp_path: Path,
 ) -> None:
-    model = CountLogCalls("vgg", num_classes=10, arch_kwargs={"width": 4})
+    model = CountLogCalls("coursework_vgg", num_classes=10, arch_kwargs={"width": 4})
     logger = pl.loggers.CSVLogger(tmp_path)
     captured: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 

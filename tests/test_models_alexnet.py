@@ -1,4 +1,5 @@
-"""AlexNet: the lecture's layer table and torchvision parity."""
+"""AlexNet: the layer table of the lecture notes "Lecture 8: CNN Architectures I" and
+torchvision parity."""
 
 from __future__ import annotations
 

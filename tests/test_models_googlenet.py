@@ -10,7 +10,8 @@ import torch
 from gradtrace.models import AuxLogits, create_model
 from gradtrace.models.googlenet import Inception
 
-# Szegedy et al. 2015, Table 1, typed in again (not imported) so the test is independent:
+# "Going Deeper with Convolutions" (arXiv:1409.4842), Table 1, typed in again (not imported)
+# so the test is independent:
 # name, input channels, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 PAPER = [
     ("3a", 192, 64, 96, 128, 16, 32, 32),

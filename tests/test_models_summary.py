@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gradtrace.models import CostTable, create_model, summarize
 
-# The lecture's AlexNet table (REFERENCE.md section 3): layer -> (C, H/W, KB, params, MACs).
+# The AlexNet table of the lecture notes "Lecture 8: CNN Architectures I":
+# layer -> (C, H/W, KB, params, MACs).
 # MACs are the exact (C_out H W) (C_in K K) products; the lecture rounds them (72.9 M, 224 M,
 # 112 M, 100 M, 37.7 M, 16.8 M, 4.1 M) and prints conv4 as 145 M, though its own formula
 # gives (256 * 13 * 13) * (384 * 3 * 3) = 149.5 M.

@@ -1,4 +1,7 @@
-"""Classic VGG against torchvision and the paper's arithmetic; the CIFAR-10 VGG of seed 000."""
+"""Classic VGG ("Very Deep Convolutional Networks for Large-Scale Image Recognition",
+arXiv:1409.1556) against torchvision and the paper's arithmetic; the CIFAR-10 VGG of "Stable
+Backpropagation in Deep Image Recognition: A VGGNet-Centered Analysis with Modern AI
+Perspectives" (Meng et al.)."""
 
 from __future__ import annotations
 
@@ -83,6 +86,19 @@ def test_cifar_head() -> None:
 def test_invalid_depth() -> None:
     with pytest.raises(ValueError, match="depth must be one of 11, 13, 16, 19; got 12"):
         VGG(depth=12)
+    # The coursework network's depths (8 + 6b) belong to coursework_vgg, not to vgg.
+    with pytest.raises(ValueError, match="depth must be one of 11, 13, 16, 19; got 38"):
+        create_model("vgg", depth=38)
+
+
+def test_vgg_is_the_classic_family_by_depth() -> None:
+    with torch.device("meta"):
+        assert n_params(create_model("vgg", depth=16)) == 138_357_544
+        assert n_params(create_model("vgg", depth=16, batch_norm=True)) == 138_365_992
+        for depth in (11, 13, 19):
+            assert n_params(create_model("vgg", depth=depth)) == n_params(
+                create_model(f"vgg{depth}")
+            )
 
 
 def test_cifar10_vgg_layout() -> None:

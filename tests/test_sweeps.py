@@ -50,6 +50,7 @@ EXPECTED_RUNS = {
     "architectures": 28,  # 14 models x {CIFAR-10, CIFAR-100}
     "stabilizers": 36,  # 3 inits x 6 activations x clipping {off, 1.0}
     "vgg_cifar10": 6,  # L2 {0, 1e-4, 5e-4} x momentum {0, 0.9}
+    "normalization": 8,  # norm {none, batch, group, layer} x residual
 }
 # Tiny synthetic data, one step, no validation, no checkpoint files, no plots.
 TINY = [
@@ -185,8 +186,8 @@ def test_every_sweep_pins_one_device_and_fp32_per_run(path: Path) -> None:
     assert "--trainer.precision=32-true" in command
 
 
-def test_the_directory_holds_the_five_sweeps() -> None:
-    assert set(EXPECTED_RUNS) <= {p.stem for p in SWEEPS.glob("*.yaml")}
+def test_the_directory_holds_exactly_the_six_sweeps() -> None:
+    assert sorted(p.stem for p in SWEEPS.glob("*.yaml")) == sorted(EXPECTED_RUNS)
 
 
 @pytest.mark.parametrize("name", ["table1", "depth"])
@@ -360,7 +361,7 @@ def test_only_cells_differing_in_lr_or_dataset_share_a_run() -> None:
     ]
     assert fixed_args(sweep_config("table1")) == fixed_args(sweep_config("depth")) + flow
     ran = grid_cells()
-    assert len(ran) == 16 // 2 + (48 - 16) // 2 + 28 // 2 + 36 + 6
+    assert len(ran) == 16 // 2 + (48 - 16) // 2 + 28 // 2 + 36 + 6 + 8
     assert {n for n, _, _ in ran} == set(EXPECTED_RUNS)
 
 
@@ -447,7 +448,7 @@ TWO_CELLS = """\
 name: two
 method: grid
 metric: {name: val/acc, goal: maximize}
-command: ["${env}", "${interpreter}", -m, gradtrace, fit, --model.arch=vgg, "${args}"]
+command: ["${env}", "${interpreter}", -m, gradtrace, fit, --model.arch=coursework_vgg, "${args}"]
 parameters:
   model.depth: {values: [8, 9]}   # 9 is not 8 + 6b: that cell fails
 """
@@ -517,11 +518,12 @@ def test_sweep_local_dry_run_prints_the_commands(
     assert sweep.main(["local", str(path), "--dry-run", "--no-wandb", "--", override]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{path}: 2 runs, one after the other, under runs/sweeps/two"
-    run_dir = run_directory(["fit", "--model.arch=vgg", "--model.depth=8", override,
+    run_dir = run_directory(["fit", "--model.arch=coursework_vgg", "--model.depth=8", override,
                              "--trainer.default_root_dir=runs/sweeps/two"])  # fmt: skip
     assert lines[1] == (
-        f"{run_dir.name}: /usr/bin/env {sys.executable} -m gradtrace fit --model.arch=vgg "
-        f"--model.depth=8 --trainer.default_root_dir=runs/sweeps/two {override}"
+        f"{run_dir.name}: /usr/bin/env {sys.executable} -m gradtrace fit "
+        "--model.arch=coursework_vgg --model.depth=8 "
+        f"--trainer.default_root_dir=runs/sweeps/two {override}"
     )
     assert not (tmp_path / "runs").exists()
 

@@ -55,7 +55,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 
 def test_parameter_counts_of_the_cifar100_configuration() -> None:
-    # REFERENCE.md: VGG08 59,716 / VGG38 336,196 / VGG38+BN 338,500; RC adds none.
+    # The original coursework code's counts: VGG08 59,716 / VGG38 336,196 / VGG38+BN 338,500.
     counts = {spec.name: table1_report.count_params(spec, 100, 3) for spec in table1_specs()}
     assert counts == {
         "vgg08": 59_716,

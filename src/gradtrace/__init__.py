@@ -18,17 +18,33 @@ __all__ = [
     "ImageDataModule",
     "NonFiniteGradientError",
     "__version__",
+    "grad_stats",
+    "input_output_ratio",
+    "read_history",
+    "select_layers",
 ]
 
 if TYPE_CHECKING:
     from gradtrace.classifier import ImageClassifier
     from gradtrace.datamodule import ImageDataModule
-    from gradtrace.gradient_flow import GradientFlow, GradientFlowWarning, NonFiniteGradientError
+    from gradtrace.gradient_flow import (
+        GradientFlow,
+        GradientFlowWarning,
+        NonFiniteGradientError,
+        grad_stats,
+        input_output_ratio,
+        read_history,
+        select_layers,
+    )
 
 _LAZY = {
     "GradientFlow": "gradtrace.gradient_flow",
     "GradientFlowWarning": "gradtrace.gradient_flow",
     "NonFiniteGradientError": "gradtrace.gradient_flow",
+    "grad_stats": "gradtrace.gradient_flow",
+    "input_output_ratio": "gradtrace.gradient_flow",
+    "read_history": "gradtrace.gradient_flow",
+    "select_layers": "gradtrace.gradient_flow",
     "ImageClassifier": "gradtrace.classifier",
     "ImageDataModule": "gradtrace.datamodule",
 }

@@ -34,7 +34,8 @@ class ImageClassifier(pl.LightningModule):
         arch: registered model name (``gradtrace.models.list_models()``).
         num_classes: classifier outputs; the CLI links it to the data module's class count.
         in_chans: input channels; the CLI links it to the data module's channels.
-        depth, batch_norm, residual, activation, init: forwarded to the model when not ``None``.
+        depth, batch_norm, residual, norm, activation, init: forwarded to the model when not
+            ``None`` (``norm``: ``batch``, ``group``, ``layer`` or ``none``).
         arch_kwargs: any other model options, e.g. ``{"downsample_shortcut": "avgpool"}``.
         optimizer: ``adam`` (the coursework's), ``adamw`` or ``sgd``.
         lr: learning rate (1e-3 as in the coursework).
@@ -61,6 +62,7 @@ class ImageClassifier(pl.LightningModule):
         depth: int | None = None,
         batch_norm: bool | None = None,
         residual: bool | None = None,
+        norm: str | None = None,
         activation: str | None = None,
         init: str | None = None,
         arch_kwargs: dict[str, Any] | None = None,
@@ -105,6 +107,7 @@ class ImageClassifier(pl.LightningModule):
             "depth": depth,
             "batch_norm": batch_norm,
             "residual": residual,
+            "norm": norm,
             "activation": activation,
             "init": init,
         }

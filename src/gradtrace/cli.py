@@ -6,7 +6,8 @@
 ``val/acc``), learning-rate monitor, a CSV logger always, W&B when asked or under
 ``wandb agent``. Each run writes into one fixed directory named by
 :mod:`gradtrace.run_identity`; ``--ckpt_path last`` resumes it there.
-``gradtrace summary`` prints a model's per-layer cost table.
+``gradtrace summary`` prints a model's per-layer cost table; ``gradtrace compare`` overlays
+finished runs (:mod:`gradtrace.compare`).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class GradtraceCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "description": "Train and evaluate gradtrace models. "
-                "Also: `gradtrace summary --help` for a model's per-layer cost table. "
+                "Also: `gradtrace summary --help` for a model's per-layer cost table, "
+                "`gradtrace compare --help` to compare finished runs. "
                 f"Shipped configs (--config NAME): {', '.join(list_configs())}."
             },
             args=None if args is None else _resolve_config_args(list(args)),
@@ -305,4 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["summary"]:
         raise SystemExit(summary_main(args[1:]))
+    if args[:1] == ["compare"]:
+        from gradtrace.compare import compare_main
+
+        raise SystemExit(compare_main(args[1:]))
     GradtraceCLI(args=args)

@@ -1,10 +1,12 @@
 """Fit a small model with GradientFlow on ``--devices`` CPU processes; dump what each rank saw.
 
-Used by tests/test_gradient_flow.py: with ``--devices 2`` Lightning's DDP re-runs this script
-for rank 1. Global batch 8 (``8 // devices`` per rank), 24 samples, SGD; at ``--poison-step``
+Used by tests/test_gradient_flow.py: with ``--devices 2`` Lightning's DDP (or FSDP, with
+``--strategy fsdp``) re-runs this script for rank 1.
+Global batch 8 (``8 // devices`` per rank), 24 samples, SGD; at ``--poison-step``
 every rank puts inf into one gradient entry of ``net.hidden.weight`` and
 ``GradientFlow(on_nonfinite="raise")`` must stop all of them. Writes ``rank<r>.json`` with the
-rank's history and the error message, and the callback's CSV, into ``out``.
+rank's history, the error message and the number of collectives each measured step issued in
+the callback's hook, and the callback's CSV, into ``out``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,54 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from gradtrace import GradientFlow, NonFiniteGradientError
+from gradtrace.gradient_flow import is_measured_step
+
+_COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_reduce",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce_scatter_tensor",
+)
+
+
+class CountingGradientFlow(GradientFlow):
+    """Counts the torch.distributed collectives its measuring hook issues, per measured step."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.collectives: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        calls = [0]
+        originals = {name: getattr(dist, name) for name in _COLLECTIVES}
+
+        def counted(function):
+            def wrapper(*args, **kwargs):
+                calls[0] += 1
+                return function(*args, **kwargs)
+
+            return wrapper
+
+        measured = is_measured_step(trainer, self.every_n_steps)
+        for name, function in originals.items():
+            setattr(dist, name, counted(function))
+        try:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        finally:
+            for name, function in originals.items():
+                setattr(dist, name, function)
+            if measured:
+                self.collectives.append(calls[0])
 
 
 class Net(nn.Module):
@@ -61,16 +106,37 @@ class Model(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def run(out: Path, devices: int, poison_step: int) -> dict:
+def _strategy(name: str, accelerator: str) -> str | FSDPStrategy:
+    if name != "fsdp" or accelerator != "cpu":
+        return name
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """Lightning refuses ``strategy="fsdp"`` without a GPU (by its exact type) and wraps
+        with ``device_id=None``, which FSDP1 rejects without an accelerator; FSDP1 itself runs
+        on CPU with gloo, so this subclass wraps on the CPU and keeps the rest of the strategy
+        (Lightning's default ``use_orig_params=True``)."""
+
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            kwargs = {"use_orig_params": True, **self.kwargs}
+            return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **kwargs)
+
+    return CPUFSDPStrategy()
+
+
+def run(
+    out: Path, devices: int, poison_step: int, strategy: str = "ddp", accelerator: str = "cpu"
+) -> dict:
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g))
     torch.manual_seed(0)
     model = Model(data, poison_step)
-    callback = GradientFlow(every_n_steps=1, on_nonfinite="raise", plot=False)
+    callback = CountingGradientFlow(every_n_steps=1, on_nonfinite="raise", plot=False)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=_strategy(strategy, accelerator) if devices > 1 else "auto",
         max_epochs=1,
         logger=False,
         enable_progress_bar=False,
@@ -85,7 +151,12 @@ def run(out: Path, devices: int, poison_step: int) -> dict:
         trainer.fit(model)
     except NonFiniteGradientError as err:
         error = str(err)
-    result = {"rank": trainer.global_rank, "history": callback.history, "error": error}
+    result = {
+        "rank": trainer.global_rank,
+        "history": callback.history,
+        "error": error,
+        "collectives": callback.collectives,
+    }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     launcher = trainer.strategy.launcher
     for proc in getattr(launcher, "procs", []):  # rank 0 waits for the ranks it launched
@@ -98,5 +169,7 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--poison-step", type=int, default=2)
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args()
-    run(args.out, args.devices, args.poison_step)
+    run(args.out, args.devices, args.poison_step, args.strategy, args.accelerator)

@@ -58,7 +58,9 @@ def _rss_bytes(field: str) -> int:
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.accelerator == "cuda"
     dm = _data(args.batch_size, args.steps + 1)
-    warm = ImageClassifier("vgg", num_classes=100, arch_kwargs={"width": 4}, compile=False)
+    warm = ImageClassifier(
+        "coursework_vgg", num_classes=100, arch_kwargs={"width": 4}, compile=False
+    )
     _trainer(args, max_steps=2).fit(warm, dm)
     del warm
     import gc

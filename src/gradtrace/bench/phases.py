@@ -326,13 +326,13 @@ def bench_host_overhead(
         torch.set_num_threads(1)
     dm = cifar100_like(batch_size=2, pool=2 * block * (rounds + 2) + CIFAR100_VAL + 100)
     options = {"width": 4}
-    model = ImageClassifier("vgg", num_classes=dm.num_classes, arch_kwargs=options)
+    model = ImageClassifier("coursework_vgg", num_classes=dm.num_classes, arch_kwargs=options)
     stepper = TrainerSteps(model, dm, sync_cuda=cfg.device == "cuda", **_trainer_kwargs(cfg, root))
     try:
         stepper.start()
         images, labels = dm.split("train")
         plain = PlainLoop(
-            "vgg",
+            "coursework_vgg",
             images,
             labels,
             dm.mean,
@@ -661,7 +661,7 @@ def _count_syncs(cfg: BenchConfig, every: int, workdir: Path, steps: int = 5) ->
     dm = ImageDataModule(
         "synthetic", num_classes=10, synthetic_sizes=(800, 50), val_size=100, batch_size=16
     )
-    model = ImageClassifier("vgg", num_classes=10, arch_kwargs={"width": 8})
+    model = ImageClassifier("coursework_vgg", num_classes=10, arch_kwargs={"width": 8})
     counter = HostSyncCounter(device_only=cfg.device != "cpu")
 
     class Window(pl.Callback):  # from the third step (past first-step set-up) to the epoch end

@@ -1,11 +1,14 @@
-"""AlexNet as the lecture analyses it (input 3x227x227), torchvision's layout and count.
+"""AlexNet as the lecture notes "Lecture 8: CNN Architectures I" analyse it (input 3x227x227),
+torchvision's layout and count.
 
 Five convolutions (64 11x11/4 pad 2, 192 5x5 pad 2, 384, 256, 256 3x3 pad 1) with 3x3/2
 max-pools after the first, second and fifth, then a 9216-4096-4096-classes MLP with dropout:
 61,100,840 parameters for 1000 classes. This is the single-tower network of Krizhevsky's
-"One weird trick" paper that torchvision and the lecture use, without the 2012 paper's
-local response normalisation. As in torchvision, a 6x6 adaptive average pool sits before the
-MLP (an identity at 227x227 or 224x224) so other input sizes work.
+"One weird trick for parallelizing convolutional neural networks" (arXiv:1404.5997) that
+torchvision and the lecture use, without the local response normalisation of "ImageNet
+Classification with Deep Convolutional Neural Networks" (Krizhevsky et al., NeurIPS 2012).
+As in torchvision, a 6x6 adaptive average pool sits before the MLP (an identity at 227x227 or
+224x224) so other input sizes work.
 
 ``stem="cifar"`` swaps the 11x11/4 conv1 for a 3x3/1 one (padding 1), so a 32x32 image still
 survives the three max-pools (32 -> 15 -> 7 -> 3); the adaptive pool then brings the 3x3 map

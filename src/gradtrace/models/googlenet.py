@@ -1,9 +1,10 @@
-"""GoogLeNet (Inception v1, Szegedy et al., "Going deeper with convolutions", 2015).
+"""GoogLeNet (Inception v1, Szegedy et al., "Going Deeper with Convolutions", arXiv:1409.4842).
 
 Faithful to the paper's Table 1, which torchvision is not: the third branch of every
 inception module is a true 5x5 convolution (torchvision uses 3x3 there).
 
-* stem (``stem="imagenet"``, the lecture's table): 7x7/2 conv 64, 3x3/2 max-pool, 1x1 conv 64,
+* stem (``stem="imagenet"``, the table of the lecture notes "Lecture 8: CNN Architectures I"):
+  7x7/2 conv 64, 3x3/2 max-pool, 1x1 conv 64,
   3x3 conv 192, 3x3/2 max-pool: 224 -> 28, 124,416 parameters. The 2014 network's two local
   response normalisation layers are left out, as in the lecture's table and torchvision
   (they hold no parameters). ``stem="cifar"`` keeps the three convolutions but not the

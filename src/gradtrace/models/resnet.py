@@ -12,6 +12,12 @@
   in deep residual networks"): BN-ReLU-conv inside the block, nothing after the addition,
   no BN-ReLU after the stem and one BN-ReLU before the pooling. A projection shortcut sees the
   pre-activated input, as in that paper; identity and zero-padding shortcuts see the raw input.
+* ``norm``/``norm_layer`` replace every BatchNorm (blocks, stem, projections) and
+  ``activation``/``act_layer`` every ReLU, as torchvision's ``norm_layer``; modules keep
+  torchvision's names (``bn1``, ``relu1``) whatever they hold.
+
+The paper is "Deep Residual Learning for Image Recognition" (arXiv:1512.03385); the follow-up
+is "Identity Mappings in Deep Residual Networks" (arXiv:1603.05027).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradtrace.checks import check_choice
+from gradtrace.models.layers import ActLayer, NormLayer, resolve_act_layer, resolve_norm_layer
 from gradtrace.models.registry import register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck", "ResNet"]
@@ -42,9 +49,11 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra))
 
 
-def _shortcut(kind: str, in_planes: int, out_planes: int, stride: int) -> nn.Module | None:
+def _shortcut(
+    kind: str, in_planes: int, out_planes: int, stride: int, norm: NormLayer
+) -> nn.Module | None:
     """The skip path of one block: ``"identity"``, ``"zeropad"`` (option A), ``"project"``
-    (1x1 conv + BN, option B) or ``"none"`` (plain network: no skip at all)."""
+    (1x1 conv + norm, option B) or ``"none"`` (plain network: no skip at all)."""
     if kind == "none":
         return None
     if kind == "zeropad":
@@ -52,7 +61,7 @@ def _shortcut(kind: str, in_planes: int, out_planes: int, stride: int) -> nn.Mod
     if kind == "project":
         return nn.Sequential(
             nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
-            nn.BatchNorm2d(out_planes),
+            norm(out_planes),
         )
     return nn.Identity()
 
@@ -70,15 +79,23 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        shortcut: str,
+        norm: NormLayer = nn.BatchNorm2d,
+        act: ActLayer = nn.ReLU,
+    ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_planes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU()
+        self.bn1 = norm(planes)
+        self.relu1 = act()
         self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = _shortcut(shortcut, in_planes, planes, stride)
-        self.relu2 = nn.ReLU()
+        self.bn2 = norm(planes)
+        self.shortcut = _shortcut(shortcut, in_planes, planes, stride, norm)
+        self.relu2 = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
@@ -92,19 +109,27 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        shortcut: str,
+        norm: NormLayer = nn.BatchNorm2d,
+        act: ActLayer = nn.ReLU,
+    ) -> None:
         super().__init__()
         out_planes = planes * self.expansion
         self.conv1 = _conv1x1(in_planes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU()
+        self.bn1 = norm(planes)
+        self.relu1 = act()
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU()
+        self.bn2 = norm(planes)
+        self.relu2 = act()
         self.conv3 = _conv1x1(planes, out_planes)
-        self.bn3 = nn.BatchNorm2d(out_planes)
-        self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride)
-        self.relu3 = nn.ReLU()
+        self.bn3 = norm(out_planes)
+        self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride, norm)
+        self.relu3 = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -120,15 +145,23 @@ class PreActBasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        shortcut: str,
+        norm: NormLayer = nn.BatchNorm2d,
+        act: ActLayer = nn.ReLU,
+    ) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU()
+        self.bn1 = norm(in_planes)
+        self.relu1 = act()
         self.conv1 = _conv3x3(in_planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU()
+        self.bn2 = norm(planes)
+        self.relu2 = act()
         self.conv2 = _conv3x3(planes, planes)
-        self.shortcut = _shortcut(shortcut, in_planes, planes, stride)
+        self.shortcut = _shortcut(shortcut, in_planes, planes, stride, norm)
         self.project = shortcut == "project"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,19 +177,27 @@ class PreActBottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        shortcut: str,
+        norm: NormLayer = nn.BatchNorm2d,
+        act: ActLayer = nn.ReLU,
+    ) -> None:
         super().__init__()
         out_planes = planes * self.expansion
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU()
+        self.bn1 = norm(in_planes)
+        self.relu1 = act()
         self.conv1 = _conv1x1(in_planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU()
+        self.bn2 = norm(planes)
+        self.relu2 = act()
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn3 = nn.BatchNorm2d(planes)
-        self.relu3 = nn.ReLU()
+        self.bn3 = norm(planes)
+        self.relu3 = act()
         self.conv3 = _conv1x1(planes, out_planes)
-        self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride)
+        self.shortcut = _shortcut(shortcut, in_planes, out_planes, stride, norm)
         self.project = shortcut == "project"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,6 +232,8 @@ class ResNet(nn.Module):
             ``"project"`` (option B).
         residual: ``False`` drops every shortcut (the paper's "plain" networks).
         preact: pre-activation blocks.
+        norm_layer: factory of every norm layer, called with the channel count (BatchNorm).
+        act_layer: factory of every activation (ReLU).
     """
 
     def __init__(
@@ -204,6 +247,8 @@ class ResNet(nn.Module):
         preact: bool = False,
         num_classes: int = 1000,
         in_chans: int = 3,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        act_layer: ActLayer = nn.ReLU,
     ) -> None:
         super().__init__()
         check_choice("block", block, ("basic", "bottleneck"))
@@ -221,8 +266,8 @@ class ResNet(nn.Module):
         else:
             self.conv1 = _conv3x3(in_chans, stem_width)
         # Pre-activation networks start their first block with BN-ReLU instead.
-        self.bn1 = nn.Identity() if preact else nn.BatchNorm2d(stem_width)
-        self.relu = nn.Identity() if preact else nn.ReLU()
+        self.bn1 = nn.Identity() if preact else norm_layer(stem_width)
+        self.relu = nn.Identity() if preact else act_layer()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         in_planes = stem_width
         for i, (num_blocks, planes) in enumerate(zip(blocks, widths)):
@@ -236,18 +281,18 @@ class ResNet(nn.Module):
                     kind = downsample
                 else:
                     kind = "identity"
-                stage.append(block_cls(in_planes, planes, stride, kind))
+                stage.append(block_cls(in_planes, planes, stride, kind, norm_layer, act_layer))
                 in_planes = out_planes
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
         self.num_stages = len(blocks)
-        self.final_bn = nn.BatchNorm2d(in_planes) if preact else nn.Identity()
-        self.final_relu = nn.ReLU() if preact else nn.Identity()
+        self.final_bn = norm_layer(in_planes) if preact else nn.Identity()
+        self.final_relu = act_layer() if preact else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -278,8 +323,17 @@ def resnet_cifar(
     depth: int = 20,
     residual: bool = True,
     preact: bool = False,
+    norm: str | None = None,
+    activation: str | None = None,
+    norm_layer: NormLayer | None = None,
+    act_layer: ActLayer | None = None,
 ) -> ResNet:
-    """CIFAR ResNet of depth 6n+2 with option-A shortcuts (He et al. 2016, section 4.2)."""
+    """CIFAR ResNet of depth 6n+2 with option-A shortcuts (He et al. 2016, section 4.2).
+
+    ``norm`` is one of ``batch`` (default), ``group``, ``layer``, ``none`` and ``activation``
+    one of ``relu`` (default), ``leaky_relu``, ``elu``, ``selu``, ``sigmoid``, ``tanh``;
+    ``norm_layer``/``act_layer`` take factories instead.
+    """
     n = cifar_blocks(depth)
     return ResNet(
         "basic",
@@ -291,6 +345,8 @@ def resnet_cifar(
         preact=preact,
         num_classes=num_classes,
         in_chans=in_chans,
+        norm_layer=resolve_norm_layer(norm, norm_layer, default="batch"),
+        act_layer=resolve_act_layer(activation, act_layer, default="relu"),
     )
 
 
@@ -328,8 +384,13 @@ def imagenet_resnet(
     depth: int = 50,
     residual: bool = True,
     preact: bool = False,
+    norm: str | None = None,
+    activation: str | None = None,
+    norm_layer: NormLayer | None = None,
+    act_layer: ActLayer | None = None,
 ) -> ResNet:
-    """ImageNet ResNet (torchvision layout) of depth 18, 34, 50, 101 or 152."""
+    """ImageNet ResNet (torchvision layout) of depth 18, 34, 50, 101 or 152; ``norm``,
+    ``activation``, ``norm_layer`` and ``act_layer`` as for ``resnet_cifar``."""
     if depth not in IMAGENET_CONFIGS:
         raise ValueError(f"depth must be one of 18, 34, 50, 101, 152; got {depth}")
     block, blocks = IMAGENET_CONFIGS[depth]
@@ -343,6 +404,8 @@ def imagenet_resnet(
         preact=preact,
         num_classes=num_classes,
         in_chans=in_chans,
+        norm_layer=resolve_norm_layer(norm, norm_layer, default="batch"),
+        act_layer=resolve_act_layer(activation, act_layer, default="relu"),
     )
 
 

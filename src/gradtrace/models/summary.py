@@ -1,7 +1,8 @@
 """Per-layer cost table: output shape, activation memory, parameters and MACs.
 
 ``summarize(model, input_size)`` runs one forward pass (eval mode, no grad) on zeros and
-returns a :class:`CostTable`, the kind of table the lecture draws for AlexNet and GoogLeNet.
+returns a :class:`CostTable`, the kind of table the lecture notes "Lecture 8: CNN
+Architectures I" draw for AlexNet and GoogLeNet.
 
 What is a row
     Every call of a leaf module that has parameters, does counted arithmetic, or is a pooling

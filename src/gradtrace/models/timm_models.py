@@ -1,7 +1,10 @@
 """Vision Transformer and Swin Transformer through timm, configured for 32x32 images.
 
-The modern comparison of seed 000. timm builds the networks; we only pick configurations that
-make sense for CIFAR-sized inputs:
+The modern comparison that "Stable Backpropagation in Deep Image Recognition: A VGGNet-Centered
+Analysis with Modern AI Perspectives" (Meng et al.) sets beside the CNNs: ViT ("An Image is
+Worth 16x16 Words: Transformers for Image Recognition at Scale", arXiv:2010.11929) and Swin
+("Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", arXiv:2103.14030).
+timm builds the networks; we only pick configurations that make sense for CIFAR-sized inputs:
 
 * ``vit_tiny_cifar`` / ``vit_small_cifar``: timm's ``vit_tiny_patch16_224`` /
   ``vit_small_patch16_224`` (ViT-Ti: 192 wide, 12 blocks, 3 heads; ViT-S: 384, 12, 6) with

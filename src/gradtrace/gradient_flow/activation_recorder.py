@@ -1,0 +1,134 @@
+"""The callback side of activation statistics: when hooks exist, and what is worth a warning.
+
+:class:`ActivationRecorder` is what ``GradientFlow(activations=True)`` holds: it attaches an
+:class:`~gradtrace.gradient_flow.activations.ActivationCollector` at the start of a measured
+step, reads and detaches it before the optimizer steps, and warns (global rank 0) through
+:class:`ActivationDiagnosis` when a layer is dead or saturated.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import lightning.pytorch as pl
+from torch import nn
+
+from gradtrace.checks import check_int, check_range
+from gradtrace.gradient_flow.activations import (
+    ActivationCollector,
+    ActivationsUnavailableError,
+    layer_modules,
+    loss_scale,
+)
+from gradtrace.gradient_flow.diagnosis import GradientFlowWarning
+
+__all__ = ["ActivationDiagnosis", "ActivationRecorder"]
+
+
+class ActivationDiagnosis:
+    """Find dead or saturated layers in a stream of measured steps.
+
+    A layer is dead when ``act_zero_frac > dead_fraction`` and saturated when ``act_sat_frac >
+    saturated_fraction``, each at ``patience`` measured steps in a row; each layer is reported
+    once per finding.
+    """
+
+    def __init__(
+        self, dead_fraction: float = 0.9, saturated_fraction: float = 0.9, patience: int = 3
+    ) -> None:
+        check_range("dead_fraction", dead_fraction, 0.0, 1.0, high_inclusive=False, optional=True)
+        check_range(
+            "saturated_fraction", saturated_fraction, 0.0, 1.0, high_inclusive=False, optional=True
+        )
+        check_int("patience", patience, 1)
+        self.dead_fraction = dead_fraction
+        self.saturated_fraction = saturated_fraction
+        self.patience = patience
+        self._streak: dict[tuple[str, str], int] = {}
+        self._reported: set[tuple[str, str]] = set()
+
+    def update(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> list[str]:
+        """Take one measured step's ``{layer: {stat: value}}``; return new warning messages."""
+        messages = []
+        checks: Sequence[tuple[str, str, float | None]] = (
+            ("dead", "act_zero_frac", self.dead_fraction),
+            ("saturated", "act_sat_frac", self.saturated_fraction),
+        )
+        for layer, values in stats.items():
+            for kind, stat, threshold in checks:
+                key = (layer, kind)
+                value = values.get(stat, math.nan)
+                if threshold is None or not value > threshold:
+                    self._streak.pop(key, None)
+                    continue
+                self._streak[key] = self._streak.get(key, 0) + 1
+                if self._streak[key] < self.patience or key in self._reported:
+                    continue
+                self._reported.add(key)
+                messages.append(self._message(kind, layer, step, value, threshold))
+        return messages
+
+    def _message(self, kind: str, layer: str, step: int, value: float, threshold: float) -> str:
+        steps = f"{self.patience} measured steps in a row" if self.patience > 1 else "a step"
+        if kind == "dead":
+            return (
+                f"Dead units in layer {layer!r} at step {step}: {value:.1%} of its activated "
+                f"outputs are exactly zero (over dead_fraction={threshold:g} at {steps}), so "
+                "almost no gradient passes back through it. A lower learning rate, LeakyReLU, "
+                "another initialisation or batch normalization usually help."
+            )
+        return (
+            f"Saturated activation after layer {layer!r} at step {step}: {value:.1%} of its "
+            f"outputs lie within 1% of the bounds (over saturated_fraction={threshold:g} at "
+            f"{steps}), where its derivative is nearly zero. Batch normalization, a smaller "
+            "initialisation or a non-saturating activation usually help."
+        )
+
+
+class ActivationRecorder:
+    """Hooks on measured steps only, values reduced over ranks, warnings on global rank 0."""
+
+    def __init__(
+        self,
+        dead_fraction: float | None = 0.9,
+        saturated_fraction: float | None = 0.9,
+        patience: int = 3,
+    ) -> None:
+        self.diagnosis = ActivationDiagnosis(dead_fraction, saturated_fraction, patience)
+        self._collector = ActivationCollector()
+        self._unavailable = False
+
+    def start(
+        self, trainer: pl.Trainer, root: nn.Module, layers: Iterable[tuple[str, nn.Module]]
+    ) -> None:
+        """Attach the hooks for a measured step (once for all its micro-batches)."""
+        if self._unavailable or self._collector.attached:
+            return
+        try:
+            self._collector.attach(root, layer_modules(layers))
+        except ActivationsUnavailableError as err:
+            self._unavailable = True  # said once, then the gradients go on alone
+            if trainer.is_global_zero:
+                warnings.warn(
+                    f"GradientFlow: no activation statistics: {err}",
+                    GradientFlowWarning,
+                    stacklevel=2,
+                )
+
+    def finish(self, trainer: pl.Trainer) -> dict[str, dict[str, float]]:
+        """The measured step's statistics (every rank: one all_reduce); hooks removed."""
+        if not self._collector.attached:
+            return {}
+        self._collector.detach()
+        return self._collector.compute(grad_scale=loss_scale(trainer.precision_plugin))
+
+    def close(self) -> None:
+        """Remove any hook left by a measured batch that never stepped."""
+        self._collector.detach()
+
+    def diagnose(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
+        """Warn about layers that became dead or saturated (call on global rank 0)."""
+        for message in self.diagnosis.update(step, stats):
+            warnings.warn(message, GradientFlowWarning, stacklevel=2)

@@ -1,0 +1,483 @@
+"""``GradientFlow``: the Lightning callback that measures per-layer gradients during training.
+
+Thin glue over the pieces of this package: :func:`~gradtrace.gradient_flow.select_layers`
+(which parameters), :func:`~gradtrace.gradient_flow.is_measured_step` (which steps),
+:func:`~gradtrace.gradient_flow.grad_stats_table` (the values), the forward probe (layer order
+and main path), :class:`~gradtrace.gradient_flow.diagnosis.Diagnosis` (warnings) and the
+records (bounded history, CSV, loggers). Plots need matplotlib (``pip install
+'gradtrace[plot]'``) and are skipped without it.
+
+Over 400 lines because the class docstring is the callback's user reference (about 90 lines);
+the code itself is the Lightning hooks and the state they share.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from gradtrace.checks import check_choice, check_int
+from gradtrace.gradient_flow.activation_recorder import ActivationRecorder
+from gradtrace.gradient_flow.activations import ACTIVATION_STATS
+from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
+from gradtrace.gradient_flow.diagnosis import Diagnosis
+from gradtrace.gradient_flow.figures import draw_figure, matplotlib_missing
+from gradtrace.gradient_flow.order import LayerOrder
+from gradtrace.gradient_flow.records import BoundedHistory, CsvRecords, input_output_ratio
+from gradtrace.gradient_flow.run_dir import run_directory
+from gradtrace.gradient_flow.selection import Layer, parameter_names, select_layers
+from gradtrace.gradient_flow.stats import STATS
+from gradtrace.gradient_flow.step import OptimizerLayers, measure, plan_layers
+from gradtrace.gradient_flow.update_ratio import PendingUpdate
+
+__all__ = ["GradientFlow"]
+
+# Write the CSV at least this often (seconds) even inside a long epoch.
+_FLUSH_INTERVAL_S = 60.0
+
+
+class GradientFlow(Callback):
+    """Record per-layer gradient statistics at Lightning's logging steps, plot and diagnose.
+
+    Add it to any Lightning ``Trainer``::
+
+        from gradtrace import GradientFlow
+        trainer = Trainer(callbacks=[GradientFlow()])
+
+    **Layers.** By default the ``weight`` of every weight-bearing module (``Conv*``, ``Linear``,
+    ``Embedding`` and subclasses), named as in ``pl_module.named_parameters()`` without
+    ``torch.compile``/DDP/FSDP wrapper prefixes (``net.conv1.weight``). ``include`` adds
+    parameters by name glob (``"*.bias"``, ``"net.cls_token"``) or owning module type
+    (``"BatchNorm2d"``, ``nn.LayerNorm``); ``exclude`` removes them, applied last. Frozen
+    parameters, and those without a gradient at a step, are not recorded.
+
+    **Values** (``stats``), over the full tensor under every strategy
+    (:func:`~gradtrace.gradient_flow.grad_stats`): ``mean_abs`` (mean ``|grad|``, the
+    coursework report's Figure 2 measure), ``l2``, ``max_abs``, ``nonfinite`` (inf/nan
+    entries); ``update_ratio`` (opt-in): ``||w_after - w_before|| / ||w_before||``.
+
+    **Which gradients.** Those the optimizer uses, in ``on_before_optimizer_step``: unscaled
+    under 16-mixed (divided by the GradScaler's scale when the optimizer unscales itself, as
+    fused Adam does), averaged over DDP ranks, accumulated over ``accumulate_grad_batches``,
+    before gradient clipping. Steps the GradScaler skips (inf/nan gradients) are recorded with
+    ``scaler_skipped=1`` and never warned about.
+
+    **When** (:func:`~gradtrace.gradient_flow.is_measured_step`): at step 0, at the steps
+    Lightning's loggers write (``(step + 1) % log_every_n_steps == 0``, or ``every_n_steps``
+    when given, or when training stops) and at the last step of the fit. ``step`` is
+    Lightning's logging step (``_batches_that_stepped``, the step loggers and
+    ``LearningRateMonitor`` use). Other steps cost nothing.
+
+    **Order and main path.** Layers are in data-flow order (the order their modules are first
+    called in the first training batch). The layers reachable through autograd from the
+    model's primary output (the first tensor it returns) are the main path; auxiliary heads
+    are recorded but are never the output end.
+
+    **Outputs** (details in ``docs/callback.md``). Logger metrics
+    ``grad_flow/<stat>/<layer>``; through ``pl_module.log`` (for ``EarlyStopping``,
+    ``ModelCheckpoint``, the progress bar) ``grad_flow/input_output_ratio`` (main path),
+    ``grad_flow/grad_norm`` (all the optimizer's gradients, before clipping) and
+    ``grad_flow/nonfinite``, suffixed ``/optimizer_<i>`` after the first optimizer;
+    :attr:`history` (the last ``history_size`` records per layer); ``<run dir>/<filename>``
+    (every record; global rank 0 writes it at epoch ends, at the end, on an exception and at
+    least once a minute); with matplotlib, per-epoch plots and a final heatmap in
+    ``<run dir>/gradient_flow/``; optional histograms. The run directory is ``dirpath``, else
+    derived like ``ModelCheckpoint``'s (:func:`~gradtrace.gradient_flow.run_dir.run_directory`);
+    a resumed fit appends to its CSV, or starts a new one (steps continuing) in a new directory.
+
+    **Diagnosis** (global rank 0, from ``warmup_steps`` on, per optimizer): input over output
+    end of that optimizer's main path; below ``vanishing_ratio`` or above ``exploding_ratio`` a
+    :class:`GradientFlowWarning` is issued once, naming the layer pair with the largest drop
+    (rise). Non-finite gradients warn once per layer or, with ``on_nonfinite="raise"``, stop
+    every rank with :class:`NonFiniteGradientError`. :meth:`state_dict` keeps the warn-once
+    flags, the last step, the layer order and the history across a resumed fit.
+
+    Args:
+        include: name globs or module types (or type names) whose parameters are also layers.
+        exclude: name globs or module types removed from the layers (applied last).
+        stats: which of ``mean_abs``, ``l2``, ``max_abs``, ``nonfinite`` to record.
+        update_ratio: also record ``||dw|| / ||w||`` (copies the layers on measured steps).
+        every_n_steps: measure when ``(step + 1) % every_n_steps == 0`` (plus the first and
+            last step); ``None`` follows ``Trainer(log_every_n_steps=...)``.
+        history_size: records kept in :attr:`history` per layer (``None``: all).
+        histogram_every_n_steps: send gradient histograms every this many steps (``None``:
+            never).
+        dirpath: directory of the CSV and plots (default: the run directory, above).
+        plot: draw plots when matplotlib is installed (needs ``"mean_abs"`` in ``stats``).
+        log_scale: log-scale y axis in the per-epoch plots.
+        warmup_steps: steps before the vanishing/exploding check starts.
+        vanishing_ratio: warn when input/output ``mean_abs`` falls below this (``None``: never).
+        exploding_ratio: warn when input/output ``mean_abs`` exceeds this (``None``: never).
+        on_nonfinite: ``"warn"`` or ``"raise"`` on inf/nan gradients.
+        filename: name of the CSV file inside the run directory.
+        activations: also record the activation statistics of the same layers on the same
+            steps, as extra columns of the same rows (``act_mean``, ``act_std``,
+            ``act_zero_frac``, ``act_sat_frac``, ``act_grad_mean_abs``; see
+            :mod:`gradtrace.gradient_flow.activations` and ``docs/activations.md``).
+        dead_fraction: warn when a layer's ``act_zero_frac`` exceeds this (``None``: never).
+        saturated_fraction: warn when a layer's ``act_sat_frac`` exceeds this (``None``:
+            never).
+        activation_patience: measured steps in a row a layer must be dead or saturated before
+            the warning.
+    """
+
+    def __init__(
+        self,
+        *,
+        include: Sequence[str | type] = (),
+        exclude: Sequence[str | type] = (),
+        stats: Sequence[str] = STATS,
+        update_ratio: bool = False,
+        every_n_steps: int | None = None,
+        history_size: int | None = 1000,
+        histogram_every_n_steps: int | None = None,
+        dirpath: str | Path | None = None,
+        plot: bool = True,
+        log_scale: bool = True,
+        warmup_steps: int = 20,
+        vanishing_ratio: float | None = 1e-3,
+        exploding_ratio: float | None = 1e4,
+        on_nonfinite: str = "warn",
+        filename: str = "gradient_flow.csv",
+        activations: bool = False,
+        dead_fraction: float | None = 0.9,
+        saturated_fraction: float | None = 0.9,
+        activation_patience: int = 3,
+    ) -> None:
+        super().__init__()
+        check_choice("activations", activations, (False, True))
+        check_int("activation_patience", activation_patience, 1)
+        if isinstance(stats, str):
+            stats = (stats,)
+        stats = tuple(stats)
+        if not stats:
+            raise ValueError(f"stats must name at least one of {', '.join(STATS)}; got none")
+        for stat in stats:
+            check_choice("stats entry", stat, STATS)
+        if plot and "mean_abs" not in stats:
+            raise ValueError(
+                f"plot=True draws mean_abs, so stats must include 'mean_abs'; got {stats}"
+                " (or pass plot=False)"
+            )
+        check_int("every_n_steps", every_n_steps, 1, optional=True)
+        check_int("history_size", history_size, 1, optional=True)
+        check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
+        if not isinstance(filename, str) or not filename or Path(filename).name != filename:
+            raise ValueError(
+                f"filename must be a plain file name such as 'gradient_flow.csv'; got {filename!r}"
+            )
+        select_layers(torch.nn.Module(), include, exclude)  # checks the patterns now
+        self.diagnosis = Diagnosis(vanishing_ratio, exploding_ratio, warmup_steps, on_nonfinite)
+
+        self.include = tuple(include) if not isinstance(include, (str, type)) else (include,)
+        self.exclude = tuple(exclude) if not isinstance(exclude, (str, type)) else (exclude,)
+        self.stats = tuple(s for s in STATS if s in stats)
+        self.update_ratio = update_ratio
+        self.every_n_steps = every_n_steps
+        self.history_size = history_size
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.dirpath = dirpath
+        self.plot = plot
+        self.log_scale = log_scale
+        self.filename = filename
+        self.activations = activations
+        self._activation_args = (dead_fraction, saturated_fraction, activation_patience)
+        ActivationRecorder(*self._activation_args)  # checks the thresholds now
+
+        self.csv_path: Path | None = None
+        """Where the CSV goes (``<run dir>/<filename>``), known once training starts."""
+        self.last_step: int | None = None
+        """The last step measured."""
+        self._history = BoundedHistory(history_size)
+        self._order = LayerOrder()
+        self._reset_fit()
+
+    # ---------------------------------------------------------------- public helpers
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The last ``history_size`` records of every layer, in the order recorded: one dict
+        per (step, layer) with ``step``, ``layer`` and one key per column of the CSV."""
+        return self._history.records()
+
+    @property
+    def layer_order(self) -> list[str]:
+        """Names of the layers recorded so far, in data-flow order (input first)."""
+        recorded = {r["layer"] for r in self._history.records()}
+        return sorted(recorded, key=self._order.rank_of)
+
+    @property
+    def main_path(self) -> list[str]:
+        """The recorded layers on the path to the model's primary output, input first."""
+        return [name for name in self.layer_order if name in self._order.main_path]
+
+    def input_output_ratio(self, last_n: int = 1) -> float:
+        """Input end over output end of the main path's ``mean_abs``, each averaged over its
+        last ``last_n`` records. Far below 1: gradients vanish toward the input."""
+        if not isinstance(last_n, int) or last_n < 1:
+            raise ValueError(f"last_n must be a positive integer; got {last_n!r}")
+        if "mean_abs" not in self.stats:
+            raise ValueError("input_output_ratio needs 'mean_abs' in stats")
+        path = self.main_path or self.layer_order
+        return input_output_ratio(self.history, last_n, order=path)
+
+    def is_measured_step(self, trainer: pl.Trainer) -> bool:
+        """Whether the current training batch is measured (the one place that decides)."""
+        return is_measured_step(trainer, self.every_n_steps)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns of every record and of the CSV, in order (the one place that says)."""
+        columns = ["step", "layer", *self.stats]
+        if self.update_ratio:
+            columns.append("update_ratio")
+        if self._scaler_in_use:
+            columns.append("scaler_skipped")
+        if self.activations:
+            columns += ACTIVATION_STATS
+        return columns
+
+    # ---------------------------------------------------------------- state
+
+    def _reset_fit(self) -> None:
+        """Per-fit state (rebuilt by every ``fit``)."""
+        self._scaler_in_use = False
+        self._layers: list[Layer] = []
+        self._names: dict[int, str] = {}
+        self._per_optimizer: dict[tuple[int, int], OptimizerLayers] = {}
+        self._pending: list[PendingUpdate] = []
+        self._csv: CsvRecords | None = None
+        self._last_flush = time.monotonic()
+        self._epoch_first_step = 0
+        self._plots_unavailable = False
+        self._run_dir: Path | None = None
+        self._activations = ActivationRecorder(*self._activation_args)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "diagnosis": self.diagnosis.state_dict(),
+            "last_step": self.last_step,
+            "order": self._order.state_dict(),
+            "history": self._history.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.diagnosis.load_state_dict(state_dict["diagnosis"])
+        self.last_step = state_dict["last_step"]
+        self._order.load_state_dict(state_dict["order"])
+        self._history.load_state_dict(state_dict["history"])
+
+    # ---------------------------------------------------------------- Lightning hooks
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        resumed = logging_step(trainer) > 0
+        self._reset_fit()
+        if not resumed:
+            self._history = BoundedHistory(self.history_size)
+            self.diagnosis.reset()
+            self.last_step = None
+        if self.every_n_steps is None and trainer.log_every_n_steps < 1:
+            raise ValueError(
+                "GradientFlow(every_n_steps=None) follows Trainer(log_every_n_steps=...), which "
+                f"is {trainer.log_every_n_steps}; pass every_n_steps explicitly"
+            )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._scaler_in_use = scaler is not None and scaler.is_enabled()
+        self._run_dir = run_directory(trainer, self.dirpath)  # every rank: it broadcasts
+        self.csv_path = self._run_dir / self.filename
+        self._layers = select_layers(pl_module, self.include, self.exclude)
+        self._names = parameter_names(pl_module)
+        self._order.start(self._names, keep=resumed)
+        if self.update_ratio and any(_sharded(layer.param) for layer in self._layers):
+            raise ValueError(
+                "GradientFlow(update_ratio=True) needs whole parameters on global rank 0; with "
+                "sharded parameters (FSDP, DTensor) pass update_ratio=False"
+            )
+        if trainer.is_global_zero:
+            self._csv = CsvRecords(self.csv_path, self.columns)
+            self._csv.start(append=resumed)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_first_step = logging_step(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._order.watch(pl_module)
+        # After the order probe: compiler stances must be left in the reverse order.
+        if self.activations and self.is_measured_step(trainer):
+            layers = ((layer.name, layer.module) for layer in self._layers)
+            self._activations.start(trainer, pl_module, layers)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        activation_stats = self._activations.finish(trainer)  # every rank: one all_reduce
+        if not self.is_measured_step(trainer):
+            return
+        step = logging_step(trainer)
+        if not self._order.final:
+            self._order.update(final=False)
+        plan = self._plan(optimizer)
+        measured = measure(plan, optimizer, trainer.precision_plugin)  # every rank
+        if measured is None:
+            return
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        for key, value in measured.summary_scalars(f"/optimizer_{index}" if index else "").items():
+            pl_module.log(key, value, on_step=True, on_epoch=False)
+        self.last_step = step
+        records = measured.records(step, self.stats)
+        for record in records:
+            record.update(activation_stats.get(record["layer"], {}))
+        skipped = self._scaler_in_use and measured.any_nonfinite
+        if self._scaler_in_use:
+            for record in records:
+                record["scaler_skipped"] = int(skipped)
+        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+            self._send_histograms(trainer, plan, measured.layer_rows, step)
+        if trainer.is_global_zero:
+            if self.update_ratio:
+                params = [plan.params[i] for i in measured.layer_rows]
+                self._pending.append(PendingUpdate.snapshot(records, params))
+            else:
+                self._emit(trainer, records)
+            self.diagnosis.check_path(step, measured.path_means())
+            self._activations.diagnose(step, activation_stats)
+        if not skipped:  # a GradScaler skips such steps: expected in fp16
+            self.diagnosis.nonfinite(
+                step, measured.nonfinite_layers(), report=trainer.is_global_zero
+            )
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._order.final:
+            self._order.update(final=True)
+            self._per_optimizer.clear()  # built with the provisional order
+        if self._pending:
+            self._finish_update_ratios(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activations.close()  # a measured batch that never stepped
+        if not trainer.is_global_zero:
+            return
+        self._flush_csv()
+        records = [r for r in self.history if r["step"] >= self._epoch_first_step]
+        if records and self.plot:
+            self._plot(trainer, "flow", records, f"epoch_{trainer.current_epoch:03d}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activations.close()
+        self._order.close()
+        if not trainer.is_global_zero:
+            return
+        self._flush_csv()
+        history = self.history
+        if history and self.plot:
+            self._plot(trainer, "heatmap", history, "heatmap")
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._activations.close()
+        self._order.close()
+        if not trainer.is_global_zero:
+            return
+        pending, self._pending = self._pending, []
+        for entry in pending:  # the optimizer step never finished
+            self._emit(trainer, entry.abandon())
+        self._flush_csv()
+
+    # ---------------------------------------------------------------- measuring
+
+    def _plan(self, optimizer: torch.optim.Optimizer) -> OptimizerLayers:
+        """The parameters ``optimizer`` steps, in data-flow order, and which are layers."""
+        key = (id(optimizer), sum(len(group["params"]) for group in optimizer.param_groups))
+        plan = self._per_optimizer.get(key) if self._order.final else None
+        if plan is None:
+            layer_ids = {id(layer.param) for layer in self._layers}
+            order = self._order
+            plan = plan_layers(optimizer, self._names, layer_ids, order.rank_of, order.main_path)
+            self._per_optimizer[key] = plan
+        return plan
+
+    def _finish_update_ratios(self, trainer: pl.Trainer) -> None:
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            self._emit(trainer, entry.finish())
+
+    # ---------------------------------------------------------------- reporting
+
+    def _emit(self, trainer: pl.Trainer, records: list[dict[str, Any]]) -> None:
+        """Store, log and write the records of one optimizer step (global rank 0): the one
+        place records leave the callback."""
+        if not records:
+            return
+        self._history.extend(records)
+        if self._csv is not None:
+            self._csv.add(records)
+        step = records[0]["step"]
+        metrics = {
+            f"grad_flow/{key}/{r['layer']}": r[key]
+            for r in records
+            for key in self.columns[2:]
+            if key in r
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if time.monotonic() - self._last_flush > _FLUSH_INTERVAL_S:
+            self._flush_csv()
+
+    def _send_histograms(
+        self, trainer: pl.Trainer, plan: OptimizerLayers, rows: list[int], step: int
+    ) -> None:
+        from gradtrace.gradient_flow.histograms import send_histograms
+
+        grads = [(plan.names[i], _local(plan.params[i].grad)) for i in rows]
+        grads = [(name, grad) for name, grad in grads if grad is not None and grad.numel()]
+        send_histograms(trainer.loggers if trainer.is_global_zero else [], grads, step)
+
+    def _flush_csv(self) -> None:
+        self._last_flush = time.monotonic()
+        if self._csv is not None:
+            self._csv.flush()
+
+    def _plot(
+        self, trainer: pl.Trainer, kind: str, records: list[dict[str, Any]], stem: str
+    ) -> None:
+        if self._plots_unavailable or self._run_dir is None:
+            return
+        missing = matplotlib_missing()
+        if missing is not None:
+            self._plots_unavailable = True
+            rank_zero_info(
+                f"GradientFlow: no gradient-flow plots ({missing}); install matplotlib "
+                "(pip install 'gradtrace[plot]') to get them. The CSV and logger metrics are "
+                "unaffected."
+            )
+            return
+        order = sorted({r["layer"] for r in records}, key=self._order.rank_of)
+        path = self._run_dir / "gradient_flow" / f"{stem}.png"
+        draw_figure(trainer, kind, records, order, path, logging_step(trainer), self.log_scale)
+
+
+def _sharded(param: torch.Tensor) -> bool:
+    """A parameter this rank holds only part of (FSDP1 original parameters, DTensors)."""
+    return bool(getattr(param, "_fsdp_flattened", False)) or hasattr(param, "device_mesh")
+
+
+def _local(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of ``grad`` this rank holds (a DTensor's local tensor)."""
+    return grad.to_local() if grad is not None and hasattr(grad, "to_local") else grad

@@ -1,0 +1,145 @@
+"""One measured optimizer step: which parameters the optimizer steps, their statistics (one
+``grad_stats_table`` call, one device-to-host copy), and what they become: records, summary
+scalars and non-finite reports."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+from gradtrace.gradient_flow.stats import STATS, grad_stats_table
+
+__all__ = ["Measurement", "OptimizerLayers", "measure", "plan_layers"]
+
+
+@dataclass
+class OptimizerLayers:
+    """What one optimizer steps, in data-flow order: every trainable parameter (for the
+    global norm and the non-finite count) and, among them, the rows that are layers."""
+
+    names: list[str]
+    params: list[torch.Tensor]
+    layer_rows: list[int]
+    path_rows: list[int]
+    """Rows of main-path layers: input end first, output end last (all layers if none is
+    known to be on the main path)."""
+
+
+def plan_layers(
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    layer_ids: set[int],
+    rank_of: Callable[[str], Any],
+    main_path: set[str],
+) -> OptimizerLayers:
+    """The parameters ``optimizer`` steps (``requires_grad``, each once), sorted by
+    ``rank_of`` their name; ``layer_ids``: ``id`` of the selected layers."""
+    found: dict[int, tuple[str, torch.Tensor]] = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.requires_grad and id(p) not in found:
+                found[id(p)] = (names.get(id(p), f"param_group{g}.{i}"), p)
+    ordered = sorted(found.values(), key=lambda item: rank_of(item[0]))
+    ordered_names = [name for name, _ in ordered]
+    layer_rows = [i for i, (_, p) in enumerate(ordered) if id(p) in layer_ids]
+    on_path = [i for i in layer_rows if ordered_names[i] in main_path]
+    return OptimizerLayers(
+        ordered_names, [p for _, p in ordered], layer_rows, on_path or layer_rows
+    )
+
+
+@dataclass
+class Measurement:
+    """All four statistics of one optimizer's gradients at one step."""
+
+    plan: OptimizerLayers
+    present: list[int]
+    """Rows of ``plan`` measured (those with a gradient on some rank)."""
+    table: torch.Tensor
+    """``[len(present) x 4]`` :data:`STATS` on the device."""
+    values: list[list[float]]
+    """``table`` on the host."""
+
+    def _row(self) -> dict[int, int]:
+        return {i: k for k, i in enumerate(self.present)}
+
+    @property
+    def layer_rows(self) -> list[int]:
+        row = self._row()
+        return [i for i in self.plan.layer_rows if i in row]
+
+    def layer_values(self) -> list[tuple[str, list[float], int]]:
+        """(layer name, its four statistics, its number of elements), in data-flow order."""
+        row = self._row()
+        return [
+            (self.plan.names[i], self.values[row[i]], self.plan.params[i].numel())
+            for i in self.layer_rows
+        ]
+
+    @property
+    def any_nonfinite(self) -> bool:
+        return any(values[3] for values in self.values)
+
+    def records(self, step: int, stats: Sequence[str]) -> list[dict[str, Any]]:
+        records = []
+        for name, values, _ in self.layer_values():
+            by_stat = dict(zip(STATS, values))
+            by_stat["nonfinite"] = int(by_stat["nonfinite"])
+            records.append({"step": step, "layer": name, **{s: by_stat[s] for s in stats}})
+        return records
+
+    def nonfinite_layers(self) -> list[tuple[str, int, int]]:
+        """(layer, non-finite count, size) of the layers holding inf/nan, in data-flow order."""
+        return [(name, int(v[3]), n) for name, v, n in self.layer_values() if v[3]]
+
+    def path_means(self) -> list[tuple[str, float]]:
+        """(layer, finite ``mean_abs``) along the main path, input end first."""
+        row = self._row()
+        path = [
+            (self.plan.names[i], self.values[row[i]][0]) for i in self.plan.path_rows if i in row
+        ]
+        return [(name, value) for name, value in path if math.isfinite(value)]
+
+    def summary_scalars(self, suffix: str = "") -> dict[str, torch.Tensor]:
+        """Global gradient norm, non-finite count and main-path input/output ratio, as device
+        tensors (no host sync)."""
+        l2 = torch.nan_to_num(self.table[:, 1], nan=math.inf)
+        scalars = {
+            f"grad_flow/grad_norm{suffix}": l2.square().sum().sqrt(),
+            f"grad_flow/nonfinite{suffix}": self.table[:, 3].sum(),
+        }
+        row = self._row()
+        path = [row[i] for i in self.plan.path_rows if i in row]
+        if len(path) >= 2:
+            ratio = self.table[path[0], 0] / self.table[path[-1], 0]
+            scalars[f"grad_flow/input_output_ratio{suffix}"] = ratio
+        return {key: value.float() for key, value in scalars.items()}
+
+
+def measure(
+    plan: OptimizerLayers, optimizer: torch.optim.Optimizer, precision_plugin: Any
+) -> Measurement | None:
+    """Measure ``plan``'s gradients (``None`` if none has one). Every rank must call it: with
+    sharded gradients it issues the one collective."""
+    # FSDP1 ranks hold a slice of a gradient or None: every rank takes every such row, so
+    # that the tables they combine have the same rows.
+    present = [
+        i
+        for i, p in enumerate(plan.params)
+        if p.grad is not None or getattr(p, "_fsdp_flattened", False)
+    ]
+    if not present:
+        return None
+    scale = None
+    scaler = getattr(precision_plugin, "scaler", None)
+    if scaler is not None and scaler.is_enabled() and _optimizer_handles_unscaling(optimizer):
+        scale = scaler._get_scale_async()  # Lightning did not unscale: divide on the device
+    named = [(plan.names[i], plan.params[i]) for i in present]
+    _, table = grad_stats_table(named, STATS, scale=scale)
+    values = table.cpu().tolist()  # the one device-to-host copy of a measured step
+    return Measurement(plan, present, table, values)
