@@ -40,12 +40,13 @@ demo: $(STAMP)
 reproduce-table1: $(STAMP)
 	$(BIN)/python -m gradtrace.experiments.table1 --budget $(or $(BUDGET),full) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
+# DDP=N runs each cell as one DDP run over N of the GPUS (same global batch).
 sweep: $(STAMP)
-	$(BIN)/python -m gradtrace.experiments.sweep agents $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
+	$(BIN)/python -m gradtrace.experiments.sweep agents $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(ARGS)
 
 # ARGS="-- --trainer.max_epochs=10" appends CLI overrides to every run.
 sweep-local: $(STAMP)
-	$(BIN)/python -m gradtrace.experiments.sweep local $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
+	$(BIN)/python -m gradtrace.experiments.sweep local $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(ARGS)
 
 # The bench lives in benchmarks/ (not installed with gradtrace); run from the repository root.
 bench: $(STAMP)

@@ -62,6 +62,7 @@ def test_knob_the_model_lacks_names_the_valid_ones() -> None:
         ({"optimizer": "rmsprop"}, "optimizer must be one of adam, adamw, sgd; got 'rmsprop'"),
         ({"scheduler": "linear"}, "scheduler must be one of cosine, warmup_cosine, multistep"),
         ({"lr": 0.0}, r"lr must be in \(0, inf\); got 0.0"),
+        ({"lr": 1e-3, "lr_min": 1e-3}, r"lr_min must be in \[0, 0.001\); got 0.001"),
         ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\); got 1.0"),
         ({"milestones": (0.75, 0.5)}, "milestones must be increasing fractions"),
         ({"arch": "vgg39"}, "unknown model 'vgg39'; closest: vgg38"),
@@ -156,6 +157,13 @@ def lr_trajectory(tmp_path, steps: int, **kwargs) -> list[float]:
 def test_cosine_schedule_spans_the_run(tmp_path) -> None:
     lrs = lr_trajectory(tmp_path, steps=10, scheduler="cosine")
     expected = [0.05 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_cosine_schedule_anneals_to_its_floor(tmp_path) -> None:
+    # The original coursework code: CosineAnnealingLR(eta_min=2e-5).
+    lrs = lr_trajectory(tmp_path, steps=10, scheduler="cosine", lr_min=0.02)
+    expected = [0.02 + 0.04 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
     assert lrs == pytest.approx(expected)
 
 

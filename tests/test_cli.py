@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +13,18 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gradtrace.cli import (
     GradtraceCLI,
-    default_precision,
-    default_run_name,
-    find_last_checkpoint,
+    last_checkpoint,
     list_configs,
     main,
     resolve_config,
+    run_directory,
 )
 from gradtrace.gradient_flow import GradientFlow, read_history
+from gradtrace.run_identity import ResumeCheckpoint, config_hash, readable_prefix, run_name
 
 # Small synthetic data: 10 classes, 180 training images, 20 validation, 50 test.
 SMALL = [
@@ -43,6 +45,12 @@ def last_value(rows: list[dict[str, str]], key: str) -> float:
     return float([r[key] for r in rows if r.get(key)][-1])
 
 
+def only_run(root: Path) -> Path:
+    """The one run directory under ``root``."""
+    (run,) = [p for p in root.iterdir() if p.is_dir()]
+    return run
+
+
 def test_the_sweep_command_from_the_issue_runs(tmp_path: Path) -> None:
     main(
         [
@@ -60,7 +68,8 @@ def test_the_sweep_command_from_the_issue_runs(tmp_path: Path) -> None:
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )  # fmt: skip
-    run = tmp_path / "vgg38-bn-rc-synthetic-lr0.01" / "version_0"
+    run = only_run(tmp_path)
+    assert run.name.startswith("vgg38-bn-rc-synthetic-lr0.01-")
     assert sorted(p.name for p in run.iterdir()) == [
         "checkpoints",
         "config.yaml",
@@ -78,6 +87,7 @@ def test_the_sweep_command_from_the_issue_runs(tmp_path: Path) -> None:
     layers = [r["layer"] for r in history if r["step"] == 0]
     assert layers[0] == "net.stem.0.weight"
     assert layers[-1] == "net.head.weight"
+    assert not [layer for layer in layers if layer.endswith("bias")]
     # The 38 conv/linear weights; BatchNorm weights and biases only when included.
     assert len(layers) == 38
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -90,12 +100,15 @@ def test_test_and_predict_from_the_last_checkpoint(tmp_path: Path, capsys) -> No
     main(["test", "--model.arch=vgg08", "--ckpt_path=last", *common])
     assert "test/acc" in capsys.readouterr().out
     main(["predict", "--model.arch=vgg08", "--ckpt_path=last", *common])
-    probabilities = torch.load(tmp_path / "r/version_2/predictions.pt")
+    # One directory for the run: fit, test and predict all write there.
+    probabilities = torch.load(tmp_path / "r/predictions.pt")
     assert probabilities.shape == (50, 10)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(50))
-    # Every invocation logs into a new version; the checkpoint is found in version_0.
-    assert find_last_checkpoint(tmp_path / "r") == tmp_path / "r/version_0/checkpoints/last.ckpt"
-    assert (tmp_path / "r" / "version_1" / "metrics.csv").is_file()
+    assert last_checkpoint(tmp_path / "r") == tmp_path / "r/checkpoints/last.ckpt"
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    assert "test/acc" in metrics_rows(tmp_path / "r")[0] or any(
+        r.get("test/acc") for r in metrics_rows(tmp_path / "r")
+    )
 
 
 def test_links_take_classes_and_channels_from_the_data(tmp_path: Path) -> None:
@@ -117,7 +130,8 @@ def test_links_take_classes_and_channels_from_the_data(tmp_path: Path) -> None:
     assert cli.model.net.head.out_features == 7
     callbacks = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"GradientFlow", "ModelCheckpoint", "LearningRateMonitor"} <= callbacks
-    assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["CSVLogger"]
+    assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["RunCSVLogger"]
+    assert cli.trainer.precision == "32-true"
 
 
 def test_user_callbacks_replace_the_defaults_of_their_type(tmp_path: Path) -> None:
@@ -136,6 +150,24 @@ def test_user_callbacks_replace_the_defaults_of_their_type(tmp_path: Path) -> No
     assert flows[0].every_n_steps == 3
 
 
+def test_a_users_model_checkpoint_keeps_the_resume_checkpoint(tmp_path: Path) -> None:
+    cli = GradtraceCLI(
+        args=[
+            *SMALL,
+            "--model.arch=vgg08",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.monitor=val/loss",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert [type(c).__name__ for c in checkpoints] == ["ModelCheckpoint", "ResumeCheckpoint"]
+    assert checkpoints[0].monitor == "val/loss"
+    assert isinstance(checkpoints[1], ResumeCheckpoint)
+    assert checkpoints[1].filename == "last"
+
+
 def test_wandb_offline_logger_under_an_agent(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
@@ -144,37 +176,68 @@ def test_wandb_offline_logger_under_an_agent(tmp_path: Path, monkeypatch) -> Non
     cli = GradtraceCLI(
         args=[*SMALL, "--model.arch=vgg08", f"--trainer.default_root_dir={tmp_path}"], run=False
     )
-    assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["CSVLogger", "WandbLogger"]
-    assert cli.trainer.log_dir == str(tmp_path / "vgg08-synthetic-lr0.001" / "version_0")
+    monkeypatch.setenv("WANDB_RUN_ID", "run42")
+    cli = GradtraceCLI(
+        args=[*SMALL, "--model.arch=vgg08", f"--trainer.default_root_dir={tmp_path}"], run=False
+    )
+    assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["RunCSVLogger", "WandbLogger"]
+    # Under an agent the W&B run id names the directory: no version_N below it.
+    assert Path(cli.trainer.log_dir) == tmp_path / "vgg08-synthetic-lr0.001-run42"
 
 
-@pytest.mark.parametrize(
-    ("cuda", "bf16", "config", "expected"),
-    [
-        (True, True, {}, "bf16-mixed"),
-        (True, True, {"accelerator": "gpu"}, "bf16-mixed"),
-        (True, True, {"precision": "32-true"}, None),
-        (True, True, {"accelerator": "cpu"}, None),
-        (True, False, {}, None),
-        (False, False, {}, None),
-    ],
-)
-def test_bf16_is_the_default_only_on_a_cuda_gpu_that_has_it(
-    monkeypatch, cuda: bool, bf16: bool, config: dict, expected: str | None
-) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert default_precision(config) == expected
-
-
-def test_default_run_names() -> None:
+def test_readable_prefixes() -> None:
     model = {"arch": "coursework_vgg", "depth": 8, "lr": 0.001}
-    assert default_run_name(model, {"dataset": "cifar100"}) == "vgg08-cifar100-lr0.001"
-    model = {"arch": "coursework_vgg", "depth": 38, "batch_norm": True, "residual": True}
-    model["lr"] = 0.01
-    assert default_run_name(model, {"dataset": "cifar100"}) == "vgg38-bn-rc-cifar100-lr0.01"
+    assert readable_prefix(model, {"dataset": "cifar100"}) == "vgg08-cifar100-lr0.001"
+    model = {
+        "arch": "coursework_vgg",
+        "depth": 38,
+        "batch_norm": True,
+        "residual": True,
+        "lr": 0.01,
+    }
+    assert readable_prefix(model, {"dataset": "cifar100"}) == "vgg38-bn-rc-cifar100-lr0.01"
     model = {"arch": "resnet56", "activation": None, "lr": 0.1}
-    assert default_run_name(model, {"dataset": "imagefolder:/x"}) == "resnet56-imagefolder-lr0.1"
+    assert readable_prefix(model, {"dataset": "imagefolder:/x"}) == "resnet56-imagefolder-lr0.1"
+    model = {"arch": "vgg38", "norm": "group", "lr": 0.001}
+    assert readable_prefix(model, {"dataset": "cifar100"}) == "vgg38-group-cifar100-lr0.001"
+
+
+def test_run_names_tell_apart_what_the_prefix_does_not() -> None:
+    base = {
+        "seed_everything": 0,
+        "model": {"arch": "vgg38", "lr": 0.001, "weight_decay": 0.0},
+        "data": {"dataset": "cifar100"},
+        "trainer": {"gradient_clip_val": None, "default_root_dir": "runs", "callbacks": None},
+    }
+    clipped = {**base, "trainer": {**base["trainer"], "gradient_clip_val": 1.0}}
+    decayed = {**base, "model": {**base["model"], "weight_decay": 5e-4}}
+    elsewhere = {
+        **base,
+        "trainer": {**base["trainer"], "default_root_dir": "/x", "callbacks": [{"a": 1}]},
+        "ckpt_path": "last",
+    }
+    names = {run_name(c, env={}) for c in (base, clipped, decayed)}
+    assert len(names) == 3
+    assert all(n.startswith("vgg38-cifar100-lr0.001-") for n in names)
+    # Where it is saved, its callbacks and the checkpoint it resumes from are not the run.
+    assert config_hash(elsewhere) == config_hash(base)
+    agent = {"WANDB_SWEEP_ID": "s1", "WANDB_RUN_ID": "abc"}
+    assert run_name(base, env=agent) == "vgg38-cifar100-lr0.001-abc"
+    assert run_name(base, env={"WANDB_RUN_ID": "abc"}) == run_name(base, env={})
+
+
+def test_run_directory_is_the_cli_own_and_follows_the_resolved_settings(tmp_path: Path) -> None:
+    root = f"--trainer.default_root_dir={tmp_path}"
+    flags = run_directory(["fit", "--model.arch=vgg08", "--model.lr=0.01", root])
+    spelled = run_directory(["fit", "--model.arch", "vgg08", "--model.lr", "1e-2", root])
+    clipped = run_directory(
+        ["fit", "--model.arch=vgg08", "--model.lr=0.01", root, "--trainer.gradient_clip_val=1"]
+    )
+    assert flags == spelled
+    assert flags != clipped
+    assert flags.parent == tmp_path
+    cli = GradtraceCLI(args=["--model.arch=vgg08", "--model.lr=0.01", root], run=False)
+    assert cli.run_dir == flags
 
 
 def test_every_shipped_config_parses(capsys) -> None:
@@ -198,10 +261,24 @@ def test_every_shipped_config_parses(capsys) -> None:
         "residual": True,
         "optimizer": "adam",
         "lr": 0.01,
+        "lr_min": 2e-5,
         "scheduler": "cosine",
     }
     assert row7["data"]["batch_size"] == 100
     assert row7["trainer"]["max_epochs"] == 100
+
+
+def test_table1_print_config_states_precision_cosine_floor_and_normalisation(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "table1/vgg38", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["precision"] == "32-true"
+    assert printed["model"]["lr_min"] == 2e-5
+    assert printed["data"]["normalization"] == "cifar10"
+    (flow,) = printed["trainer"]["callbacks"]
+    assert flow["class_path"] == "gradtrace.GradientFlow"
+    assert flow["init_args"]["include"] == ["*.weight"]
 
 
 def test_unknown_config_lists_the_shipped_ones() -> None:
@@ -254,28 +331,54 @@ class CrashAtStep(pl.Callback):
 
 
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
-    # 18 steps per epoch, 3 epochs; the fault hits in the middle of the third epoch.
-    args = [*SMALL, *QUIET, "--model.arch=vgg08", "--trainer.max_epochs=3", "--run_name=r"]
+    # 18 steps per epoch, 3 epochs; the fault hits in the middle of the third epoch. The
+    # faulty run also has the user's own ModelCheckpoint, which must not cost the resume
+    # checkpoint; no --run_name: the directory comes from the settings both times.
+    args = [*SMALL, *QUIET, "--model.arch=vgg08", "--trainer.max_epochs=3"]
     args += ["--trainer.log_every_n_steps=5"]
     main(["fit", *args, f"--trainer.default_root_dir={tmp_path / 'straight'}"])
     faulty = [*args, f"--trainer.default_root_dir={tmp_path / 'faulty'}"]
+    own = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.monitor=val/loss",
+    ]
     crash = ["--trainer.callbacks+=test_cli.CrashAtStep", "--trainer.callbacks.step=45"]
     with pytest.raises(RuntimeError, match="simulated fault"):
-        GradtraceCLI(args=["fit", *faulty, *crash])
-    main(["fit", *faulty, "--ckpt_path=last"])
+        GradtraceCLI(args=["fit", *faulty, *own, *crash])
+    run = only_run(tmp_path / "faulty")
+    logged_before = {int(r["step"]) for r in metrics_rows(run)}
+    assert max(logged_before) >= 40  # the fault came after steps past the checkpoint (36)
+    main(["fit", *faulty, *own, "--ckpt_path=last"])
+    assert only_run(tmp_path / "faulty") == run  # resumed in place
 
-    straight = torch.load(find_last_checkpoint(tmp_path / "straight/r"), weights_only=False)
-    resumed = torch.load(find_last_checkpoint(tmp_path / "faulty/r"), weights_only=False)
+    straight_run = only_run(tmp_path / "straight")
+    straight = torch.load(last_checkpoint(straight_run), weights_only=False)
+    resumed = torch.load(last_checkpoint(run), weights_only=False)
     assert resumed["global_step"] == straight["global_step"] == 54
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0)
-    final = metrics_rows(tmp_path / "straight/r/version_0")
-    after = metrics_rows(tmp_path / "faulty/r/version_1")
+
+    # One continuous metrics.csv and gradient_flow.csv, as if nothing had happened.
+    def steps(rows: list[dict]) -> list[tuple]:
+        return [(int(r["step"]), sorted(k for k, v in r.items() if v)) for r in rows]
+
+    assert steps(metrics_rows(run)) == steps(metrics_rows(straight_run))
     for key in ("val/loss", "val/acc", "train/loss"):
-        assert last_value(after, key) == last_value(final, key)
-    # Nothing measured before the fault was lost: the first version kept its files.
-    before = tmp_path / "faulty/r/version_0"
-    assert max(r["step"] for r in read_history(before / "gradient_flow.csv")) >= 40
+        assert last_value(metrics_rows(run), key) == last_value(metrics_rows(straight_run), key)
+    flow = [(r["step"], r["layer"]) for r in read_history(run / "gradient_flow.csv")]
+    assert flow == [
+        (r["step"], r["layer"]) for r in read_history(straight_run / "gradient_flow.csv")
+    ]
+
+
+def test_ckpt_path_last_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SMALL, *QUIET, "--model.arch=vgg08", "--ckpt_path=last",
+              f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    # The message is the exit's, or printed by main() with status 2.
+    message = f"{exit_info.value.code} {capsys.readouterr().err}"
+    assert re.search(r"--ckpt_path last: no checkpoint at \S+/checkpoints/last\.ckpt", message)
+    assert not list(tmp_path.rglob("metrics.csv"))  # stopped before training
 
 
 DDP_SCRIPT = """
@@ -320,17 +423,19 @@ def test_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_path: Path) 
             timeout=300,
         )
     single, ddp = tmp_path / "single/r", tmp_path / "ddp/r"
-    # Only rank 0 wrote: one version directory.
-    assert [p.name for p in ddp.iterdir()] == ["version_0"]
-    flow_single = read_history(single / "version_0/gradient_flow.csv")
-    flow_ddp = read_history(ddp / "version_0/gradient_flow.csv")
+    # Only rank 0 wrote, into the run's one directory.
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+    flow_single = read_history(single / "gradient_flow.csv")
+    flow_ddp = read_history(ddp / "gradient_flow.csv")
     assert [(r["step"], r["layer"]) for r in flow_ddp] == [
         (r["step"], r["layer"]) for r in flow_single
     ]
     for a, b in zip(flow_single, flow_ddp):
-        assert b["mean_abs"] == pytest.approx(a["mean_abs"], rel=1e-3, abs=1e-9)
-        assert b["l2"] == pytest.approx(a["l2"], rel=1e-3, abs=1e-9)
-    rows_single = metrics_rows(single / "version_0")
-    rows_ddp = metrics_rows(ddp / "version_0")
+        # Two ranks' gradients are all-reduced, summing in another order: layers whose
+        # gradients are tiny (1e-7) differ by a few 1e-3 relatively.
+        assert b["mean_abs"] == pytest.approx(a["mean_abs"], rel=5e-3, abs=1e-9)
+        assert b["l2"] == pytest.approx(a["l2"], rel=5e-3, abs=1e-9)
+    rows_single = metrics_rows(single)
+    rows_ddp = metrics_rows(ddp)
     for key in ("val/loss", "val/acc", "train/loss"):
         assert last_value(rows_ddp, key) == pytest.approx(last_value(rows_single, key), rel=1e-4)

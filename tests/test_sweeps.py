@@ -1,6 +1,7 @@
-"""The W&B sweeps: every file valid for W&B's engine, every grid cell parses and trains a
-step, the agent's exact command line, ``sweep local`` (failures, reruns, GPU pool) and
-``sweep agents`` (one agent per GPU)."""
+"""The W&B sweeps: every file expands as W&B's engine does, every grid cell parses and trains
+a step, cells land in their own run directories as an agent launches them, the agent's exact
+command line, DDP cells, ``sweep local`` (failures, reruns, GPU pool) and ``sweep agents``
+(sweep ids, failed agents, pinning, stopping process groups)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,27 @@ import pytest
 import yaml
 
 from gradtrace.cli import main as cli_main
-from gradtrace.experiments import sweep
-from gradtrace.experiments.sweep import (
+from gradtrace.cli import run_directory
+from gradtrace.experiments import agents, sweep
+from gradtrace.experiments.agents import gpu_groups, launch_agents, sweep_path
+from gradtrace.experiments.grid import (
     Cell,
     SweepConfigError,
     agent_command,
-    cell_name,
     expand,
-    final_metrics,
-    launch_agents,
+    gradtrace_args,
     load_sweep,
+    validate,
+    with_ddp,
+)
+from gradtrace.experiments.launch import (
+    Interrupted,
+    ProcessGroups,
+    final_metrics,
     parse_gpus,
     run_cells,
-    validate,
 )
+from gradtrace.gradient_flow import read_history
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
@@ -86,7 +95,7 @@ def grid_cells() -> list[tuple[str, Cell, list[str]]]:
         config = sweep_config(name)
         for cell in expand(config):
             key = (
-                tuple(fixed_args(config)),
+                tuple(a for a in fixed_args(config) if not a.startswith("--trainer.callbacks")),
                 tuple((k, repr(v)) for k, v in cell.params.items() if k not in SAME_PATH),
             )
             if key not in seen:
@@ -94,6 +103,10 @@ def grid_cells() -> list[tuple[str, Cell, list[str]]]:
                 command = agent_command(config, cell)
                 out.append((name, cell, command[command.index("fit") :]))
     return out
+
+
+def cell_id(cell: Cell) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in cell.params.items())
 
 
 def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -110,10 +123,40 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # Files, schema, expansion
 
 
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_grid_expansion_equals_the_wandb_engine(path: Path) -> None:
+    engine = pytest.importorskip("sweeps")  # test environment only (it pins numpy < 2)
+    config = load_sweep(path)
+    proposed: list[Any] = []
+    while (run := engine.next_run(dict(config), proposed)) is not None:
+        proposed.append(run)
+    cells = expand(config)
+    assert [c.config for c in cells] == [dict(run.config) for run in proposed]
+    assert [list(c.config) for c in cells] == [list(run.config) for run in proposed]
+    assert engine.schema_violations_from_proposed_config(dict(config)) == []
+
+
+def test_the_expansion_keeps_wandb_order_and_drops_repeated_values() -> None:
+    config = {
+        "method": "grid",
+        "command": ["${args}"],
+        "parameters": {
+            "b": {"values": [1, 2.0, 2, 1]},  # 2.0 and 2 are one value (last one kept)
+            "a": {"values": ["x", "y"]},
+            "c": {"value": {"k": 1}},
+        },
+    }
+    assert [c.params for c in expand(config)] == [
+        {"a": "x", "b": 1, "c": {"k": 1}},
+        {"a": "x", "b": 2, "c": {"k": 1}},
+        {"a": "y", "b": 1, "c": {"k": 1}},
+        {"a": "y", "b": 2, "c": {"k": 1}},
+    ]
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_RUNS))
-def test_sweep_file_is_valid_for_the_engine_and_expands_to_the_full_grid(name: str) -> None:
+def test_sweep_file_expands_to_the_full_grid(name: str) -> None:
     raw = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())
-    assert sweep._engine().schema_violations_from_proposed_config(raw) == []
     assert raw["method"] == "grid"
     assert raw["metric"] == {"name": "val/acc", "goal": "maximize"}
     assert [str(c) for c in raw["command"][:5]] == [
@@ -126,15 +169,21 @@ def test_sweep_file_is_valid_for_the_engine_and_expands_to_the_full_grid(name: s
     assert raw["command"][-1] == "${args}"
     cells = expand(raw)
     assert len(cells) == EXPECTED_RUNS[name]
-    # The engine's grid is the full product of the files' values (independently computed).
+    # The grid is the full product of the files' values (independently computed).
     values = {key: spec["values"] for key, spec in raw["parameters"].items()}
     expected = {
         json.dumps(dict(zip(values, combo)), sort_keys=True)
         for combo in itertools.product(*values.values())
     }
     assert {json.dumps(c.params, sort_keys=True) for c in cells} == expected
-    assert len({c.name for c in cells}) == len(cells)
-    assert all(c.name == cell_name(c.params) for c in cells)
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_sweep_pins_one_device_and_fp32_per_run(path: Path) -> None:
+    # Unpinned, a run under `wandb agent` would take every visible GPU (devices=auto: DDP).
+    command = load_sweep(path)["command"]
+    assert "--trainer.devices=1" in command
+    assert "--trainer.precision=32-true" in command
 
 
 def test_the_directory_holds_exactly_the_six_sweeps() -> None:
@@ -155,7 +204,7 @@ def test_coursework_sweeps_use_the_shipped_table1_hyperparameters(name: str) -> 
         fixed[key] = yaml.safe_load(value)
     swept = set(config["parameters"])
     for key, value in shipped.items():
-        if key in ("run_name", "seed_everything") or key in swept:
+        if key in ("seed_everything", "trainer.callbacks") or key in swept:
             continue
         assert fixed.get(key) == value, key
 
@@ -186,7 +235,6 @@ def test_agent_command_is_what_wandb_agent_builds() -> None:
         if c.params == {"model.depth": 38, "model.batch_norm": True, "model.residual": False,
                         "model.lr": 0.01}
     )  # fmt: skip
-    assert cell.name == "depth=38,batch_norm=true,residual=false,lr=0.01"
     command = agent_command(config, cell)
     assert command[:5] == ["/usr/bin/env", "python", "-m", "gradtrace", "fit"]
     # wandb's create_sweep_command_args: --key=str(value), the engine's (sorted) order.
@@ -204,38 +252,23 @@ def test_mapping_parameters_become_yaml_mappings_on_the_command_line() -> None:
     cell = next(c for c in expand(config) if c.params["model"].get("aux_logits") is None
                 and c.params["model"].get("arch_kwargs", {}).get("aux_logits") is False
                 and c.params["data.dataset"] == "cifar10")  # fmt: skip
-    assert cell.name == "arch=googlenet,batch_norm=true,stem=cifar,aux_logits=false,dataset=cifar10"
     command = agent_command(config, cell)
     model_arg = next(a for a in command if a.startswith("--model={"))
     assert yaml.safe_load(model_arg.split("=", 1)[1]) == cell.params["model"]
 
 
-def test_cell_names() -> None:
-    assert cell_name({"model.depth": 38, "model.batch_norm": False}) == "depth=38,batch_norm=false"
-    assert cell_name({"a": None, "b.c": "x/y z"}) == "a=null,c=x_y_z"
-    assert cell_name({"model": {"arch": "resnet20", "arch_kwargs": {"stem": "cifar"}}}) == (
-        "arch=resnet20,stem=cifar"
-    )
-
-
-def test_cells_that_would_share_a_name_are_refused() -> None:
-    config = {"method": "grid", "command": ["${args}"], "parameters": {"a.x": {"values": [1, "1"]}}}
-    with pytest.raises(SweepConfigError, match="two runs get the same name 'x=1'"):
-        expand(config)
-
-
 def test_invalid_sweeps_are_refused_with_every_problem_listed(tmp_path: Path) -> None:
     bad = {
         "method": "grid",
-        "metric": {"name": "val/acc", "goal": "biggest"},
         "command": ["${env}", "${interpreter}", "-m", "gradtrace", "fit"],
-        "parameters": {"model.depth": {"values": [8, 38]}},
+        "parameters": {"model.depth": {"values": [8, 38]}, "model.lr": {"values": []}},
     }
     with pytest.raises(SweepConfigError) as err:
-        validate(bad, source="bad.yaml")
+        validate({**bad, "method": "exhaustive"}, source="bad.yaml")
     message = str(err.value)
     assert message.startswith("bad.yaml is not a valid W&B sweep:")
-    assert "'biggest' is not one of ['minimize', 'maximize']" in message
+    assert "method must be one of grid, random, bayes; got 'exhaustive'" in message
+    assert "parameter 'model.lr': values must be a non-empty list" in message
     assert "command must be a list containing '${args}'" in message
     path = tmp_path / "s.yaml"
     path.write_text("method: [grid\n")
@@ -243,10 +276,13 @@ def test_invalid_sweeps_are_refused_with_every_problem_listed(tmp_path: Path) ->
         load_sweep(path)
     with pytest.raises(SweepConfigError, match="no sweep file"):
         load_sweep(tmp_path / "missing.yaml")
-    random = {**bad, "method": "random", "metric": {"name": "val/acc", "goal": "maximize"}}
     with pytest.raises(SweepConfigError, match="only grid sweeps can be expanded"):
-        expand(random)
-    unknown = {**random, "method": "grid", "command": ["${args_json_file}", "${args}"]}
+        expand({**bad, "method": "random"})
+    unknown = {
+        "method": "grid",
+        "parameters": {"model.depth": {"values": [8]}},
+        "command": ["${args_json_file}", "${args}"],
+    }
     with pytest.raises(SweepConfigError, match=r"command macro \$\{args_json_file\} is not"):
         agent_command(unknown, expand(unknown)[0])
 
@@ -257,6 +293,36 @@ def test_parse_gpus() -> None:
     assert parse_gpus("") == []
     with pytest.raises(ValueError, match="comma-separated list such as 0,1,2,3; got '0,,1'"):
         parse_gpus("0,,1")
+    assert gpu_groups(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+    with pytest.raises(ValueError, match="do not split into groups of 2"):
+        gpu_groups(["0", "1", "2"], 2)
+
+
+def test_sweep_ids_as_wandb_shows_them() -> None:
+    assert sweep_path("abc", "p") == "p/abc"
+    assert sweep_path("abc", "p", "team") == "team/p/abc"
+    assert sweep_path("q/abc", "p", "team") == "team/q/abc"
+    assert sweep_path("ent/q/abc", "p", "team") == "ent/q/abc"
+    with pytest.raises(ValueError, match="ID, project/ID or entity/project/ID; got 'a/b/c/d'"):
+        sweep_path("a/b/c/d", "p")
+
+
+def test_ddp_cells_keep_the_global_batch() -> None:
+    config = sweep_config("table1")
+    ddp = with_ddp(config, 4)
+    command = ddp["command"]
+    assert "--data.batch_size=25" in command
+    assert "--data.batch_size=100" not in command
+    assert "--trainer.devices=1" not in command
+    assert command[-4:] == [
+        "--trainer.devices=4",
+        "--trainer.strategy=ddp",
+        "--trainer.sync_batchnorm=true",
+        "${args}",
+    ]
+    assert config["command"] != command  # the file's config is left alone
+    with pytest.raises(SweepConfigError, match="global batch 100 does not split into 3"):
+        with_ddp(config, 3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,13 +331,13 @@ def test_parse_gpus() -> None:
 
 @pytest.mark.parametrize(
     ("name", "cell", "args"),
-    [pytest.param(*c, id=f"{c[0]}:{c[1].name}") for c in grid_cells()],
+    [pytest.param(*c, id=f"{c[0]}:{cell_id(c[1])}") for c in grid_cells()],
 )
 def test_every_grid_cell_parses_and_trains_one_step(
     name: str, cell: Cell, args: list[str], tmp_path: Path
 ) -> None:
-    cli_main([*args, *TINY, f"--trainer.default_root_dir={tmp_path}", "--run_name=cell"])
-    (run,) = (tmp_path / "cell").iterdir()
+    cli_main([*args, *TINY, f"--trainer.default_root_dir={tmp_path}"])
+    (run,) = tmp_path.iterdir()
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["step"] for r in rows if r.get("train/loss")] == ["0"]  # one step, trained
     config = flat(yaml.safe_load((run / "config.yaml").read_text()))
@@ -288,10 +354,65 @@ def test_every_grid_cell_parses_and_trains_one_step(
 def test_only_cells_differing_in_lr_or_dataset_share_a_run() -> None:
     # table1's 16 cells are depth's depth-8/38 cells (same fixed arguments but the folder),
     # depth's 48 differ in lr by pairs, architectures' 28 in the dataset by pairs.
-    assert fixed_args(sweep_config("table1")) == fixed_args(sweep_config("depth"))
+    # table1 also records every non-bias weight for the report's gradient-flow figures.
+    flow = [
+        "--trainer.callbacks+=gradtrace.GradientFlow",
+        '--trainer.callbacks.include=["*.weight"]',
+    ]
+    assert fixed_args(sweep_config("table1")) == fixed_args(sweep_config("depth")) + flow
     ran = grid_cells()
     assert len(ran) == 16 // 2 + (48 - 16) // 2 + 28 // 2 + 36 + 6 + 8
     assert {n for n, _, _ in ran} == set(EXPECTED_RUNS)
+
+
+def stabilizer_cells() -> tuple[dict[str, Any], Cell, Cell]:
+    """Two cells of stabilizers.yaml that differ only in gradient clipping."""
+    config = sweep_config("stabilizers")
+    cells = [
+        c
+        for c in expand(config)
+        if c.params["model.init"] == "kaiming" and c.params["model.activation"] == "relu"
+    ]
+    off, on = sorted(cells, key=lambda c: c.params["trainer.gradient_clip_val"])
+    return config, off, on
+
+
+def test_two_cells_differing_only_in_clipping_land_in_two_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, off, on = stabilizer_cells()
+    root = f"--trainer.default_root_dir={tmp_path}"
+    # Without an agent the settings' hash tells them apart ...
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    dirs = {run_directory([*gradtrace_args(agent_command(config, c)), root]) for c in (off, on)}
+    assert len(dirs) == 2
+    # ... and launched as `wandb agent` launches them (its environment, its ${args}, W&B
+    # disabled), each trains into its own directory, named by the W&B run id.
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+    for run_id, cell in (("run-off", off), ("run-on", on)):
+        monkeypatch.setenv("WANDB_RUN_ID", run_id)
+        cli_main([*gradtrace_args(agent_command(config, cell)), *TINY, root])
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [p.name.rsplit("-", 2)[-2:] for p in runs] == [["run", "off"], ["run", "on"]]
+    clips = [
+        yaml.safe_load((p / "config.yaml").read_text())["trainer"]["gradient_clip_val"]
+        for p in runs
+    ]
+    assert clips == [0.0, 1.0]
+    assert all((p / "metrics.csv").is_file() for p in runs)
+
+
+def test_cells_that_would_share_a_run_directory_are_refused(tmp_path: Path) -> None:
+    # The progress bar is not part of a run's identity: both cells are the same run.
+    path = tmp_path / "same.yaml"
+    path.write_text(
+        'method: grid\ncommand: ["${env}", "${interpreter}", -m, gradtrace, fit, "${args}"]\n'
+        "parameters:\n  trainer.enable_progress_bar: {values: [true, false]}\n"
+    )
+    with pytest.raises(SweepConfigError, match="two cells would share the run directory"):
+        sweep.local_runs(path, root=tmp_path)
 
 
 @pytest.mark.slow
@@ -311,7 +432,7 @@ def test_the_exact_agent_command_line_runs_in_a_subprocess(tmp_path: Path) -> No
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    config_yaml = yaml.safe_load((tmp_path / "agent/version_0/config.yaml").read_text())
+    config_yaml = yaml.safe_load((tmp_path / "agent/config.yaml").read_text())
     assert config_yaml["model"]["batch_norm"] is True
     assert config_yaml["model"]["residual"] is True
     assert config_yaml["model"]["depth"] == 38
@@ -349,62 +470,70 @@ def test_sweep_local_reports_a_failed_cell_runs_the_other_and_skips_it_on_rerun(
     path.write_text(TWO_CELLS)
     root = tmp_path / "runs"
     argv = ["local", str(path), "--root", str(root), "--", *SMALL_RUN]
+    _, planned = sweep.local_runs(path, root=root, overrides=SMALL_RUN)
+    (good, _), (bad, _) = planned
+    assert good.name.startswith("vgg08-synthetic-lr0.001-")
+    assert bad.name.startswith("vgg09-synthetic-lr0.001-")
 
     assert sweep.main(argv) == 1
     out = capsys.readouterr().out
-    good, bad = root / "depth=8", root / "depth=9"
-    assert "[1/2] depth=8: done in" in out
-    assert f"FAILED depth=9: exit code 2, log {bad / 'sweep-local.log'}" in out
+    assert f"[1/2] {good.name}: done in" in out
+    assert f"FAILED {bad}: exit code 2, log {bad / 'launch.log'}" in out
     assert "1 done, 0 skipped (finished before), 1 failed" in out
-    assert "depth must be 8 + 6*b" in (bad / "sweep-local.log").read_text()
+    assert "depth must be 8 + 6*b" in (bad / "launch.log").read_text()
     assert not (bad / "done.json").exists()
     done = json.loads((good / "done.json").read_text())
     assert done["exit_code"] == 0
     assert done["command"][-len(SMALL_RUN) :] == SMALL_RUN
-    assert "--run_name=depth=8" in done["command"]
-    assert "--ckpt_path=last" in done["command"]
+    assert "--ckpt_path=last" not in done["command"]  # nothing to resume the first time
     last_val = [
         float(r["val/acc"])
-        for r in csv.DictReader((good / "version_0" / "metrics.csv").open())
+        for r in csv.DictReader((good / "metrics.csv").open())
         if r.get("val/acc")
     ][-1]
     assert done["metrics"]["val/acc"] == pytest.approx(last_val)
-    assert done["metrics"]["step"] == 2.0
     assert not any("grad_flow" in k for k in done["metrics"])
-    # W&B logged offline next to the CSV logs.
+    # W&B logged offline in the run's own directory.
     assert list((good / "wandb").glob("offline-run-*"))
 
     assert sweep.main(argv) == 1
     out = capsys.readouterr().out
-    assert f"[1/2] depth=8: skipped, finished before ({good / 'done.json'})" in out
+    assert f"[1/2] {good.name}: skipped, finished before ({good / 'done.json'})" in out
     assert "0 done, 1 skipped (finished before), 1 failed" in out
-    assert sorted(p.name for p in good.glob("version_*")) == ["version_0"]
-    assert (bad / "sweep-local.log").read_text().count("$ /usr/bin/env") == 2
+    assert (bad / "launch.log").read_text().count("$ /usr/bin/env") == 2
+    # An unfinished cell with a checkpoint resumes from it.
+    (good / "done.json").unlink()
+    _, planned = sweep.local_runs(path, root=root, overrides=SMALL_RUN)
+    assert planned[0][1][-1] == "--ckpt_path=last"
+    assert "--ckpt_path=last" not in planned[1][1]
 
 
 def test_sweep_local_dry_run_prints_the_commands(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "two.yaml"
     path.write_text(TWO_CELLS)
-    assert sweep.main(["local", str(path), "--dry-run", "--no-wandb", "--", "--x=1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    override = "--trainer.max_steps=1"
+    assert sweep.main(["local", str(path), "--dry-run", "--no-wandb", "--", override]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{path}: 2 runs, one after the other, under runs/sweeps/two"
+    run_dir = run_directory(["fit", "--model.arch=coursework_vgg", "--model.depth=8", override,
+                             "--trainer.default_root_dir=runs/sweeps/two"])  # fmt: skip
     assert lines[1] == (
-        f"depth=8: /usr/bin/env {sys.executable} -m gradtrace fit --model.arch=coursework_vgg "
-        "--model.depth=8 --trainer.default_root_dir=runs/sweeps/two --run_name=depth=8 "
-        "--ckpt_path=last --x=1"
+        f"{run_dir.name}: /usr/bin/env {sys.executable} -m gradtrace fit "
+        "--model.arch=coursework_vgg --model.depth=8 "
+        f"--trainer.default_root_dir=runs/sweeps/two {override}"
     )
-    assert not Path("runs/sweeps/two").exists()
+    assert not (tmp_path / "runs").exists()
 
 
 def test_sweep_local_refuses_overrides_it_sets_itself(tmp_path: Path) -> None:
     path = tmp_path / "two.yaml"
     path.write_text(TWO_CELLS)
-    with pytest.raises(ValueError, match="give the output folder with --root"):
-        sweep.run_local(path, overrides=["--trainer.default_root_dir=x"], dry_run=True)
-    with pytest.raises(ValueError, match="--run_name is set per cell"):
-        sweep.run_local(path, overrides=["--run_name=x"], dry_run=True)
+    for override in ("--trainer.default_root_dir=x", "--run_name=x"):
+        with pytest.raises(ValueError, match="give the output folder with --root"):
+            sweep.run_local(path, overrides=[override], dry_run=True)
 
 
 def test_the_gpu_pool_runs_one_cell_per_gpu_at_a_time(tmp_path: Path) -> None:
@@ -417,9 +546,10 @@ def test_the_gpu_pool_runs_one_cell_per_gpu_at_a_time(tmp_path: Path) -> None:
         """
     )
     cells = [
-        (f"c{i}", [sys.executable, "-c", script, str(tmp_path / f"c{i}.json")]) for i in range(4)
+        (tmp_path / "root" / f"c{i}", [sys.executable, "-c", script, str(tmp_path / f"c{i}.json")])
+        for i in range(4)
     ]
-    results = run_cells(cells, tmp_path / "root", gpus=["a", "b"], echo=lambda _: None)
+    results = run_cells(cells, gpus=["a", "b"], echo=lambda _: None)
     assert [r.status for r in results] == ["done"] * 4
     records = [json.loads((tmp_path / f"c{i}.json").read_text()) for i in range(4)]
     assert sorted(r["gpu"] for r in records) == ["a", "a", "b", "b"]
@@ -432,16 +562,52 @@ def test_the_gpu_pool_runs_one_cell_per_gpu_at_a_time(tmp_path: Path) -> None:
     assert all((tmp_path / "root" / f"c{i}" / "done.json").is_file() for i in range(4))
 
 
-def test_final_metrics_follow_the_versions_in_order(tmp_path: Path) -> None:
-    for version, (acc, loss) in enumerate([("0.5", "2.0"), ("0.7", "")]):
-        folder = tmp_path / f"version_{version}"
-        folder.mkdir()
-        (folder / "metrics.csv").write_text(
-            f"step,val/acc,val/loss,grad_flow/mean_abs/x\n{version},{acc},{loss},1\n"
-        )
-    (tmp_path / "version_10").mkdir()
-    (tmp_path / "version_10" / "metrics.csv").write_text("step,val/acc\n10,0.9\n")
-    assert final_metrics(tmp_path) == {"step": 10.0, "val/acc": 0.9, "val/loss": 2.0}
+def test_final_metrics_are_the_last_finite_values_but_per_layer_ones(tmp_path: Path) -> None:
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,val/acc,val/loss,grad_flow/mean_abs/x\n0,0,0.5,2.0,1\n1,1,0.7,,1\n1,2,nan,,\n"
+    )
+    assert final_metrics(tmp_path) == {"val/acc": 0.7, "val/loss": 2.0}
+    assert final_metrics(tmp_path / "missing") == {}
+
+
+GRANDCHILD = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                         start_new_session=True)  # as `wandb agent` starts its runs
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(60)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds descendants through /proc")
+def test_stopping_reaches_children_in_process_groups_of_their_own(tmp_path: Path) -> None:
+    groups = ProcessGroups()
+    pid_file = tmp_path / "grandchild"
+    parent = groups.start([sys.executable, "-c", GRANDCHILD, str(pid_file)])
+    for _ in range(200):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    assert os.getpgid(grandchild) != os.getpgid(parent.pid)
+    groups.stop(grace=1)  # under xdist the children ignore SIGINT: killed after the grace
+    assert parent.returncode is not None
+    for _ in range(100):
+        if not alive(grandchild):
+            break
+        time.sleep(0.05)
+    assert not alive(grandchild)
+    with pytest.raises(Interrupted):
+        groups.start([sys.executable, "-c", "pass"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -454,13 +620,17 @@ import json, os, sys
 out = os.path.join({folder!r}, "agent-" + os.environ.get("CUDA_VISIBLE_DEVICES", "none"))
 json.dump({{"argv": sys.argv[1:], "path0": os.environ["PATH"].split(os.pathsep)[0]}},
           open(out + ".json", "w"))
+if os.environ.get("CUDA_VISIBLE_DEVICES") == {error!r}:
+    print("wandb: ERROR Sweep not found")  # and exit 0, as `wandb agent` does
 sys.exit(3 if os.environ.get("CUDA_VISIBLE_DEVICES") == {fail!r} else 0)
 """
 
 
-def fake_wandb(folder: Path, fail: str | None = None) -> str:
+def fake_wandb(folder: Path, fail: str | None = None, error: str | None = None) -> str:
     exe = folder / "wandb"
-    exe.write_text(FAKE_WANDB.format(python=sys.executable, folder=str(folder), fail=fail))
+    exe.write_text(
+        FAKE_WANDB.format(python=sys.executable, folder=str(folder), fail=fail, error=error)
+    )
     exe.chmod(0o755)
     return str(exe)
 
@@ -490,7 +660,7 @@ def test_agents_create_the_sweep_and_start_one_agent_per_gpu(
         record = json.loads((tmp_path / f"agent-{gpu}.json").read_text())
         assert record["argv"] == ["agent", "--count", "2", "p/abc123"]
         assert record["path0"] == str(Path(sys.executable).parent)
-    assert messages[-1] == "sweep p/abc123: 2 of 2 agents exited cleanly"
+    assert messages[-1] == "sweep p/abc123: 2 of 2 agents succeeded"
 
 
 def test_agents_report_a_failed_agent_and_join_an_existing_sweep(
@@ -515,6 +685,33 @@ def test_agents_report_a_failed_agent_and_join_an_existing_sweep(
         "agent",
         "team/gradtrace/xyz",
     ]
+
+
+def test_an_agent_that_reports_an_error_and_exits_0_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    messages: list[str] = []
+    code = launch_agents(
+        SWEEPS / "depth.yaml",
+        gpus=["0"],
+        sweep_id="ent/proj/xyz",
+        wandb_executable=fake_wandb(tmp_path, error="0"),
+        echo=messages.append,
+    )
+    assert code == 1
+    assert "agent (GPU 0) exited with code 0 after reporting: wandb: ERROR Sweep not found" in (
+        messages
+    )
+    assert json.loads((tmp_path / "agent-0.json").read_text())["argv"] == ["agent", "ent/proj/xyz"]
+
+
+def test_unpinned_agents_are_refused_where_several_gpus_are_visible(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(agents, "visible_gpus", lambda: 4)
+    with pytest.raises(RuntimeError, match=r"4 GPUs are visible .* GPUS=0,1,2,3"):
+        launch_agents(SWEEPS / "table1.yaml", wandb_executable="unused")
 
 
 def test_agents_refuse_offline_mode_and_invalid_files_before_touching_wandb(
@@ -554,7 +751,82 @@ def test_main_reports_errors_with_exit_status_2(
     assert sweep.main(["show", str(SWEEPS / "vgg_cifar10.yaml")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("vgg_cifar10.yaml: 6 runs")
-    assert out[1].startswith("weight_decay=0.0,momentum=0.0: /usr/bin/env python -m gradtrace")
+    assert out[1].startswith("/usr/bin/env python -m gradtrace fit --model.arch=vgg_cifar10")
     with pytest.raises(SystemExit):
         sweep.main(["agents", str(SWEEPS / "table1.yaml"), "--", "--x=1"])
     assert "overrides after `--` apply to `local` only" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# DDP cells
+
+
+DDP_CELL = """\
+name: ddp
+method: grid
+metric: {name: val/acc, goal: maximize}
+command: ["${env}", "${interpreter}", -m, gradtrace, fit, --model.arch=vgg11,
+          "--model.arch_kwargs={head: cifar, dropout: 0.0}", --data.batch_size=20,
+          --trainer.devices=1, "${args}"]
+parameters:
+  model.lr: {values: [0.001]}
+"""
+
+
+@pytest.mark.slow
+def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    # As tests/test_cli.py's DDP test: no BatchNorm (per-rank statistics; SyncBatchNorm needs
+    # GPUs) and no dropout (per-rank masks), 2 gloo processes on the CPU.
+    from test_cli import QUIET, last_value, metrics_rows
+
+    path = tmp_path / "ddp.yaml"
+    path.write_text(DDP_CELL)
+    overrides = [
+        "--data.dataset=synthetic",
+        "--data.synthetic_sizes=[200, 50]",
+        "--data.val_size=20",
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.callbacks+=gradtrace.GradientFlow",
+        "--trainer.callbacks.every_n_steps=1",
+        "--trainer.callbacks.plot=false",
+        *QUIET,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, processes in (("single", 1), ("ddp", 2)):
+        _, [(run_dir, command)] = sweep.local_runs(
+            path, ddp=processes, root=tmp_path / name, overrides=overrides, use_wandb=False
+        )
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = run_dir
+    config = yaml.safe_load((runs["ddp"] / "config.yaml").read_text())
+    assert (config["data"]["batch_size"], str(config["trainer"]["devices"])) == (10, "2")
+    assert config["trainer"]["strategy"] == "ddp"
+    flow_single = read_history(runs["single"] / "gradient_flow.csv")
+    flow_ddp = read_history(runs["ddp"] / "gradient_flow.csv")
+    assert [(r["step"], r["layer"]) for r in flow_ddp] == [
+        (r["step"], r["layer"]) for r in flow_single
+    ]
+    for a, b in zip(flow_single, flow_ddp):
+        # Gradients all-reduced over two ranks sum in another order: tiny ones (1e-7) differ
+        # by a few 1e-3 relatively.
+        assert b["mean_abs"] == pytest.approx(a["mean_abs"], rel=5e-3, abs=1e-9)
+    for key in ("val/loss", "val/acc", "train/loss"):
+        assert last_value(metrics_rows(runs["ddp"]), key) == pytest.approx(
+            last_value(metrics_rows(runs["single"]), key), rel=1e-4
+        )
+
+
+def test_no_user_facing_extra_pins_numpy_or_needs_the_sweep_engine() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for name, requirements in extras.items():
+        if name == "dev":
+            continue
+        for requirement in requirements:
+            assert not requirement.startswith(("sweeps", "numpy")), (name, requirement)

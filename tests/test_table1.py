@@ -1,9 +1,11 @@
-"""``make reproduce-table1``: parameter counts, the smoke budget end to end (tiny, synthetic),
-collecting finished CLI runs (``--from``), the report and the figures."""
+"""``make reproduce-table1``: parameter counts, the figures' layers, row matching against the
+code's defaults, the smoke budget end to end (tiny, synthetic), collecting finished CLI runs
+(``--from``), the report and the figures."""
 
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import re
 import shutil
@@ -13,9 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gradtrace.classifier import ImageClassifier
 from gradtrace.cli import main as cli_main
-from gradtrace.experiments import study, table1
+from gradtrace.experiments import study, table1, table1_figures, table1_report, table1_rows
 from gradtrace.experiments.study import table1_specs
+from gradtrace.run_files import read_run
 
 pytest.importorskip("matplotlib")
 
@@ -52,7 +56,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 def test_parameter_counts_of_the_cifar100_configuration() -> None:
     # The original coursework code's counts: VGG08 59,716 / VGG38 336,196 / VGG38+BN 338,500.
-    counts = {spec.name: table1.count_params(spec, 100, 3) for spec in table1_specs()}
+    counts = {spec.name: table1_report.count_params(spec, 100, 3) for spec in table1_specs()}
     assert counts == {
         "vgg08": 59_716,
         "vgg38": 336_196,
@@ -64,7 +68,7 @@ def test_parameter_counts_of_the_cifar100_configuration() -> None:
     }
     # 10 classes and 1 channel: 90 fewer head rows of 33 and 2 fewer stem input channels.
     vgg08 = table1_specs(("vgg08",))[0]
-    assert table1.count_params(vgg08, 10, 1) == 59_716 - 90 * 33 - 2 * 9 * 32
+    assert table1_report.count_params(vgg08, 10, 1) == 59_716 - 90 * 33 - 2 * 9 * 32
 
 
 def test_grad_ratio_is_first_over_last_layer_over_the_last_records() -> None:
@@ -74,26 +78,79 @@ def test_grad_ratio_is_first_over_last_layer_over_the_last_records() -> None:
         for layer, value in (("in", 1e-6 * (s + 1)), ("mid", 1.0), ("out", 1e-2))
     ]
     # last 5 steps of "in": (4 + 5 + 6 + 7 + 8) / 5 * 1e-6 = 6e-6; "out": 1e-2.
-    assert table1.grad_ratio(history) == pytest.approx(6e-4)
-    assert table1.grad_ratio(history, last_n=1) == pytest.approx(8e-4)
-    assert math.isnan(table1.grad_ratio(history[:1]))
+    assert table1_rows.grad_ratio(history) == pytest.approx(6e-4)
+    assert table1_rows.grad_ratio(history, last_n=1) == pytest.approx(8e-4)
+    assert math.isnan(table1_rows.grad_ratio(history[:1]))
 
 
-def test_full_budget_commands_run_the_shipped_configs_and_resume() -> None:
-    commands = table1.full_commands(Path("out"), ["--data.root=/d"])
-    assert [name for name, _ in commands] == [s.name for s in table1_specs()]
-    command = commands[-1][1]
+def test_full_budget_commands_run_the_shipped_configs_and_resume(tmp_path: Path) -> None:
+    commands = table1.full_commands(tmp_path, ["--data.root=/d"])
+    run_dir, command = commands[-1]
     assert command == [
         sys.executable,
         "-m",
         "gradtrace",
         "fit",
         "--config=table1/vgg38-bn-rc-lr1e-2",
-        "--trainer.default_root_dir=out",
-        "--run_name=vgg38-bn-rc-lr1e-2",
-        "--ckpt_path=last",
+        f"--trainer.default_root_dir={tmp_path}",
         "--data.root=/d",
     ]
+    assert run_dir.parent == tmp_path
+    assert run_dir.name.startswith("vgg38-bn-rc-cifar100-lr0.01-")
+    assert len({d for d, _ in commands}) == 7
+    # With a checkpoint to resume, the row resumes.
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert table1.full_commands(tmp_path, ["--data.root=/d"])[-1][1][-1] == "--ckpt_path=last"
+
+
+def make_row(name: str, num_classes: int = 100, in_chans: int = 3) -> table1_rows.RowRun:
+    return table1_rows.RowRun(
+        spec=table1_specs((name,))[0],
+        metrics={},
+        steps=0,
+        epochs=0,
+        curves={},
+        history=[],
+        source=Path("."),
+        num_classes=num_classes,
+        in_chans=in_chans,
+    )
+
+
+def test_gradient_flow_figures_show_the_original_layers() -> None:
+    # The original figures: every parameter without "bias" in named_parameters order, the
+    # second being the stem's BatchNorm weight: 9 points for VGG08, 39 for VGG38.
+    vgg08 = table1_figures.figure_layers(make_row("vgg08"))
+    vgg38 = table1_figures.figure_layers(make_row("vgg38"))
+    assert (len(vgg08), len(vgg38)) == (9, 39)
+    for layers in (vgg08, vgg38):
+        assert layers[0] == "net.stem.0.weight"
+        assert layers[1] == "net.stem.1.weight"
+        assert layers[-1] == "net.head.weight"
+        assert not any("bias" in layer for layer in layers)
+
+
+def test_rows_match_with_the_code_defaults_filled_in() -> None:
+    spec = table1_specs(("vgg38-bn",))[0]
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(ImageClassifier.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    # The run's config.yaml lists every option, the row's config only those it sets.
+    # (config.yaml writes the tuple defaults, such as milestones, as lists)
+    saved = {**defaults, **spec.model, "milestones": list(defaults["milestones"])}
+    config = {"model": saved, "data": {"dataset": "cifar100"}, "trainer": {}}
+    assert table1_rows.matches(spec, config, "cifar100")
+    assert not table1_rows.matches(spec, config, "cifar10")
+    for key, value in (("weight_decay", 1e-4), ("label_smoothing", 0.1), ("lr_min", 0.0)):
+        assert not table1_rows.matches(spec, {**config, "model": {**saved, key: value}}, "cifar100")
+    # The same network under its alias, linked class counts and speed options still match.
+    alias = {**saved, "arch": "vgg38", "depth": None, "num_classes": 10, "channels_last": False}
+    assert table1_rows.matches(spec, {**config, "model": alias}, "cifar100")
+    clipped = {**config, "trainer": {"gradient_clip_val": 1.0}}
+    assert not table1_rows.matches(spec, clipped, "cifar100")
 
 
 def test_training_curves_plot(tmp_path: Path) -> None:
@@ -161,7 +218,7 @@ def test_smoke_budget_writes_a_complete_table_and_five_figures_on_synthetic_data
     # every measured value is a number, every report value is Table 1's, the difference
     # is measured - report
     for row, name in zip(rows, [s.name for s in table1_specs()]):
-        for i, reported in zip(range(6, 18, 3), table1.REPORTED[name][1:]):
+        for i, reported in zip(range(6, 18, 3), table1_report.REPORTED[name][1:]):
             measured = float(row[i])
             assert float(row[i + 1]) == pytest.approx(reported)
             assert float(row[i + 2]) == pytest.approx(measured - reported, abs=0.011)
@@ -184,17 +241,17 @@ def make_runs(root: Path) -> None:
                 "--data.val_size=10",
                 "--data.batch_size=5",
                 "--data.eval_batch_size=10",
-                "--data.augment=false",
+                "--data.augment=none",
+                "--data.normalization=split",
                 "--trainer.max_epochs=2",
                 "--trainer.log_every_n_steps=1",
                 "--trainer.num_sanity_val_steps=0",
                 "--trainer.enable_progress_bar=false",
                 "--trainer.enable_model_summary=false",
                 "--trainer.callbacks=[{class_path: gradtrace.GradientFlow, init_args: "
-                "{plot: false, every_n_steps: 1}}, {class_path: "
+                "{plot: false, every_n_steps: 1, include: ['*.weight']}}, {class_path: "
                 "lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_top_k: 0}}]",
                 f"--trainer.default_root_dir={root}",
-                f"--run_name={spec.name}",
             ]
         )
 
@@ -204,9 +261,17 @@ def test_from_collects_finished_cli_runs_into_the_table_and_figures(
 ) -> None:
     root = tmp_path / "runs"
     make_runs(root)
+    run_of = {
+        spec.name: next(
+            run
+            for run in root.iterdir()
+            if table1_rows.matches(spec, read_run(run).config, "synthetic")
+        )
+        for spec in table1_specs()
+    }
     # A decoy with more steps that is not a Table 1 run (Kaiming init): never picked.
-    decoy = root / "vgg38-kaiming" / "version_0"
-    shutil.copytree(root / "vgg38" / "version_0", decoy)
+    decoy = root / "vgg38-kaiming"
+    shutil.copytree(run_of["vgg38"], decoy)
     config = yaml.safe_load((decoy / "config.yaml").read_text())
     config["model"]["init"] = "kaiming"
     (decoy / "config.yaml").write_text(yaml.safe_dump(config))
@@ -227,45 +292,40 @@ def test_from_collects_finished_cli_runs_into_the_table_and_figures(
     assert {r[2] for r in rows} == {"4 (2)"}
     # The values are the last epoch's, read independently from each run's metrics.csv.
     for row, spec in zip(rows, table1_specs()):
-        metrics = list(csv.DictReader((root / spec.name / "version_0" / "metrics.csv").open()))
-        last = {k: float([m[k] for m in metrics if m.get(k)][-1]) for k in table1.METRICS}
+        metrics = list(csv.DictReader((run_of[spec.name] / "metrics.csv").open()))
+        last = {k: float([m[k] for m in metrics if m.get(k)][-1]) for k in table1_rows.METRICS}
         shown = [float(row[i]) for i in range(6, 18, 3)]
         assert shown == pytest.approx(
             [last["train/loss"], 100 * last["train/acc"], last["val/loss"], 100 * last["val/acc"]],
             abs=0.006,
         )
-    assert f"- VGG38, lr 0.001: {root / 'vgg38' / 'version_0'}" in report
+    assert f"- VGG38, lr 0.001: {run_of['vgg38']}" in report
+    assert "cosine annealing to 2e-05" in report
+    assert "Precision: fp32 (`32-true`" in report
     assert sorted(p.name for p in (out / "figures").iterdir()) == FIGURES
     capsys.readouterr()
 
-    shutil.rmtree(root / "vgg38-rc")
+    shutil.rmtree(run_of["vgg38-rc"])
     assert table1.main(["--from", str(root), "--dataset", "synthetic", "--out", str(out)]) == 2
     assert re.search(r"matches Table 1 row\(s\) vgg38-rc;", capsys.readouterr().err)
     assert table1.main(["--from", str(root), "--out", str(out)]) == 2  # no cifar100 runs
     assert "no cifar100 run under" in capsys.readouterr().err
 
 
-def test_read_run_joins_resumed_versions_and_places_a_final_validation_at_the_last_step(
-    tmp_path: Path,
-) -> None:
-    first, second = tmp_path / "version_0", tmp_path / "version_1"
-    first.mkdir()
-    second.mkdir()
+def test_measured_places_a_final_validation_at_the_last_step(tmp_path: Path) -> None:
     header = "epoch,step,train/loss_step,train/loss,train/acc,val/loss,val/acc\n"
-    (first / "metrics.csv").write_text(
-        header + "0,0,2.3,,,,\n0,1,2.2,,,,\n0,1,,,,2.1,0.2\n0,1,,2.25,0.1,,\n"
+    (tmp_path / "metrics.csv").write_text(
+        header
+        + "0,0,2.3,,,,\n0,1,2.2,,,,\n0,1,,,,2.1,0.2\n0,1,,2.25,0.1,,\n"
+        + "1,2,2.0,,,,\n1,3,1.9,,,,\n1,3,,,,1.8,0.4\n1,3,,1.95,0.3,,\n2,4,,,,1.7,0.5\n"
     )
-    (second / "metrics.csv").write_text(
-        header + "1,2,2.0,,,,\n1,3,1.9,,,,\n1,3,,,,1.8,0.4\n1,3,,1.95,0.3,,\n2,4,,,,1.7,0.5\n"
-    )
-    final, curves, history, steps, epochs = table1.read_run([first, second])
+    final, curves, steps, epochs = table1_rows.measured(read_run(tmp_path))
     assert (steps, epochs) == (4, 2)
     assert final == {"train/loss": 1.95, "train/acc": 0.3, "val/loss": 1.7, "val/acc": 0.5}
     assert curves["train/loss"] == [(1, 2.3), (2, 2.2), (3, 2.0), (4, 1.9)]
     assert curves["val/acc"] == [(2, 0.2), (4, 0.5)]  # the validation after training: step 4
     assert curves["train/acc_epoch"] == [(1, 0.1), (2, 0.3)]
     assert curves["val/acc_epoch"] == [(1, 0.2), (2, 0.5)]
-    assert history == []
 
 
 def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,6 +39,8 @@ class ImageClassifier(pl.LightningModule):
         arch_kwargs: any other model options, e.g. ``{"downsample_shortcut": "avgpool"}``.
         optimizer: ``adam`` (the coursework's), ``adamw`` or ``sgd``.
         lr: learning rate (1e-3 as in the coursework).
+        lr_min: the floor the cosine schedules anneal to (``eta_min``; the original coursework
+            code: 2e-5); must be below ``lr``.
         weight_decay: L2 penalty (decoupled for AdamW).
         momentum, nesterov: SGD only.
         scheduler: ``cosine`` annealing over the whole run (default, per step),
@@ -66,6 +68,7 @@ class ImageClassifier(pl.LightningModule):
         arch_kwargs: dict[str, Any] | None = None,
         optimizer: str = "adam",
         lr: float = 1e-3,
+        lr_min: float = 0.0,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         nesterov: bool = False,
@@ -84,6 +87,7 @@ class ImageClassifier(pl.LightningModule):
         check_choice("optimizer", optimizer, OPTIMIZERS)
         check_choice("scheduler", scheduler, SCHEDULERS)
         check_range("lr", lr, low=0.0, low_inclusive=False)
+        check_range("lr_min", lr_min, low=0.0, high=lr, high_inclusive=False)
         check_range("weight_decay", weight_decay, low=0.0)
         check_range("warmup_fraction", warmup_fraction, low=0.0, high=1.0, high_inclusive=False)
         check_range("gamma", gamma, low=0.0, low_inclusive=False)
@@ -230,7 +234,9 @@ class ImageClassifier(pl.LightningModule):
             }
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if hp.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=total, eta_min=hp.lr_min
+            )
         elif hp.scheduler == "multistep":
             milestones = [math.ceil(m * total) for m in hp.milestones]
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, hp.gamma)
@@ -241,7 +247,7 @@ class ImageClassifier(pl.LightningModule):
                 [
                     torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, total_iters=warmup),
                     torch.optim.lr_scheduler.CosineAnnealingLR(
-                        optimizer, T_max=max(1, total - warmup)
+                        optimizer, T_max=max(1, total - warmup), eta_min=hp.lr_min
                     ),
                 ],
                 milestones=[warmup],

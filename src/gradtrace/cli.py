@@ -1,8 +1,11 @@
 """The ``gradtrace`` command.
 
 ``gradtrace fit|validate|test|predict`` is a LightningCLI over :class:`ImageClassifier` and
-:class:`ImageDataModule` with the study's defaults: GradientFlow, checkpoints (last and best
-``val/acc``), learning-rate monitor, a CSV logger always, W&B when asked or under ``wandb agent``.
+:class:`ImageDataModule` with the study's defaults: fp32 (``32-true``; bf16 is
+``--trainer.precision bf16-mixed``), GradientFlow, checkpoints (``last.ckpt`` always, best
+``val/acc``), learning-rate monitor, a CSV logger always, W&B when asked or under
+``wandb agent``. Each run writes into one fixed directory named by
+:mod:`gradtrace.run_identity`; ``--ckpt_path last`` resumes it there.
 ``gradtrace summary`` prints a model's per-layer cost table; ``gradtrace compare`` overlays
 finished runs (:mod:`gradtrace.compare`).
 """
@@ -21,21 +24,22 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.loggers import Logger
 
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
+from gradtrace.run_identity import ResumeCheckpoint, RunCSVLogger, run_name
 
 __all__ = [
     "CONFIG_DIR",
     "GradtraceCLI",
     "SavePredictions",
-    "default_precision",
+    "last_checkpoint",
     "list_configs",
     "main",
     "resolve_config",
+    "run_directory",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -70,48 +74,15 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
-def default_run_name(model: dict[str, Any], data: dict[str, Any]) -> str:
-    """A readable run name from the settings that tell runs apart, e.g. ``vgg38-bn-rc-lr0.01``."""
-    arch = model["arch"]
-    if arch == "coursework_vgg" and model.get("depth") is not None:
-        arch = f"vgg{model['depth']:02d}"
-    elif model.get("depth") is not None:
-        arch = f"{arch}-d{model['depth']}"
-    parts = [arch]
-    parts += ["bn"] if model.get("batch_norm") else []
-    parts += ["rc"] if model.get("residual") else []
-    for key in ("norm", "activation", "init"):
-        if model.get(key) is not None:
-            parts.append(str(model[key]))
-    parts.append(str(data["dataset"]).split(":")[0])
-    parts.append(f"lr{model['lr']:g}")
-    return "-".join(parts)
-
-
 def _wandb_wanted(flag: bool | None) -> bool:
     # ``wandb agent`` exports WANDB_SWEEP_ID to the runs it launches.
     return bool(flag) if flag is not None else "WANDB_SWEEP_ID" in os.environ
 
 
-def default_precision(trainer_config: dict[str, Any]) -> str | None:
-    """``bf16-mixed`` when the run will train on a CUDA GPU with bf16 and no precision was set.
-
-    bf16 keeps fp32's exponent range, so even plain VGG38's 1e-13 gradient ratios stay
-    representable; weights, gradients and the optimizer stay fp32 (autocast). Pass
-    ``--trainer.precision 32-true`` to train in fp32.
-    """
-    if trainer_config.get("precision") is not None:
-        return None
-    accelerator = str(trainer_config.get("accelerator") or "auto")
-    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
-        return None
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else None
-
-
-def find_last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest ``last.ckpt`` over all versions of a run (each resume writes a new version)."""
-    candidates = sorted(run_dir.glob("version_*/checkpoints/last.ckpt"), key=os.path.getmtime)
-    return candidates[-1] if candidates else None
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The run's resume checkpoint, ``<run_dir>/checkpoints/last.ckpt``, if it exists."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
 
 
 class SavePredictions(BasePredictionWriter):
@@ -149,7 +120,10 @@ class GradtraceCLI(LightningCLI):
             ImageClassifier,
             ImageDataModule,
             seed_everything_default=0,
-            trainer_defaults={"default_root_dir": "runs"},
+            # fp32 stated, not implied: bf16 moves per-layer gradients of deep plain nets.
+            trainer_defaults={"default_root_dir": "runs", "precision": "32-true"},
+            # A resumed run writes its config into its own directory again.
+            save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "description": "Train and evaluate gradtrace models. "
                 "Also: `gradtrace summary --help` for a model's per-layer cost table, "
@@ -165,7 +139,8 @@ class GradtraceCLI(LightningCLI):
             "--run_name",
             type=str | None,
             default=None,
-            help="Run directory under trainer.default_root_dir (default: from the settings).",
+            help="Run directory under trainer.default_root_dir (default: a readable prefix and "
+            "a hash of the settings, or the W&B run id under `wandb agent`).",
         )
         parser.add_argument(
             "--wandb",
@@ -183,12 +158,9 @@ class GradtraceCLI(LightningCLI):
 
     @property
     def run_dir(self) -> Path:
-        """``<default_root_dir>/<run_name>``: all versions of this run live there."""
+        """``<default_root_dir>/<run_name>``: everything this run writes lives there."""
         settings = self._settings()
-        name = settings.run_name or default_run_name(
-            vars(settings.model) if not isinstance(settings.model, dict) else settings.model,
-            vars(settings.data) if not isinstance(settings.data, dict) else settings.data,
-        )
+        name = settings.run_name or run_name(settings.as_dict())
         return Path(settings.trainer.default_root_dir or "runs") / name
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -196,7 +168,7 @@ class GradtraceCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         run_dir = self.run_dir
         if trainer_config.get("logger") in (None, True):
-            loggers: list[Logger] = [CSVLogger(save_dir=run_dir.parent, name=run_dir.name)]
+            loggers: list[Logger] = [RunCSVLogger(save_dir=run_dir.parent, name=run_dir.name)]
             if _wandb_wanted(settings.wandb):
                 from lightning.pytorch.loggers import WandbLogger
 
@@ -206,9 +178,6 @@ class GradtraceCLI(LightningCLI):
                     )
                 )
             kwargs["logger"] = loggers
-        precision = default_precision(trainer_config)
-        if precision is not None:
-            kwargs["precision"] = precision
         configured = list(trainer_config.get("callbacks") or [])
         defaults: list[Callback] = [
             GradientFlow(),
@@ -219,15 +188,14 @@ class GradtraceCLI(LightningCLI):
                 save_top_k=1,
                 auto_insert_metric_name=False,
             ),
-            # Lightning's save_last only refreshes last.ckpt when a best checkpoint is saved;
-            # an unmonitored top-1 checkpoint is always the latest state, which resume needs.
-            ModelCheckpoint(filename="last", save_top_k=1, enable_version_counter=False),
             LearningRateMonitor(logging_interval="step"),
         ]
         if self.subcommand == "predict":
             defaults.append(SavePredictions())
-        kwargs["callbacks"] = configured + [
-            cb for cb in defaults if not any(type(c) is type(cb) for c in configured)
+        kwargs["callbacks"] = [
+            *configured,
+            *(cb for cb in defaults if not any(type(c) is type(cb) for c in configured)),
+            ResumeCheckpoint(),  # always: --ckpt_path last needs it
         ]
         return super().instantiate_trainer(**kwargs)
 
@@ -235,12 +203,14 @@ class GradtraceCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
-        last = find_last_checkpoint(self.run_dir)
+        last = last_checkpoint(self.run_dir)
         if last is None:
-            rank_zero_warn(f"--ckpt_path last: no last.ckpt under {self.run_dir}; starting fresh")
-            config["ckpt_path"] = None
-        else:
-            config["ckpt_path"] = str(last)
+            raise SystemExit(
+                f"gradtrace: --ckpt_path last: no checkpoint at {self.run_dir}/checkpoints/"
+                "last.ckpt (this run has not finished an epoch with these settings; check "
+                "--trainer.default_root_dir and --run_name, or leave out --ckpt_path to start)"
+            )
+        config["ckpt_path"] = str(last)
 
     def instantiate_classes(self) -> None:
         # Model and data options are checked when the classes are built; report a bad value
@@ -261,6 +231,33 @@ class GradtraceCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path()
+
+
+class _RunDirectoryFound(Exception):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+
+class _ParseOnlyCLI(GradtraceCLI):
+    """Stops once the arguments are parsed, before anything is built or seeded."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        raise _RunDirectoryFound(self.run_dir)
+
+
+def run_directory(args: Sequence[str]) -> Path:
+    """The run directory ``gradtrace <args>`` writes to (``args`` start with the subcommand),
+    found by parsing only: how launchers know where a run goes before starting it.
+    Under ``wandb agent`` the environment's run id names it (see :mod:`gradtrace.run_identity`).
+    """
+    try:
+        _ParseOnlyCLI(args=args)
+    except _RunDirectoryFound as found:
+        return found.path
+    raise AssertionError("unreachable: the CLI always parses before it builds")
 
 
 def summary_main(argv: Sequence[str]) -> int:

@@ -110,7 +110,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
         path = directory / name
         if path.is_file():
             try:
-                loaded = yaml.safe_load(path.read_text())
+                # Lightning writes hparams.yaml with Python tuples (!!python/tuple), which the
+                # full loader reads (it builds no arbitrary objects).
+                loaded = yaml.load(path.read_text(), Loader=yaml.FullLoader)
             except (OSError, yaml.YAMLError) as err:
                 raise RunFilesError(f"{path}: cannot read it ({err})") from None
             return loaded if isinstance(loaded, dict) else {}
