@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gradtrace.datasets.image_data import ImageData, Split
+from gradtrace.datasets.image_data import DataNotFoundError, ImageData, Split
 
 __all__ = ["image_folder_classes", "image_folder_layout", "read_image_folder"]
 
@@ -21,7 +21,10 @@ def image_folder_layout(path: str | Path) -> dict[str, Path]:
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"imagefolder path {path} does not exist or is not a folder")
+        raise DataNotFoundError(
+            f"imagefolder path {path} does not exist or is not a folder: check the path after "
+            f"imagefolder: (relative paths start from the current folder)"
+        )
     if not (path / "train").is_dir():
         return {"train": path}
     return {split: path / split for split in ("train", "val", "test") if (path / split).is_dir()}
