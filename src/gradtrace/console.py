@@ -19,10 +19,11 @@ and other packages print. Inside it:
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TextIO
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -47,12 +48,26 @@ def one_line_warning(
     return f"{category.__name__}: {message}\n"
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    # tqdm.write prints above a progress line that is being drawn instead of after it.
+    from tqdm import tqdm
+
+    text = one_line_warning(message, category, filename, lineno, line)
+    tqdm.write(text, file=file or sys.stderr, end="")
+
+
 @contextmanager
 def quiet_output() -> Iterator[None]:
     """Silence Lightning's info lines and other packages' deprecation warnings; print every
     remaining warning on one line. Restores all of it on exit."""
     levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
-    original_format = warnings.formatwarning
     with warnings.catch_warnings():
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
             # ``module`` is the module the warning is attributed to: anything but gradtrace.
@@ -61,11 +76,10 @@ def quiet_output() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=message)
         for name in _LIGHTNING_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
-        warnings.formatwarning = one_line_warning
+        warnings.showwarning = _show_warning  # catch_warnings restores it
         try:
             yield
         finally:
-            warnings.formatwarning = original_format
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
 
