@@ -3,7 +3,8 @@
 ``gradtrace fit|validate|test|predict`` is a LightningCLI over :class:`ImageClassifier` and
 :class:`ImageDataModule` with the study's defaults: GradientFlow, checkpoints (last and best
 ``val/acc``), learning-rate monitor, a CSV logger always, W&B when asked or under ``wandb agent``.
-``gradtrace summary`` prints a model's per-layer cost table.
+``gradtrace summary`` prints a model's per-layer cost table; ``gradtrace compare`` overlays
+finished runs (:mod:`gradtrace.compare`).
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class GradtraceCLI(LightningCLI):
             trainer_defaults={"default_root_dir": "runs"},
             parser_kwargs={
                 "description": "Train and evaluate gradtrace models. "
-                "Also: `gradtrace summary --help` for a model's per-layer cost table. "
+                "Also: `gradtrace summary --help` for a model's per-layer cost table, "
+                "`gradtrace compare --help` to compare finished runs. "
                 f"Shipped configs (--config NAME): {', '.join(list_configs())}. "
                 "--debug shows the traceback of a user error.",
                 "exit_on_error": False,
@@ -335,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     if args[:1] == ["summary"]:
         raise SystemExit(summary_main(args[1:]))
+    if args[:1] == ["compare"]:
+        from gradtrace.compare import compare_main
+
+        raise SystemExit(compare_main(args[1:]))
     try:
         try:
             args = _resolve_config_args(args)

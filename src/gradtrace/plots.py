@@ -1,5 +1,6 @@
-"""Gradient-flow figures (the report's Figure 2 style plot, a layer x step heatmap) and
-training curves (loss and accuracy of several runs, the report's Figure 1 style).
+"""Gradient-flow figures (the report's Figure 2 style plot with, when activations were
+recorded, an activation panel above it; several runs overlaid by relative depth; a layer x step
+heatmap) and training curves (loss and accuracy of several runs, the report's Figure 1 style).
 
 Every function takes the records of :attr:`gradtrace.GradientFlow.history` (or
 :func:`gradtrace.gradient_flow.read_history` of a CSV) and returns a matplotlib ``Figure``.
@@ -20,9 +21,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "has_activation_stats",
     "layer_summary",
+    "plot_activation_flow",
     "plot_gradient_flow",
     "plot_gradient_heatmap",
+    "plot_runs",
     "plot_training_curves",
     "save_figure",
     "send_to_loggers",
@@ -34,8 +38,14 @@ STAT_LABELS = {
     "max_abs": "max |grad|",
     "nonfinite": "non-finite entries",
     "update_ratio": "||dw|| / ||w||",
+    "act_grad_mean_abs": "mean |dL/d output|",
 }
 X_MODES = ("layer", "depth")
+# The activation panel: (statistic, legend text, line style).
+_ACTIVATION_PANEL = (
+    ("act_zero_frac", "exact zeros (dead units)", "zeros", "-"),
+    ("act_sat_frac", "saturated (within 1% of the bounds)", "saturated", ":"),
+)
 
 # One look for every gradtrace figure.
 _STYLE = {
@@ -65,6 +75,39 @@ def _new_axes(width: float, height: float) -> Axes:
 
     fig = Figure(figsize=(width, height), layout="constrained")
     return fig.add_subplot()
+
+
+def _new_panels(width: float, height: float) -> tuple[Axes, Axes]:
+    """An activation panel above a gradient panel, sharing the x axis."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height + 2.2), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(1.0, 2.0))
+    return top, bottom
+
+
+def _positions(order: Sequence[str], x: str) -> dict[str, float]:
+    """x of every layer: its index (``"layer"``) or relative depth 0..1 (``"depth"``)."""
+    n = len(order)
+    if x == "layer":
+        return {name: float(i) for i, name in enumerate(order)}
+    return {name: i / (n - 1) if n > 1 else 0.0 for i, name in enumerate(order)}
+
+
+def has_activation_stats(history: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether any record holds a finite ``act_zero_frac`` (activations were recorded)."""
+    return any(
+        isinstance(r.get("act_zero_frac"), (int, float)) and math.isfinite(r["act_zero_frac"])
+        for r in history
+    )
+
+
+def _summary_of(
+    records: Sequence[Mapping[str, Any]], stat: str, steps: Iterable[int] | None
+) -> dict[str, float]:
+    """``{layer: mean of stat over the steps}`` for layers with a finite value of ``stat``."""
+    order, means, _, _ = layer_summary([r for r in records if stat in r], stat, steps=steps)
+    return {name: m for name, m in zip(order, means) if math.isfinite(m)}
 
 
 def layer_summary(
@@ -111,8 +154,16 @@ def plot_gradient_flow(
     band: bool = True,
     title: str | None = None,
     label: str | None = None,
+    activations: bool | None = None,
+    color: str | None = None,
 ) -> Figure:
     """Figure-2-style gradient flow: ``stat`` per layer, input on the left.
+
+    When the records hold activation statistics (``GradientFlow(activations=True)``), a new
+    figure gets an activation panel above the gradients, on the same x axis (see
+    :func:`plot_activation_flow`): a dead or saturated layer sits right above the point where
+    the gradient falls. With ``stat="mean_abs"`` the gradient panel also shows ``mean |dL/d
+    output|`` of each layer (dashed), the factor the report's equation 2 multiplies.
 
     Args:
         data: history records (``{"step", "layer", stat, ...}``; values are averaged over
@@ -125,9 +176,12 @@ def plot_gradient_flow(
         log_scale: logarithmic y axis (non-positive values are not drawn).
         band: shade min..max over the steps when the records span several steps.
         title, label: axes title and legend label of this run.
+        activations: draw the activation panel (new figures only); ``None``: when recorded.
+        color: this run's colour (default: the axes' next one).
     """
     if x not in X_MODES:
         raise ValueError(f"x must be one of {', '.join(X_MODES)}; got {x!r}")
+    records: list[Mapping[str, Any]] = []
     if isinstance(data, Mapping):
         order = [name for name in layers if name in data] if layers is not None else list(data)
         means = [float(data[name]) for name in order]
@@ -140,9 +194,21 @@ def plot_gradient_flow(
     if not order:
         raise ValueError("nothing to plot: no layer has a value")
     n = len(order)
+    if activations is None:
+        activations = has_activation_stats(records)
     with _rc():
         if ax is None:
-            ax = _new_axes(max(6.0, 0.22 * n + 2.0) if x == "layer" else 7.0, 4.5)
+            width = max(6.0, 0.22 * n + 2.0) if x == "layer" else 7.0
+            if activations:
+                top, ax = _new_panels(width, 4.5)
+                plot_activation_flow(
+                    records, layers=order, steps=steps, x=x, ax=top, label=label, color=color
+                )
+                if title is not None:
+                    top.set_title(title)
+                    title = None
+            else:
+                ax = _new_axes(width, 4.5)
         if x == "layer":
             previous = getattr(ax, "_gradtrace_layers", None)
             if previous is not None and previous != order:
@@ -154,9 +220,25 @@ def plot_gradient_flow(
             xs = list(range(n))
         else:
             xs = [i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-        (line,) = ax.plot(xs, means, marker="o", label=label)
+        (line,) = ax.plot(xs, means, marker="o", label=label, color=color)
         if band:
             ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+        output_grads = (
+            _summary_of(records, "act_grad_mean_abs", steps) if stat == "mean_abs" else {}
+        )
+        if output_grads:
+            at = _positions(order, x)
+            shown = [name for name in order if name in output_grads]
+            ax.plot(
+                [at[name] for name in shown],
+                [output_grads[name] for name in shown],
+                linestyle="--",
+                marker=".",
+                color=line.get_color(),
+                label=f"{label}: dL/d output" if label else "mean |dL/d output|",
+            )
+            if label is None:
+                line.set_label("mean |grad| of the weights")
         if log_scale:
             ax.set_yscale("log", nonpositive="mask")
         if x == "layer":
@@ -170,9 +252,141 @@ def plot_gradient_flow(
         ax.set_ylabel(STAT_LABELS.get(stat, stat))
         if title is not None:
             ax.set_title(title)
-        if label is not None:
-            ax.legend()
+        if label is not None or output_grads:
+            ax.legend(fontsize=7)
     return ax.figure
+
+
+def plot_activation_flow(
+    history: Iterable[Mapping[str, Any]],
+    *,
+    layers: Sequence[str] | None = None,
+    steps: Iterable[int] | None = None,
+    x: str = "layer",
+    ax: Axes | None = None,
+    title: str | None = None,
+    label: str | None = None,
+    color: str | None = None,
+) -> Figure:
+    """The activation panel: per layer, the fraction of outputs that are exact zeros (dead
+    units, solid) and that are saturated (dotted; only layers followed by a sigmoid, tanh or
+    hardtanh), averaged over the steps, input on the left.
+
+    Args:
+        history: records with ``act_zero_frac`` / ``act_sat_frac`` (others are skipped).
+        layers: the x order; layers without activation values keep their place (so this panel
+            lines up with :func:`plot_gradient_flow`'s on the same ``layers``).
+        x, ax, title: as in :func:`plot_gradient_flow`.
+        label, color: this run's legend label and colour (several runs on one axes).
+    """
+    if x not in X_MODES:
+        raise ValueError(f"x must be one of {', '.join(X_MODES)}; got {x!r}")
+    records = list(history)
+    order = list(layers) if layers is not None else list(dict.fromkeys(r["layer"] for r in records))
+    at = _positions(order, x)
+    panel = [
+        (stat, text, short, style, _summary_of(records, stat, steps))
+        for stat, text, short, style in _ACTIVATION_PANEL
+    ]
+    if not any(values for *_, values in panel):
+        raise ValueError("nothing to plot: the records hold no activation statistics")
+    with _rc():
+        if ax is None:
+            ax = _new_axes(max(6.0, 0.22 * len(order) + 2.0) if x == "layer" else 7.0, 3.0)
+        colors = (
+            {"act_zero_frac": "C3", "act_sat_frac": "C1"} if color is None and label is None else {}
+        )
+        for stat, text, short, style, values in panel:
+            shown = [name for name in order if name in values]
+            if not shown:
+                continue
+            (line,) = ax.plot(
+                [at[name] for name in shown],
+                [values[name] for name in shown],
+                linestyle=style,
+                marker="o" if style == "-" else "^",
+                color=colors.get(stat, color),
+                label=f"{label}: {short}" if label else text,
+            )
+            color = color or line.get_color()  # one colour per run
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("fraction of outputs")
+        if x == "layer" and ax.get_xlabel() == "":
+            ax.set_xticks([at[name] for name in order])
+            ax.set_xticklabels(order, rotation=90, fontsize=7 if len(order) > 30 else 8)
+        ax.legend(fontsize=7)
+        if title is not None:
+            ax.set_title(title)
+    return ax.figure
+
+
+def plot_runs(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    stat: str = "mean_abs",
+    last_n_steps: int | None = 5,
+    log_scale: bool = True,
+    title: str | None = None,
+) -> Figure:
+    """Several runs' gradient flow overlaid by relative depth (0 = input layer, 1 = output),
+    with the activation panel above when any run recorded activations.
+
+    Args:
+        runs: ``{legend label: history records}``; each run's layers are in data-flow order
+            (order of first appearance, as ``GradientFlow`` writes them).
+        last_n_steps: average each run over its last this many logged steps (``None``: all).
+    """
+    if not runs:
+        raise ValueError("nothing to plot: no runs given")
+    with_activations = any(has_activation_stats(records) for records in runs.values())
+    with _rc():
+        if with_activations:
+            top, bottom = _new_panels(8.0, 4.5)
+        else:
+            top, bottom = None, _new_axes(8.0, 4.5)
+        for index, (label, records) in enumerate(runs.items()):
+            logged = sorted({r["step"] for r in records})
+            steps = logged[-last_n_steps:] if last_n_steps is not None else None
+            color = f"C{index % 10}"
+            plot_gradient_flow(
+                records,
+                stat=stat,
+                steps=steps,
+                x="depth",
+                ax=bottom,
+                log_scale=log_scale,
+                label=label,
+                color=color,
+            )
+            if top is not None and has_activation_stats(records):
+                order = list(dict.fromkeys(r["layer"] for r in records))
+                plot_activation_flow(
+                    records, layers=order, steps=steps, x="depth", ax=top, label=label, color=color
+                )
+        _key_legends(top, bottom, runs)
+        if title is not None:
+            bottom.figure.suptitle(title)
+    return bottom.figure
+
+
+def _key_legends(top: Axes | None, bottom: Axes, runs: Mapping[str, Any]) -> None:
+    """One legend entry per run (its colour) and one per line style, instead of one per line."""
+    from matplotlib.lines import Line2D
+
+    def key(style: str, text: str) -> Line2D:
+        return Line2D([], [], color="0.4", linestyle=style, label=text)
+
+    handles = [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(runs)]
+    if any(line.get_linestyle() == "--" for line in bottom.lines):
+        handles += [
+            key("-", "weights: mean |grad|"),
+            key("--", "layer outputs: mean |dL/d output|"),
+        ]
+    bottom.legend(handles=handles, fontsize=7)
+    if top is not None:
+        top.legend(
+            handles=[key(style, text) for _, text, _, style in _ACTIVATION_PANEL], fontsize=7
+        )
 
 
 def plot_gradient_heatmap(

@@ -50,24 +50,20 @@ def format_results(results: Sequence[RunResult], data: str) -> str:
 
 
 def plot_overlay(results: Sequence[RunResult], path: Path, last_n_logs: int = 5) -> Path | None:
-    """All runs' gradient flow in one figure (relative depth on x), or ``None`` without
-    matplotlib."""
+    """All runs' gradient flow in one figure (relative depth on x; ``gradtrace compare``'s
+    figure), or ``None`` without matplotlib."""
     try:
-        from gradtrace.plots import plot_gradient_flow, save_figure
+        from gradtrace.plots import plot_runs, save_figure
     except ImportError:
         return None
-    fig = None
-    for r in results:
-        steps = sorted({rec["step"] for rec in r.history})[-last_n_logs:]
-        fig = plot_gradient_flow(
-            r.history,
-            steps=steps,
-            x="depth",
-            ax=None if fig is None else fig.axes[0],
-            label=f"{r.spec.label} (val acc {100 * r.metrics['val/acc']:.0f}%)",
-            title=f"Gradient flow, mean |grad| over the last {last_n_logs} logged steps",
-        )
-    return save_figure(fig, path) if fig is not None else None
+    if not results:
+        return None
+    fig = plot_runs(
+        {f"{r.spec.label} (val acc {100 * r.metrics['val/acc']:.0f}%)": r.history for r in results},
+        last_n_steps=last_n_logs,
+        title=f"Gradient flow, mean |grad| over the last {last_n_logs} logged steps",
+    )
+    return save_figure(fig, path)
 
 
 PICTURE_GUIDE = (

@@ -1,0 +1,218 @@
+"""Per-layer gradient statistics that are exact under every way of holding a gradient.
+
+Each rank reduces what it holds to five partial sums per layer (sum |g|, sum g², max |g|,
+element count, non-finite count). Gradients that every rank holds whole (one process, DDP,
+a DTensor ``Replicate`` placement) are complete already; for sharded ones (FSDP2/DTensor
+``Shard``, FSDP1 flat parameters with ``use_orig_params=True``) one ``all_gather`` of the
+``[layers x 5]`` partial sums, reduced locally, gives every rank the full-tensor values.
+Everything stays on the device: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradtrace.checks import check_choice
+from gradtrace.gradient_flow.selection import Layer, parameter_names
+
+__all__ = ["PARTIAL_COLUMNS", "STATS", "combine_partial_sums", "grad_stats", "grad_stats_table"]
+
+STATS: tuple[str, ...] = ("mean_abs", "l2", "max_abs", "nonfinite")
+"""The per-layer statistics, in column order: mean of ``|g|``, L2 norm, largest ``|g|``, number
+of inf/nan entries."""
+
+PARTIAL_COLUMNS: tuple[str, ...] = ("sum_abs", "sum_sq", "max_abs", "count", "nonfinite")
+"""Columns of the partial sums each rank computes on the gradient it holds."""
+
+NamedParameters = Iterable[tuple[str, torch.Tensor]] | Iterable[Layer]
+
+
+def _named(source: nn.Module | NamedParameters) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(source, nn.Module):
+        names = parameter_names(source)
+        return [(names[id(p)], p) for p in source.parameters() if p.requires_grad]
+    return [(item.name, item.param) if isinstance(item, Layer) else item for item in source]
+
+
+def _dtensor_local(grad: torch.Tensor) -> tuple[torch.Tensor, bool, bool] | None:
+    """(local tensor, counts on this rank, sharded) for a DTensor gradient, else ``None``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return None
+    if not isinstance(grad, DTensor):
+        return None
+    if any(p.is_partial() for p in grad.placements):
+        # Pending reduction: make it whole first (one extra collective, rare outside hooks).
+        from torch.distributed.tensor import Replicate
+
+        placements = [Replicate() if p.is_partial() else p for p in grad.placements]
+        grad = grad.redistribute(grad.device_mesh, placements)
+    coordinate = grad.device_mesh.get_coordinate()
+    # A replica counts once: on the ranks at coordinate 0 of every replicated mesh dimension.
+    counts = coordinate is not None and all(
+        coordinate[dim] == 0 for dim, p in enumerate(grad.placements) if p.is_replicate()
+    )
+    sharded = any(p.is_shard() for p in grad.placements)
+    return grad.to_local(), counts, sharded
+
+
+def _local_view(param: torch.Tensor) -> tuple[torch.Tensor | None, int, bool, bool]:
+    """(gradient values held here, dense element count, counts on this rank, sharded)."""
+    grad = param.grad
+    # FSDP1 (use_orig_params=True) marks its original parameters; each rank holds a slice of
+    # their gradient (or none) and the slices partition the full gradient.
+    fsdp1 = bool(getattr(param, "_fsdp_flattened", False))
+    if grad is None:
+        return None, 0, True, fsdp1
+    local = _dtensor_local(grad)
+    if local is not None:
+        tensor, counts, sharded = local
+        return tensor, tensor.numel(), counts, sharded
+    if grad.is_sparse:
+        # nn.Embedding(sparse=True): the stored values give the same sums; the mean is over the
+        # dense size. Duplicate indices are summed first.
+        return grad.coalesce().values(), grad.numel(), True, fsdp1
+    return grad, grad.numel(), True, fsdp1
+
+
+def _to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # non_blocking: a host-to-device copy that does not wait for the device's queue.
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def _partial_sums(grads: Sequence[torch.Tensor | None], counts: Sequence[int]) -> torch.Tensor:
+    """``[layers x 5]`` partial sums (:data:`PARTIAL_COLUMNS`) of the given local gradients.
+
+    Batched per (device, dtype) with ``torch._foreach_norm``; half precision is reduced in
+    float32 and the table is float64 (element counts above 2**24 stay exact).
+    """
+    present = [g for g in grads if g is not None]
+    device = present[0].device if present else torch.device("cpu")
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    table = torch.zeros(len(grads), len(PARTIAL_COLUMNS), device=device, dtype=dtype)
+    table[:, 3] = _to_device(counts, device, dtype)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, g in enumerate(grads):
+        if g is not None and g.numel() > 0:
+            groups.setdefault((g.device, g.dtype), []).append(i)
+    for (_, g_dtype), rows in groups.items():
+        acc = torch.float32 if g_dtype in (torch.float16, torch.bfloat16) else None
+        tensors = [grads[i] for i in rows]
+        l1 = torch._foreach_norm(tensors, 1.0, dtype=acc)
+        l2 = torch._foreach_norm(tensors, 2.0, dtype=acc)
+        linf = torch._foreach_norm(tensors, float("inf"), dtype=acc)
+        nonfinite = [torch.count_nonzero(~torch.isfinite(t)) for t in tensors]
+        block = torch.stack(
+            [
+                torch.stack(l1).to(device, dtype),
+                torch.stack(l2).to(device, dtype).square(),
+                torch.stack(linf).to(device, dtype),
+                torch.stack(nonfinite).to(device, dtype),
+            ],
+            dim=1,
+        )
+        index = _to_device(rows, device, torch.long)
+        table[index[:, None], _to_device([0, 1, 2, 4], device, torch.long)] = block
+    return table
+
+
+def combine_partial_sums(gathered: torch.Tensor) -> torch.Tensor:
+    """Combine ``[ranks x layers x 5]`` partial sums into ``[layers x 5]``: sums add up, the
+    largest ``|g|`` is the largest over ranks."""
+    combined = gathered.sum(dim=0)
+    combined[:, 2] = gathered[:, :, 2].amax(dim=0)
+    return combined
+
+
+def _gather(table: torch.Tensor, group: Any) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(table) for _ in range(world)]
+    dist.all_gather(parts, table, group=group)
+    return torch.stack(parts)
+
+
+def grad_stats_table(
+    module_or_named_parameters: nn.Module | NamedParameters,
+    stats: Sequence[str] = STATS,
+    *,
+    scale: torch.Tensor | float | None = None,
+    group: Any = None,
+) -> tuple[list[str], torch.Tensor]:
+    """Like :func:`grad_stats`, but as ``(layer names, [layers x len(stats)] tensor)``.
+
+    A layer without a gradient anywhere has element count 0: ``mean_abs`` is nan and the
+    other statistics 0. Same distributed contract as :func:`grad_stats`.
+    """
+    if isinstance(stats, str):
+        stats = (stats,)
+    for stat in stats:
+        check_choice("stats entry", stat, STATS)
+    named = _named(module_or_named_parameters)
+    names = [name for name, _ in named]
+    views = [_local_view(p) for _, p in named]
+    grads = [g if counts else None for g, _, counts, _ in views]
+    counts = [n if c else 0 for _, n, c, _ in views]
+    table = _partial_sums(grads, counts)
+    sharded = [s for _, _, _, s in views]
+    distributed = dist.is_available() and dist.is_initialized()
+    if any(sharded) and distributed and dist.get_world_size(group) > 1:
+        combined = combine_partial_sums(_gather(table, group))
+        mask = _to_device(sharded, table.device, torch.bool)[:, None]
+        table = torch.where(mask, combined, table)
+    sum_abs, sum_sq, max_abs, count, nonfinite = table.unbind(dim=1)
+    columns = {
+        "mean_abs": sum_abs / count,
+        "l2": sum_sq.sqrt(),
+        "max_abs": max_abs,
+        "nonfinite": nonfinite,
+    }
+    if scale is not None:  # gradients still multiplied by a loss scale (fp16, fused optimizers)
+        for key in ("mean_abs", "l2", "max_abs"):
+            columns[key] = columns[key] / scale
+    return names, torch.stack([columns[s] for s in stats], dim=1)
+
+
+def grad_stats(
+    module_or_named_parameters: nn.Module | NamedParameters,
+    stats: Sequence[str] = STATS,
+    *,
+    scale: torch.Tensor | float | None = None,
+    group: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Per-layer gradient statistics as ``{"<stat>/<layer>": 0-d tensor}``, on the device.
+
+    In the spirit of Lightning's ``grad_norm``: call it after ``backward`` (in a plain PyTorch
+    loop, in Fabric, or in ``on_before_optimizer_step``). No host synchronisation.
+
+    Args:
+        module_or_named_parameters: a module (every parameter with ``requires_grad``, named
+            without ``torch.compile``/DDP/FSDP wrapper prefixes), ``(name, parameter)`` pairs,
+            or the :class:`Layer` list of :func:`select_layers`.
+        stats: which of :data:`STATS` to compute (``mean_abs``: mean of ``|g|`` over the full
+            tensor; ``l2``; ``max_abs``; ``nonfinite``: number of inf/nan entries).
+        scale: gradients are still multiplied by this loss scale (e.g. ``scaler.get_scale()``
+            or the scaler's scale tensor, with an optimizer that unscales itself); values are
+            divided by it.
+        group: process group of the collective (default: the whole world).
+
+    Exact under one process, DDP, FSDP2 ``fully_shard``/DTensor and FSDP1 with
+    ``use_orig_params=True``: each rank sums what it holds and, when any gradient is sharded,
+    ONE ``all_gather`` of a ``[layers x 5]`` tensor combines them; replicated gradients count
+    once. **With sharded parameters, every rank of** ``group`` **must call it** (same
+    parameters, same order). DeepSpeed ZeRO keeps gradients outside ``param.grad`` and is not
+    covered.
+    """
+    names, table = grad_stats_table(module_or_named_parameters, stats, scale=scale, group=group)
+    if isinstance(stats, str):
+        stats = (stats,)
+    return {
+        f"{stat}/{name}": table[i, j]
+        for i, name in enumerate(names)
+        for j, stat in enumerate(stats)
+    }

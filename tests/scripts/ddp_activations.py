@@ -1,0 +1,60 @@
+"""Activation statistics of one batch on 2 gloo processes (DDP) and on one process.
+
+Used by tests/test_activations.py: the global batch of 8 is split 4 + 4 over two ranks of a
+DistributedDataParallel model; each rank's ``ActivationCollector.compute`` (one all_reduce)
+must equal one process on all 8. Writes ``rank<r>.json`` and ``single.json`` into ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from gradtrace.gradient_flow.activations import ActivationCollector
+
+
+def make_net() -> nn.Sequential:
+    # No BatchNorm: per-process batch statistics would differ from one process's.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def measure(model: nn.Module, net: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict:
+    collector = ActivationCollector()
+    collector.attach(model, {"0.weight": net[0], "2.weight": net[2], "4.weight": net[4]})
+    F.cross_entropy(model(x), y).backward()
+    stats = collector.compute()
+    collector.detach()
+    return stats
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=g) * 3, torch.randint(0, 3, (8,), generator=g)
+
+
+def rank_main(rank: int, out: Path, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    net = make_net()
+    model = nn.parallel.DistributedDataParallel(net)
+    x, y = data()
+    stats = measure(model, net, x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4])
+    (out / f"rank{rank}.json").write_text(json.dumps(stats))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(rank_main, args=(out, port), nprocs=2)
+    net = make_net()
+    (out / "single.json").write_text(json.dumps(measure(net, net, *data())))

@@ -1,0 +1,118 @@
+"""grad_stats (exact per-layer statistics, one collective when sharded) and select_layers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradtrace.gradient_flow import grad_stats, grad_stats_table, select_layers
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(2, 1, 5, 5)).square().sum().backward()
+    return model
+
+
+def test_values_match_an_independent_computation() -> None:
+    model = _tiny()
+    stats = grad_stats(model)
+    for name, param in model.named_parameters():
+        g = param.grad.double()
+        assert stats[f"mean_abs/{name}"].item() == pytest.approx(g.abs().mean().item(), rel=1e-6)
+        assert stats[f"l2/{name}"].item() == pytest.approx(g.norm().item(), rel=1e-6)
+        assert stats[f"max_abs/{name}"].item() == pytest.approx(g.abs().max().item(), rel=1e-6)
+        assert stats[f"nonfinite/{name}"].item() == 0
+
+
+def test_scale_divides_and_nonfinite_counts_entries() -> None:
+    model = _tiny()
+    plain = grad_stats(model, ("mean_abs", "l2", "max_abs"))
+    weight = model[0].weight
+    for p in model.parameters():
+        p.grad *= 1024.0
+    scaled = grad_stats(model, ("mean_abs", "l2", "max_abs"), scale=torch.tensor(1024.0))
+    for key, value in plain.items():
+        assert scaled[key].item() == pytest.approx(value.item(), rel=1e-6)
+    weight.grad[0, 0, 0, :2] = torch.tensor([float("inf"), float("nan")])
+    assert grad_stats([("w", weight)], ("nonfinite",)) == {"nonfinite/w": torch.tensor(2.0)}
+
+
+def test_layers_without_gradient_and_sparse_gradients() -> None:
+    embedding = nn.Embedding(10, 3, sparse=True)
+    unused = nn.Linear(2, 2)
+    embedding(torch.tensor([1, 1, 4])).sum().backward()
+    names, table = grad_stats_table(
+        [("emb", embedding.weight), ("unused", unused.weight)], ("mean_abs", "l2")
+    )
+    dense = embedding.weight.grad.to_dense()
+    assert names == ["emb", "unused"]
+    assert table[0, 0].item() == pytest.approx(dense.abs().mean().item())  # mean over 10 x 3
+    assert table[0, 1].item() == pytest.approx(dense.norm().item())
+    assert torch.isnan(table[1, 0])
+    assert table[1, 1] == 0
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
+    """DDP, FSDP2 fully_shard and DTensor Shard(0) weights on 2 processes vs 1 process."""
+    script = SCRIPTS / "grad_stats_distributed.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--world", "2", "--port", "29541"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import grad_stats_distributed as dist_script
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    reference = dist_script.single()
+    assert len(reference) == 6 * 4  # 3 weights + 3 biases, 4 stats
+    # collectives issued by one grad_stats call: none when nothing is sharded, exactly one else
+    expected_calls = {"ddp": 0, "fsdp2": 1, "dtensor": 1}
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert sorted(results) == sorted(expected_calls)
+        for setup, (values, calls) in results.items():
+            assert calls == expected_calls[setup], (setup, rank)
+            assert sorted(values) == sorted(reference), (setup, rank)
+            for key, want in reference.items():
+                assert values[key] == pytest.approx(want, rel=1e-5, abs=0), (setup, rank, key)
+
+
+def test_default_selection_is_weights_of_weight_bearing_modules() -> None:
+    model = _tiny()
+    assert [layer.name for layer in select_layers(model)] == ["0.weight", "3.weight"]
+    first = select_layers(model)[0]
+    assert first.module is model[0]
+    assert first.module_name == "0"
+    chosen = select_layers(model, include=["BatchNorm2d", "*.bias"], exclude=[nn.Linear])
+    assert [layer.name for layer in chosen] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    with pytest.raises(ValueError, match="include entries must be name globs"):
+        select_layers(model, include=[3])
+
+
+def test_vit_starts_at_the_patch_embedding() -> None:
+    pytest.importorskip("timm")
+    from gradtrace.models import create_model
+
+    wrapper = nn.Module()
+    wrapper.net = create_model("vit_tiny_cifar")
+    names = [layer.name for layer in select_layers(wrapper)]
+    assert names[0] == "net.patch_embed.proj.weight"
+    assert names[-1] == "net.head.weight"
+    assert not [n for n in names if "token" in n or "pos_embed" in n or "norm" in n]
+    included = [layer.name for layer in select_layers(wrapper, include=["net.cls_token"])]
+    assert included[0] == "net.cls_token"
