@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-dev
 JOBS   ?= 2
 
 .PHONY: install test test-fast lint format demo demo-data reproduce-table1 sweep sweep-local bench \
-	dist clean
+	gpu-check dist clean
 
 # Reinstalls whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -26,12 +26,12 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 # Real data for the demo and the smoke table: local copy, download, or (offline Debian, root) apt.
 demo-data: $(STAMP)
@@ -52,8 +52,14 @@ sweep: $(STAMP)
 sweep-local: $(STAMP)
 	$(BIN)/python -m gradtrace.experiments.sweep local $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
+# The bench lives in benchmarks/ (not installed with gradtrace); run from the repository root.
 bench: $(STAMP)
-	$(BIN)/python -m gradtrace.bench $(if $(QUICK),--quick)
+	$(BIN)/python -m benchmarks $(if $(QUICK),--quick)
+
+# At most 8 minutes on one H100/H200: gpu-marked tests, the bench's GPU section, Table 1's
+# projection into reports/bench.md. Without CUDA: one line, exit 0.
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check
 
 # Wheel and sdist under dist/ (what `pip install gradtrace` gets).
 dist: $(STAMP)
