@@ -477,6 +477,17 @@ def test_augment_defaults_fit_the_data(tmp_path: Path) -> None:
         ImageDataModule("cifar100", augment="flip")
 
 
+def test_the_settings_used_are_described_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    dm = ImageDataModule(**{**SMALL, "augment": "crop"}, normalization="cifar10")
+    with caplog.at_level("INFO", logger="gradtrace.datamodule"):
+        dm.setup("fit")
+        dm.setup("validate")  # loaded once, said once
+    assert caplog.messages == [
+        "Data: synthetic: 500 train, 100 val, 100 test images of 3x32x32; augment crop; "
+        "normalization cifar10"
+    ]
+
+
 def test_crop_only_never_flips_and_crops_like_crop_flip() -> None:
     cropped = ImageDataModule(**{**SMALL, "augment": "crop"}, crop_padding=2)
     flipped = ImageDataModule(**SMALL, crop_padding=2)

@@ -11,7 +11,8 @@ and other packages print. Inside it:
 - Lightning's warning that a short epoch has fewer batches than ``log_every_n_steps`` is
   silenced: gradtrace's commands log the last step of every epoch anyway;
 - every warning that is shown prints as one line, ``Category: message``, without the source
-  line that Python's default format adds.
+  line that Python's default format adds;
+- gradtrace's own info lines (e.g. the data settings a run uses) are printed, message only.
 
 :class:`StepProgress` is the one progress line per run: step, loss, elapsed time and ETA.
 """
@@ -68,6 +69,9 @@ def quiet_output() -> Iterator[None]:
     """Silence Lightning's info lines and other packages' deprecation warnings; print every
     remaining warning on one line. Restores all of it on exit."""
     levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
+    ours = logging.getLogger("gradtrace")
+    saved = (ours.level, ours.propagate)
+    handler = logging.StreamHandler()  # stderr, message only
     with warnings.catch_warnings():
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
             # ``module`` is the module the warning is attributed to: anything but gradtrace.
@@ -77,9 +81,14 @@ def quiet_output() -> Iterator[None]:
         for name in _LIGHTNING_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         warnings.showwarning = _show_warning  # catch_warnings restores it
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False  # printed once, even when the caller configured logging
         try:
             yield
         finally:
+            ours.removeHandler(handler)
+            ours.level, ours.propagate = saved
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
 

@@ -6,11 +6,18 @@ normalisation run on the whole batch on the training device in ``on_after_batch_
 one gather. No per-sample Python, no worker processes. The batches are
 :mod:`gradtrace.batches`' (seeded, sharded, resumable: see there for the determinism and DDP
 guarantees); the augmentation and normalisation are :mod:`gradtrace.augmentation`'s. The
-validation split and the subset are pure functions of ``seed``.
+validation split and the subset are pure functions of ``seed``. On its first ``setup`` it logs
+one line (:meth:`ImageDataModule.describe`) with the settings a run actually uses.
+
+This module is one class, over ~400 lines because each of its 18 options is checked in the
+constructor with a message saying what is valid; what stands alone (reading the sources,
+cutting batches, augmenting) lives in :mod:`gradtrace.datasets`, :mod:`gradtrace.batches` and
+:mod:`gradtrace.augmentation`.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +57,8 @@ __all__ = [
     "sample_crops",
     "train_batch_indices",
 ]
+
+log = logging.getLogger(__name__)
 
 CIFAR_TRAIN_SIZE = 50_000  # images in the official CIFAR-10 and CIFAR-100 training archives
 
@@ -259,12 +268,25 @@ class ImageDataModule(L.LightningDataModule):
         """Load the dataset once, split it, compute the normalisation, place it on the device."""
         if self._splits is None:
             self._splits = self._load_splits()
+            if self._dist()[1] == 0:  # global rank 0
+                log.info("%s", self.describe())
         device = self._target_device()
         if device is not None and self._splits["train"][0].device != device:
             self._splits = {
                 name: (images.to(device), labels.to(device))
                 for name, (images, labels) in self._splits.items()
             }
+
+    def describe(self) -> str:
+        """One line: the dataset, split sizes, image shape, augmentation and normalisation."""
+        sizes = ", ".join(
+            f"{self.split(name)[1].numel():,} {name}" for name in ("train", "val", "test")
+        )
+        shape = "x".join(map(str, (self._channels, *self._size)))
+        return (
+            f"Data: {self.dataset}: {sizes} images of {shape}; augment {self.augment}; "
+            f"normalization {self.normalization}"
+        )
 
     def train_dataloader(self) -> TrainBatches:
         images, labels = self.split("train")
