@@ -204,7 +204,7 @@ def test_every_shipped_config_parses(capsys) -> None:
 
 
 def test_unknown_config_lists_the_shipped_ones() -> None:
-    with pytest.raises(ValueError, match="no config file 'table1/vgg99'; shipped configs: arch/"):
+    with pytest.raises(SystemExit, match="no config file 'table1/vgg99'; shipped configs: arch/"):
         resolve_config("table1/vgg99")
 
 

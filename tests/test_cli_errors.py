@@ -30,8 +30,8 @@ def user_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         main(args)
     assert info.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith("gradtrace: error: ")
-    return line.removeprefix("gradtrace: error: ")
+    assert line.startswith("gradtrace: ")
+    return line.removeprefix("gradtrace: ").removeprefix("error: ")
 
 
 def test_missing_data(

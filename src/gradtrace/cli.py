@@ -52,14 +52,15 @@ def list_configs() -> list[str]:
 
 
 def resolve_config(value: str) -> str:
-    """An existing file path unchanged, else the shipped config called ``value``; a
-    ``ValueError`` listing the shipped configs when neither exists."""
+    """An existing file path unchanged, else the shipped config called ``value``."""
     if Path(value).is_file():
         return value
     shipped = CONFIG_DIR / f"{value.removesuffix('.yaml')}.yaml"
     if shipped.is_file():
         return str(shipped)
-    raise ValueError(f"no config file {value!r}; shipped configs: {', '.join(list_configs())}")
+    raise SystemExit(
+        f"gradtrace: no config file {value!r}; shipped configs: {', '.join(list_configs())}"
+    )
 
 
 def _resolve_config_args(argv: list[str]) -> list[str]:
@@ -342,10 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         raise SystemExit(compare_main(args[1:]))
     try:
-        try:
-            args = _resolve_config_args(args)
-        except ValueError as err:
-            raise ArgumentError(None, str(err)) from err
+        args = _resolve_config_args(args)
         with quiet_output():
             if argv is None:
                 # LightningCLI reads sys.argv itself; passing args too makes it warn that they
@@ -363,3 +361,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             hint = f" (all options: {command} --help)"
         print(f"gradtrace: error: {_one_line(err)}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SystemExit as stop:
+        # gradtrace's own one-line stops (an unknown config name, --ckpt_path last without a
+        # checkpoint) carry their message: a user error like the others, status 2.
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
