@@ -153,6 +153,7 @@ def test_demo_output_is_one_screen_without_noise(tmp_path: Path) -> None:
         assert noise not in output
     assert len(output.splitlines()) <= 40
     assert done.stderr.startswith(f"Fashion-MNIST: found in {root}\n")
+    assert output.count("Data: fashion_mnist: ") == 1  # the settings used, said once
     for label in ("VGG08", "VGG38", "VGG38 BN + RC"):
         assert f"{label}: step 3/3, loss " in done.stderr  # one progress line per run
     lines = done.stdout.splitlines()

@@ -32,6 +32,7 @@ __all__ = ["StepProgress", "one_line_warning", "quiet_output"]
 
 # Loggers through which Lightning prints its info lines (rank_zero_info and the accelerators).
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+_active = False  # inside quiet_output already (the demo wraps short_run, which enters it too)
 _SILENCED_MESSAGES = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r".*does not have many workers",  # gradtrace's batches are cut in memory, no workers
@@ -67,7 +68,12 @@ def _show_warning(
 @contextmanager
 def quiet_output() -> Iterator[None]:
     """Silence Lightning's info lines and other packages' deprecation warnings; print every
-    remaining warning on one line. Restores all of it on exit."""
+    remaining warning on one line. Restores all of it on exit; nested uses change nothing."""
+    global _active
+    if _active:
+        yield
+        return
+    _active = True
     levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
     ours = logging.getLogger("gradtrace")
     saved = (ours.level, ours.propagate)
@@ -87,6 +93,7 @@ def quiet_output() -> Iterator[None]:
         try:
             yield
         finally:
+            _active = False
             ours.removeHandler(handler)
             ours.level, ours.propagate = saved
             for name, level in levels.items():
