@@ -61,9 +61,8 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu_check
 
-# Wheel and sdist under dist/ (what `pip install gradtrace` gets).
+# Wheel and sdist under dist/ (what `pip install gradtrace` gets; `build` is in the dev extra).
 dist: $(STAMP)
-	$(BIN)/python -m pip install --quiet build
 	$(BIN)/python -m build --outdir dist .
 
 clean:
