@@ -63,7 +63,7 @@ def test_unknown_dataset_and_bad_values(capsys: pytest.CaptureFixture[str]) -> N
     line = user_error(["fit", *TINY, "--data.batch_size=-3"], capsys)
     assert line.startswith("batch_size must be an integer >= 1; got -3")
     line = user_error(["fit", *TINY, "--data.augment=flip"], capsys)
-    assert "flip" in line
+    assert line.startswith("augment must be one of none, crop, crop_flip; got 'flip'")
     line = user_error(["fit", *TINY, "--model.arch=resnet57"], capsys)
     assert line.startswith("unknown model 'resnet57'; closest: resnet56")
     line = user_error(["fit", "--no-such-option=3"], capsys)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -118,8 +118,8 @@ class ImageDataModule(L.LightningDataModule):
         test_size: int | None = None,
         subset: int | None = None,
         seed: int = 0,
-        augment: Literal["none", "crop", "crop_flip"] | bool | None = None,
-        normalization: Literal["split", "cifar10"] = "split",
+        augment: bool | str | None = None,
+        normalization: str = "split",
         crop_padding: int = 4,
         download: bool = True,
         channels: int | None = None,
