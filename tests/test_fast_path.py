@@ -19,18 +19,21 @@ the comparison after the first step would measure Adam, not the fast path.
 from __future__ import annotations
 
 import csv
+import inspect
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from gradtrace.bench.workloads import HostSyncCounter
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
+from gradtrace.models import create_model
+from host_syncs import HostSyncCounter, _copy_direction
 
 STATS = ("mean_abs", "l2", "max_abs")
 
@@ -85,7 +88,14 @@ def assert_same_flow(
 ) -> None:
     assert [(r["step"], r["layer"]) for r in other] == [(r["step"], r["layer"]) for r in reference]
     layers = {r["layer"] for r in reference}
-    assert len(layers) >= 9  # 8 convolutions, the stem's BatchNorm and the head at least
+    # GradientFlow's default layers: the weights of the network's convolutions and linears
+    net = create_model("vgg", num_classes=10, width=8)
+    weights = {
+        f"net.{name}.weight"
+        for name, module in net.named_modules()
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear)
+    }
+    assert layers == weights
     assert len(reference) == 3 * len(layers)  # every layer at every step
     for ref, got in zip(reference, other):
         for stat in STATS:
@@ -194,10 +204,12 @@ def test_no_host_syncs_from_gradtrace_on_unlogged_steps(tmp_path: Path) -> None:
 
 def test_logged_steps_read_back_only_what_they_log(tmp_path: Path) -> None:
     counts = without_lines(count_syncs(tmp_path, "cpu", log_every=1))
-    # Lightning reads the step loss (train/loss_step) back once per logged step. GradientFlow's
-    # one copy per logged step is a .cpu() of a CPU tensor here: not an op, so not seen.
+    # Lightning reads back what is logged through self.log on a logged step: the step loss
+    # (train/loss_step) and GradientFlow's three summary scalars (grad_norm, nonfinite,
+    # input_output_ratio). GradientFlow's one copy per logged step is a .cpu() of a CPU
+    # tensor here: not an op, so not seen.
     to_item = "aten._local_scalar_dense from lightning/fabric/utilities/apply_func.py (to_item)"
-    assert counts == {ADAM: 17 * 4, ONE_HOT: 2 * 4, to_item: 4}
+    assert counts == {ADAM: 17 * 4, ONE_HOT: 2 * 4, to_item: (1 + 3) * 4}
 
 
 @pytest.mark.gpu
@@ -268,3 +280,40 @@ def test_training_steps_log_only_the_step_loss_and_only_when_it_is_written(
         [row] = [r for r in rows if r["train/acc"] and int(r["epoch"]) == epoch]
         assert float(row["train/acc"]) == pytest.approx(accuracy)
         assert float(row["train/loss"]) == pytest.approx(loss, rel=1e-5)
+
+
+def test_host_sync_counter_attributes_scalar_reads_to_their_caller() -> None:
+    x = torch.arange(6.0)
+    counter = HostSyncCounter()
+    with counter:
+        x.sum().item()  # not counted: inactive
+        counter.active = True
+        line = inspect.currentframe().f_lineno
+        x.sum().item()
+        bool(x.max() > 2)
+        torch.nonzero(x)
+        x * 2  # no sync
+        counter.active = False
+    where = f"{__file__}:{{}} (test_host_sync_counter_attributes_scalar_reads_to_their_caller)"
+    assert dict(counter.counts) == {
+        "aten._local_scalar_dense from " + where.format(line + 1): 1,  # .item()
+        "aten._local_scalar_dense from " + where.format(line + 2): 1,  # bool(tensor)
+        "aten.nonzero from " + where.format(line + 3): 1,
+    }
+
+
+def test_copies_that_wait_are_told_apart_without_a_gpu() -> None:
+    aten = torch.ops.aten
+    cpu, gpu = (
+        SimpleNamespace(device=torch.device("cpu")),
+        SimpleNamespace(device=torch.device("cuda")),
+    )
+    to_cuda, to_cpu = {"device": torch.device("cuda")}, {"device": torch.device("cpu")}
+    assert _copy_direction(aten._to_copy.default, (gpu,), to_cpu) == "device-to-host copy"
+    assert _copy_direction(aten._to_copy.default, (cpu,), to_cuda) == "blocking host-to-device copy"
+    assert _copy_direction(aten._to_copy.default, (cpu,), {**to_cuda, "non_blocking": True}) is None
+    assert _copy_direction(aten._to_copy.default, (cpu,), {"dtype": torch.half}) is None
+    assert _copy_direction(aten.copy_.default, (cpu, gpu), {}) == "device-to-host copy"
+    assert _copy_direction(aten.copy_.default, (gpu, cpu, True), {}) is None
+    assert _copy_direction(aten.copy_.default, (gpu, cpu), {}) == "blocking host-to-device copy"
+    assert _copy_direction(aten.add.Tensor, (cpu, cpu), {}) is None

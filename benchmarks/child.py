@@ -1,4 +1,4 @@
-"""Measurements that need a fresh process: ``python -m gradtrace.bench.child KIND ... --out F``.
+"""Measurements that need a fresh process: ``python -m benchmarks.child KIND ... --out F``.
 
 ``memory``: peak training memory of one model. A fresh process, because an allocator keeps
 memory it has freed and reuses it, so RSS deltas in a process that already trained another
@@ -8,10 +8,10 @@ model trains ``--steps`` batches. Reported: peak minus the memory in use just be
 was built (CPU: resident set size; CUDA: ``max_memory_allocated``), i.e. weights, gradients,
 optimizer state, activations and workspaces.
 
-``throughput``: images/s of ``--steps`` training steps after ``--warmup`` steps, with
-``--devices`` DDP processes (Lightning's launcher re-runs this command for the other ranks).
-With ``--wait-for-go`` it prints ``ready`` after the warm-up and waits for a line on stdin,
-so that several processes can time the same window.
+``throughput``: images/s of ``--steps`` training steps after ``--warmup`` steps (the GPU
+section runs one or two of these side by side on one GPU). With ``--wait-for-go`` it prints
+``ready`` after the warm-up and waits for a line on stdin, so that several processes can
+time the same window.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from gradtrace.bench.phases import quiet_fit_kwargs
+from benchmarks.config import quiet_fit_kwargs
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 
@@ -36,15 +36,16 @@ def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**{**defaults, "logger": False, **kwargs})
 
 
-def _data(batch_size: int, batches: int, world_size: int = 1) -> ImageDataModule:
+def _data(batch_size: int, batches: int) -> ImageDataModule:
     """Synthetic CIFAR-100-shaped data with just enough training images for ``batches``."""
-    pool = batches * batch_size * world_size + 100
+    pool = batches * batch_size + 100
     return ImageDataModule(
         "synthetic",
         num_classes=100,
         synthetic_sizes=(pool, 100),
         val_size=100,
         batch_size=batch_size,
+        augment="crop_flip",  # CIFAR's augmentation (synthetic data defaults to none)
     )
 
 
@@ -105,39 +106,31 @@ class _Timer(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         step = trainer.global_step
         if step == self.warmup:
-            if self.wait_for_go and trainer.is_global_zero:
+            if self.wait_for_go:
                 print("ready", flush=True)
                 sys.stdin.readline()
-            if trainer.world_size > 1:
-                trainer.strategy.barrier()
             self.start = self._now()
         elif step == self.warmup + self.steps:
             self.elapsed = self._now() - self.start
             trainer.should_stop = True
 
 
-def throughput(args: argparse.Namespace) -> dict[str, Any] | None:
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.accelerator == "cuda"
-    dm = _data(args.batch_size, args.warmup + args.steps + 1, args.devices)
+    dm = _data(args.batch_size, args.warmup + args.steps + 1)
     model = ImageClassifier(args.arch, num_classes=100, compile=args.compile)
     timer = _Timer(args.warmup, args.steps, args.wait_for_go, cuda)
     trainer = _trainer(
         args,
-        devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
         max_steps=args.warmup + args.steps + 1,
         callbacks=[timer],
     )
     trainer.fit(model, dm)
-    if not trainer.is_global_zero:
-        return None
     if not timer.elapsed:
         raise RuntimeError("the run ended before its timed steps finished")
-    images = args.steps * args.batch_size * trainer.world_size
     return {
         "arch": args.arch,
-        "processes": trainer.world_size,
-        "images_per_s": images / timer.elapsed,
+        "images_per_s": args.steps * args.batch_size / timer.elapsed,
         "seconds": timer.elapsed,
         "steps": args.steps,
         "threads": torch.get_num_threads(),
@@ -154,13 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--wait-for-go", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     result = memory(args) if args.kind == "memory" else throughput(args)
-    if result is not None:
-        args.out.write_text(json.dumps(result))
+    args.out.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ Shared machines are noisy: another process can slow one measurement by 2x and le
 alone. So nothing is measured alone. Every figure is a ratio of workloads run in the same
 process, one after the other inside each round (A B C, then B C A, ...), and the ratio is taken
 per round before the median over rounds: slow phases of the machine hit both sides of a ratio.
+
+A verdict needs more than the median: :func:`median_interval` gives a distribution-free
+confidence interval of the median (order statistics), which is what a goal is judged on.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Summary", "interleave", "overheads", "ratios", "round_orders"]
+__all__ = ["Summary", "interleave", "median_interval", "overheads", "ratios", "round_orders"]
+
+CONFIDENCE = 0.95
+"""The coverage :func:`median_interval` aims at."""
 
 Workload = Callable[[], "float | None"]
 """One measurement: returns its own duration in seconds, or ``None`` to be timed around."""
@@ -86,9 +92,39 @@ def overheads(with_it: Sequence[float], without: Sequence[float]) -> list[float]
     return [r - 1.0 for r in ratios(with_it, without)]
 
 
+def median_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
+    """A confidence interval of the median: ``(low, high, coverage)``.
+
+    Distribution-free: with ``n`` sorted values, ``[x_(k), x_(n+1-k)]`` holds the true median
+    with probability ``1 - 2 P(Binomial(n, 1/2) < k)``, whatever the distribution of the
+    rounds (a machine's noise is far from normal: rare, large slow-downs). ``k`` is the
+    largest with at least ``confidence`` coverage; with too few values for that (``n <= 5``
+    at 95%) the interval is the whole range and ``coverage`` says how much less it holds.
+    """
+    if not values:
+        raise ValueError("median_interval needs at least one value")
+    ordered = sorted(float(v) for v in values)
+    n = len(ordered)
+
+    def coverage(k: int) -> float:
+        below = sum(math.comb(n, i) for i in range(k)) / 2**n
+        return 1.0 - 2.0 * below
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k], coverage(k)
+
+
 @dataclass(frozen=True)
 class Summary:
-    """Median and spread of one figure's per-round values."""
+    """Median and spread of one figure's per-round values, and the median's interval.
+
+    ``ci_low``/``ci_high`` bound the median with probability ``ci_coverage``
+    (:func:`median_interval`); ``low``/``high`` are the extreme rounds.
+    """
 
     median: float
     low: float
@@ -97,6 +133,9 @@ class Summary:
     q3: float
     rounds: int
     values: tuple[float, ...]
+    ci_low: float
+    ci_high: float
+    ci_coverage: float
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Summary:
@@ -108,6 +147,7 @@ class Summary:
             q1 = q3 = vals[0]
         else:
             q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+        ci_low, ci_high, ci_coverage = median_interval(vals)
         return cls(
             median=statistics.median(vals),
             low=min(vals),
@@ -116,10 +156,13 @@ class Summary:
             q3=q3,
             rounds=len(vals),
             values=vals,
+            ci_low=ci_low,
+            ci_high=ci_high,
+            ci_coverage=ci_coverage,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: median, low, high, q1, q3, rounds, values (a list)."""
+        """JSON-ready: every field, ``values`` as a list."""
         out = asdict(self)
         out["values"] = list(self.values)
         return out

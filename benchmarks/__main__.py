@@ -1,9 +1,8 @@
-"""``python -m gradtrace.bench [--quick] [--out DIR]``: run the bench, write the reports."""
+"""``python -m benchmarks [--quick] [--out DIR]``: run the bench, write the reports."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -15,12 +14,16 @@ from pathlib import Path
 import lightning
 import torch
 
-from gradtrace.bench import phases
-from gradtrace.bench.gpu import bench_gpu
-from gradtrace.bench.report import build_report, render_markdown
+from benchmarks import config
+from benchmarks.collectives import bench_collectives
+from benchmarks.data import bench_data
+from benchmarks.gpu import bench_gpu
+from benchmarks.memory import bench_memory
+from benchmarks.report import build_report, write_reports
+from benchmarks.training import bench_training
 
 
-def caveats(cfg: phases.BenchConfig) -> list[str]:
+def caveats(cfg: config.BenchConfig) -> list[str]:
     """What a reader must know to read the figures right."""
     notes = [
         "Lightning blocks are timed inside the fit from one `on_train_batch_start` to the "
@@ -28,18 +31,33 @@ def caveats(cfg: phases.BenchConfig) -> list[str]:
         "the next batch, the step, callbacks, logging), without the fit's start-up. The plain "
         "loop's blocks include its own batch cutting and augmentation.",
         "Callbacks are switched on for their own blocks only, in one fit: GradientFlow "
-        "(every_n_steps=1, plot=False) measures and logs every step of its blocks; grad_norm "
+        "(every_n_steps=1, plot=False) measures and logs every step of its blocks "
+        "(log_every_n_steps=1 there, so Lightning writes its summary scalars every step); "
+        "GradientFlow(activations=True) measures every step of one kind of block and is "
+        "attached but idle (every_n_steps=10**6) in another; grad_norm "
         "is `self.log_dict(grad_norm(module, 2))` in `on_before_optimizer_step` with "
         "`log_every_n_steps=1` during its blocks; `wandb.watch(log='gradients', log_freq=1)` "
         "is attached before its blocks and removed after (offline run), each step ending "
         "with the `run.log` commit a WandbLogger would make. All log through a CSVLogger. "
         "GradientFlow's per-epoch plot is a per-epoch cost and not part of these figures.",
-        "Callback cost is given two ways: the difference between interleaved blocks with and "
-        "without the callback (the issue's definition; on a noisy machine its spread can "
-        "exceed the 2% goal either way), and the time spent inside the callback's own code "
-        "divided by its block's time (precise on a CPU; on a GPU it includes waiting for the "
-        "device, as the callback's one device-to-host copy waits for backward to finish). "
-        "grad_norm's direct figure leaves out Lightning writing its values to the logger.",
+        "A callback's cost is the time inside its own code ÷ its block's time: GradientFlow's "
+        "Lightning hooks and every module or tensor hook it registers, wandb's histogram "
+        "code and commit, grad_norm + log_dict (Lightning writing the values to the logger "
+        "left out). The difference of step times with and without it is shown too, without "
+        "a goal: on a shared machine its spread is tens of percent either way. On a GPU the "
+        "time inside includes waiting for the device (one device-to-host copy per logged "
+        "step waits for backward to finish), so it is an upper bound there.",
+        f"Activations every {config.ACTIVATION_INTERVAL} steps: per round, (time in the "
+        f"measuring block's hooks + {config.ACTIVATION_INTERVAL - 1} x the idle block's) ÷ "
+        f"({config.ACTIVATION_INTERVAL} x the step), i.e. one measured and "
+        f"{config.ACTIVATION_INTERVAL - 1} unmeasured steps, without timing 50 steps a round.",
+        "Verdicts: a goal is judged on the median's distribution-free confidence interval "
+        "(order statistics, 95% where the rounds allow it): pass when the whole interval "
+        "meets the goal, FAIL when none of it does, and inconclusive when it straddles the "
+        "goal, is wider than the goal's margin (the distance from no effect: 2 percentage "
+        "points for a 2% cost; for ratios, on a log scale: high/low under 1/0.95 for a "
+        "0.95x goal, under 10x for a 10x goal) or holds the median less than 90% of the "
+        "time (under 5 rounds).",
         "Peak memory is measured in a fresh process per model, after a warm-up fit: "
         + (
             "`torch.cuda.max_memory_allocated` minus what was allocated before the model."
@@ -48,10 +66,6 @@ def caveats(cfg: phases.BenchConfig) -> list[str]:
             "the RSS before the model was built: weights, gradients, Adam state, "
             "activations and allocator slack."
         ),
-        "Host syncs are counted with a dispatch mode; on the CPU nothing actually waits, and "
-        "some ops check their inputs with `.item()` only on the CPU (`F.one_hot`), so CPU "
-        "counts are an upper bound of a GPU's. Adam's `.item()` reads its step counters, "
-        "which live on the CPU unless `capturable`/`fused`: no device wait.",
     ]
     if cfg.device == "cuda":
         notes += [
@@ -71,10 +85,6 @@ def caveats(cfg: phases.BenchConfig) -> list[str]:
             "descheduled thread, so ImageDataModule's CPU rate collapses on a busy machine; "
             "the one-thread figure shows it without that effect (DataLoader workers run one "
             "thread each). On a GPU the pipeline runs on the device.",
-            "Scaling on a CPU: two DDP processes share the same cores (Lightning gives each "
-            "cores/processes threads), so no gain is expected on a quiet machine; on a busy "
-            "one, the single process's two intra-op threads wait for each other (as above) "
-            "and one-thread processes look faster.",
             "GPU section skipped: no CUDA device. The GPU code paths (bf16-mixed, compile, "
             "device-resident data, epoch times, Table 1 projection, processes per GPU) did "
             "not run for this report.",
@@ -85,7 +95,7 @@ def caveats(cfg: phases.BenchConfig) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="fewer rounds (< 3 minutes on 2 CPU cores)"
+        "--quick", action="store_true", help="fewer rounds (about 5 minutes on 2 CPU cores)"
     )
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
     args = parser.parse_args(argv)
@@ -100,20 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", category=UserWarning)
 
-    cfg = phases.BenchConfig.for_device(args.quick)
-    device = phases.describe_device(cfg.device)
+    cfg = config.BenchConfig.for_device(args.quick)
+    device = config.describe_device(cfg.device)
     log(f"{'quick' if cfg.quick else 'full'} bench on {device}")
     with tempfile.TemporaryDirectory(prefix="gradtrace-bench-") as tmp:
         workdir = Path(tmp)
-        host_syncs = phases.bench_host_syncs(cfg, workdir / "syncs", log)
         pool = cfg.training_pool()
         log(f"CIFAR-100-shaped synthetic data, training pool of {pool:,} images")
-        dm = phases.cifar100_like(cfg.batch_size, pool)
-        training = phases.bench_training(cfg, dm, workdir / "training", log)
-        data = phases.bench_data(cfg, dm, log)
-        memory = phases.bench_memory(cfg, log)
-        scaling = phases.bench_scaling(cfg, log)
+        dm = config.cifar100_like(cfg.batch_size, pool)
+        training = bench_training(cfg, dm, workdir / "training", log)
+        data = bench_data(cfg, dm, log)
+        memory = bench_memory(cfg, log)
         del dm
+        collectives = bench_collectives(log)
         gpu = bench_gpu(cfg, workdir / "gpu", log)
     report = build_report(
         device=device,
@@ -121,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         training=training,
         data=data,
         memory=memory,
-        scaling=scaling,
-        host_syncs=host_syncs,
+        collectives=collectives,
         gpu=gpu,
         environment={
             "python": platform.python_version(),
@@ -132,9 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         caveats=caveats(cfg),
         elapsed_s=time.perf_counter() - start,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "bench.md").write_text(render_markdown(report))
+    write_reports(report, args.out)
     log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
 
 

@@ -1,0 +1,117 @@
+"""Collectives GradientFlow adds on a sharded model: ``grad_stats`` on FSDP2 over 2 processes.
+
+The statistics of a sharded gradient need the other ranks' shards; the goal is exactly one
+collective per logged step (all layers' partial sums reduced together), not one per layer.
+Counted at the dispatcher: :class:`CollectiveCounter` sees every ``c10d`` op (what
+``torch.distributed.all_reduce`` and friends dispatch to) and every functional collective
+(what DTensor's redistributions use), whichever way the code reaches them.
+
+``python -m benchmarks.collectives`` prints the count (2 gloo processes on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["CollectiveCounter", "bench_collectives"]
+
+_NAMESPACES = frozenset({"c10d", "_c10d_functional"})
+# ops in those namespaces that move no data between ranks
+_NOT_COLLECTIVES = frozenset({"wait_tensor", "_wrap_tensor_autograd"})
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Records the collective ops dispatched while it is entered, in order (:attr:`ops`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        name = func.overloadpacket.__name__
+        if func.namespace in _NAMESPACES and name not in _NOT_COLLECTIVES:
+            self.ops.append(f"{func.namespace}.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+def _sharded_model() -> nn.Module:
+    """A small conv net with FSDP2 (``fully_shard``) on each weight-bearing layer and the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    for layer in net:
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            fully_shard(layer)
+    return fully_shard(net)
+
+
+def _rank(rank: int, world_size: int, port: int, out: str) -> None:
+    from gradtrace.gradient_flow import grad_stats
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        net = _sharded_model()
+        generator = torch.Generator().manual_seed(rank)
+        images = torch.randn(4, 3, 16, 16, generator=generator)
+        nn.functional.cross_entropy(net(images), torch.arange(4)).backward()
+        with CollectiveCounter() as counter:
+            grad_stats(net)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(counter.ops))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_collectives(log: Callable[[str], None], world_size: int = 2) -> dict[str, Any]:
+    """Collectives per logged step of ``grad_stats`` on an FSDP2 model, ``world_size`` gloo
+    processes; ``{"not_available": why}`` when this gradtrace has no ``grad_stats``."""
+    try:
+        from gradtrace.gradient_flow import grad_stats  # noqa: F401  (only: is it there)
+    except ImportError as err:
+        log(f"gradtrace.gradient_flow.grad_stats is not available: {err}")
+        return {"not_available": f"not available: grad_stats cannot be imported ({err})"}
+    log(f"collectives: grad_stats on an FSDP2 model, {world_size} gloo processes")
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(world_size, _free_port(), tmp), nprocs=world_size)
+        ops = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world_size)]
+    return {
+        "collectives_per_logged_step": max(len(rank_ops) for rank_ops in ops),
+        "ops_per_rank": ops,
+        "processes": world_size,
+        "backend": "gloo",
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench_collectives(lambda m: print(m, file=sys.stderr)), indent=2))

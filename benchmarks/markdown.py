@@ -1,0 +1,156 @@
+"""``reports/bench.md``: the report's figures, step times, GPU section and caveats."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from benchmarks.figures import Goal, number
+
+__all__ = ["render_markdown"]
+
+
+def _spread(summary: Mapping[str, Any] | None, unit: str) -> tuple[str, str, str]:
+    if summary is None:
+        return "n/a", "n/a", "0"
+    median = number(summary["median"], unit)
+    if summary["rounds"] == 1:
+        return median, "-", "1"
+    interval = f"{number(summary['ci_low'], unit)} - {number(summary['ci_high'], unit)}"
+    interval += f" ({100 * summary['ci_coverage']:.0f}%)"
+    return median, interval, str(summary["rounds"])
+
+
+def _figure_rows(report: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| Figure | Median | Interval of the median (confidence) | Rounds | Goal | Verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for figure in report["figures"].values():
+        unit = figure["unit"]
+        median, spread, rounds = _spread(figure["summary"], unit)
+        goal = "-" if figure["goal"] is None else str(Goal(**figure["goal"], unit=unit))
+        verdict = "-" if figure["verdict"] is None else f"**{figure['verdict']}**"
+        if figure["summary"] is None:
+            verdict = figure["not_measured"] or "not measured"
+        lines.append(f"| {figure['label']} | {median} | {spread} | {rounds} | {goal} | {verdict} |")
+    return lines
+
+
+def _timing_lines(report: Mapping[str, Any]) -> list[str]:
+    models = report["timings"].get("models", {})
+    if not models:
+        return []
+    lines = ["", "## Step times", "", "| Model | Workload | Median s/step | Range of rounds |"]
+    lines.append("|---|---|---|---|")
+    for arch, result in models.items():
+        for name, summary in result["seconds_per_step"].items():
+            low, high = summary["low"], summary["high"]
+            lines.append(f"| {arch} | {name} | {summary['median']:.4f} | {low:.4f} - {high:.4f} |")
+    flops = models.get("vgg38", {}).get("flops")
+    if flops:
+        lines += [
+            "",
+            f"VGG38 training step: {flops['train_step_flops'] / 1e9:.1f} GFLOP "
+            "(forward + backward, `torch.utils.flop_counter`), "
+            f"{flops['train_step_flops_per_s']['median'] / 1e9:.1f} GFLOP/s; dense "
+            f"{flops['matmul_size']}x{flops['matmul_size']} matmul (best of 5 tries per round): "
+            f"{flops['matmul_flops_per_s']['median'] / 1e9:.1f} GFLOP/s.",
+        ]
+    data = report["data"]
+    if data:
+        rates = data["batches_per_s"]
+        lines += [
+            "",
+            f"Data pipeline: ImageDataModule {rates['gradtrace']['median']:,.0f} batches/s "
+            f"({data['threads']} torch threads), torchvision DataLoader "
+            f"({data['torchvision_workers']} workers) {rates['torchvision']['median']:,.0f} "
+            f"batches/s ({data['batches_per_round']} batches per round).",
+        ]
+        if "speedup_1_thread" in data:
+            lines[-1] += (
+                " ImageDataModule with one torch thread: "
+                f"{rates['gradtrace_1_thread']['median']:,.0f} batches/s, "
+                f"{data['speedup_1_thread']['median']:,.1f}x torchvision."
+            )
+    collectives = report["collectives"]
+    if collectives.get("ops_per_rank"):
+        ops = ", ".join(f"`{op}`" for op in collectives["ops_per_rank"][0]) or "none"
+        lines += ["", f"Collectives of one `grad_stats` call on rank 0: {ops}."]
+    return lines
+
+
+def _gpu_lines(gpu: Mapping[str, Any]) -> list[str]:
+    lines = ["", "## GPU", ""]
+    if "skipped" in gpu:
+        return [
+            *lines,
+            f"Skipped: {gpu['skipped']}. On a GPU machine `make gpu-check` (or `make bench`) "
+            "adds the epoch times of the Table 1 networks (bf16-mixed, channels_last, compile, "
+            "data on the GPU), one vs two training processes per GPU and the projected wall "
+            "time of Table 1 (7 rows x 100 epochs); goal: under 30 minutes on one H100.",
+        ]
+    lines += [
+        f"Device: {gpu['device']}. Epoch = {gpu['steps_per_epoch']} training steps + "
+        f"{gpu['val_batches']} validation batches; training time per epoch projected from "
+        f"{gpu['timed_steps']} steady-state steps.",
+        "",
+        "| Network | First steps (compile) s | Training s/epoch | Validation s | Epoch s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in gpu["epoch_times"].items():
+        lines.append(
+            f"| {name} | {t['compile_s']:.1f} | {t['train_s']:.2f} | {t['val_s']:.2f} "
+            f"| {t['epoch_s']:.2f} |"
+        )
+    speedup = gpu["two_processes_speedup"]["median"]
+    minutes = gpu["table1_minutes"]
+    rows = gpu["rows"]
+    complete = gpu.get("rows_projected", len(rows)) == len(rows)
+    verdict = ("pass" if minutes < 30 else "FAIL") if complete else "inconclusive"
+    if gpu.get("not_measured"):
+        lines += ["", f"Not measured (out of time): {', '.join(gpu['not_measured'])}."]
+    lines += [
+        "",
+        f"Two training processes on one GPU: {speedup:.2f}x the throughput of one.",
+        f"Projected Table 1 ({gpu.get('rows_projected', len(rows))} of {len(rows)} rows, "
+        f"{sum(r['epochs'] for r in rows)} epochs in all): "
+        f"{gpu['table1_minutes_one_run_at_a_time']:.1f} min one run at a time; "
+        f"**{minutes:.1f} min** with {gpu['runs_per_gpu']} run(s) per GPU "
+        f"(goal: under 30 min on one H100: **{verdict}**).",
+    ]
+    if gpu.get("gpu_tests"):
+        lines += ["", f"GPU-marked tests: {gpu['gpu_tests']}."]
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The human-readable report: the figures, step times, GPU section, caveats."""
+    settings = report["settings"]
+    mode = "quick (`make bench QUICK=1`)" if settings.get("quick") else "full (`make bench`)"
+    lines = [
+        "# gradtrace benchmark",
+        "",
+        f"- Device: **{report['device']}**",
+        f"- Mode: {mode}; took {report['elapsed_s'] / 60:.1f} min",
+        f"- Training settings: precision `{settings['precision']}`, channels_last, "
+        f"compile {'on' if settings['compile'] else 'off'}, batch {settings['batch_size']}, "
+        f"CIFAR-100-shaped synthetic data (100 classes, 3x32x32, a training pool of "
+        f"{settings['training_pool']:,} images)",
+        f"- Software: {', '.join(f'{k} {v}' for k, v in report['environment'].items())}",
+        "",
+        "Every figure is a per-round ratio of workloads run one after the other in the same "
+        "process (rotating order: A B C, B C A, ...), and the median over the rounds. A goal "
+        "is judged on the median's confidence interval: **pass** when all of it meets the "
+        "goal, **FAIL** when none does, **inconclusive** when it straddles the goal or is "
+        "wider than the goal's margin.",
+        "",
+        *_figure_rows(report),
+        *_timing_lines(report),
+        *_gpu_lines(report["gpu"]),
+        "",
+        "## Caveats",
+        "",
+        *[f"- {caveat}" for caveat in report["caveats"]],
+    ]
+    return "\n".join(lines) + "\n"

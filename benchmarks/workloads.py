@@ -1,0 +1,186 @@
+"""What the bench times against: the plain PyTorch loop, a dense matmul, FLOP counts.
+
+The baselines are what a researcher would write by hand, doing the same work as gradtrace:
+the same network from :func:`gradtrace.models.create_model`, the same uint8 tensors, the same
+augmentation functions (:func:`~gradtrace.datamodule.crop_flip`,
+:func:`~gradtrace.datamodule.normalize`), Adam with the same cosine schedule, batch 100.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from gradtrace.datamodule import (
+    crop_flip,
+    epoch_order,
+    normalize,
+    sample_crops,
+)
+from gradtrace.models import create_model
+
+__all__ = [
+    "Matmul",
+    "PlainLoop",
+    "train_step_flops",
+]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PlainLoop:
+    """A minimal hand-written training loop; :meth:`run` trains ``steps`` batches.
+
+    Per step: cut a batch by index from the uint8 tensors, crop + flip + normalise it with
+    gradtrace's functions, cast to channels_last, forward under autocast when ``precision``
+    is ``bf16-mixed``, cross-entropy, ``zero_grad``, backward, Adam step, cosine schedule step.
+
+    Args:
+        arch, model_options: the network (``create_model(arch, num_classes, **model_options)``).
+        images, labels, mean, std: the training split and its normalisation.
+        batch_size, padding, seed: batches, crop padding, order and crops as the data module.
+        device: where to train (the tensors are moved there once).
+        precision: ``32-true`` or ``bf16-mixed``.
+        compile: ``torch.compile`` the network in place, as ``ImageClassifier(compile=True)``.
+        lr, total_steps: Adam's learning rate and the cosine schedule's length.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        *,
+        num_classes: int = 100,
+        model_options: dict[str, Any] | None = None,
+        batch_size: int = 100,
+        padding: int = 4,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        precision: str = "32-true",
+        compile: bool = False,
+        lr: float = 1e-3,
+        total_steps: int = 1000,
+    ) -> None:
+        if precision not in ("32-true", "bf16-mixed"):
+            raise ValueError(f"precision must be one of 32-true, bf16-mixed; got {precision!r}")
+        self.device = torch.device(device)
+        self.net = create_model(arch, num_classes=num_classes, **(model_options or {}))
+        self.net = self.net.to(self.device, memory_format=torch.channels_last)
+        if compile:
+            self.net.compile()
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total_steps)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.mean, self.std = mean.to(self.device), std.to(self.device)
+        self.batch_size, self.padding, self.seed = batch_size, padding, seed
+        self.autocast = precision == "bf16-mixed"
+        self._batches = self._batch_indices()
+
+    def _batch_indices(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        epoch = 0
+        n = self.labels.numel()
+        while True:
+            order = epoch_order(n, self.seed, epoch).to(self.device)
+            for step in range(n // self.batch_size):
+                yield epoch, step, order[step * self.batch_size : (step + 1) * self.batch_size]
+            epoch += 1
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next augmented, normalised batch ``(x float32 channels_last, y int64)``."""
+        epoch, step, index = next(self._batches)
+        crops = sample_crops(self.seed, epoch, step, self.batch_size, self.padding)
+        crops = crops.to(self.device, non_blocking=True)
+        images = crop_flip(self.images[index], crops, self.padding)
+        x = normalize(images, self.mean, self.std).contiguous(memory_format=torch.channels_last)
+        return x, self.labels[index]
+
+    def step(self) -> torch.Tensor:
+        """One training step; returns the loss (on the device, not read back)."""
+        x, y = self.next_batch()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = F.cross_entropy(self.net(x), y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    def run(self, steps: int = 1) -> float:
+        """Train ``steps`` batches; return the wall time (the device synchronised at the end)."""
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+def train_step_flops(
+    arch: str,
+    batch_size: int = 100,
+    *,
+    num_classes: int = 100,
+    image_size: tuple[int, int] = (32, 32),
+    model_options: dict[str, Any] | None = None,
+) -> int:
+    """FLOPs of one training step's forward + backward (``torch.utils.flop_counter``).
+
+    Counted on the meta device (no arithmetic runs): convolutions and matmuls, as
+    ``FlopCounterMode`` counts them (element-wise work and the optimizer are not FLOPs here).
+    """
+    with torch.device("meta"):
+        net = create_model(arch, num_classes=num_classes, **(model_options or {}))
+        x = torch.empty(batch_size, 3, *image_size)
+        y = torch.zeros(batch_size, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    return int(counter.get_total_flops())
+
+
+class Matmul:
+    """A dense ``size x size`` matmul: the practical limit of the device's arithmetic.
+
+    :meth:`run` multiplies ``repeat`` times (about 50 ms) in each of ``trials`` tries and
+    returns the fastest try: the limit is what the machine can do, and a short burst of
+    another process's work should not lower it. ``flops / run()`` is the achieved FLOP/s.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        trials: int = 5,
+    ) -> None:
+        self.device = torch.device(device)
+        self.trials = trials
+        generator = torch.Generator().manual_seed(0)
+        self.a = torch.randn(size, size, generator=generator).to(self.device, dtype)
+        self.b = torch.randn(size, size, generator=generator).to(self.device, dtype)
+        self.a @ self.b  # the first call starts the library up
+        self.repeat = 1
+        self.repeat = max(1, round(0.05 / max(self._once(), 1e-9)))
+        self.flops = 2 * size**3 * self.repeat
+
+    def _once(self) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(self.repeat):
+            self.a @ self.b
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def run(self) -> float:
+        """The fastest of ``trials`` tries of ``repeat`` multiplications, in seconds."""
+        return min(self._once() for _ in range(self.trials))
