@@ -89,7 +89,7 @@ def assert_same_flow(
     assert [(r["step"], r["layer"]) for r in other] == [(r["step"], r["layer"]) for r in reference]
     layers = {r["layer"] for r in reference}
     # GradientFlow's default layers: the weights of the network's convolutions and linears
-    net = create_model("vgg", num_classes=10, width=8)
+    net = create_model("coursework_vgg", num_classes=10, width=8)
     weights = {
         f"net.{name}.weight"
         for name, module in net.named_modules()

@@ -17,7 +17,7 @@ import yaml
 
 from gradtrace.classifier import ImageClassifier
 from gradtrace.cli import main as cli_main
-from gradtrace.experiments import study, table1, table1_figures, table1_report, table1_rows
+from gradtrace.experiments import table1, table1_figures, table1_report, table1_rows
 from gradtrace.experiments.study import table1_specs
 from gradtrace.run_files import read_run
 
