@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed-dev
 # pytest workers; the suite is sized for 2 cores.
 JOBS   ?= 2
 
-.PHONY: install test test-fast lint format demo reproduce-table1 sweep sweep-local bench gpu-check clean
+.PHONY: install test test-fast lint format demo demo-data reproduce-table1 sweep sweep-local bench \
+	gpu-check dist clean
 
 # Reinstalls whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -32,12 +33,16 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-demo: $(STAMP)
-	$(BIN)/python -m gradtrace.experiments.demo
+# Real data for the demo and the smoke table: local copy, download, or (offline Debian, root) apt.
+demo-data: $(STAMP)
+	@sh scripts/fetch-demo-data.sh $(BIN)/python
+
+demo: demo-data
+	@$(BIN)/python -m gradtrace.experiments.demo $(ARGS)
 
 # ARGS passes more options through, e.g. ARGS="--from runs/sweeps/table1" or, for the runs
 # themselves, ARGS="-- --data.root=/datasets/cifar".
-reproduce-table1: $(STAMP)
+reproduce-table1: $(STAMP) $(if $(filter smoke,$(BUDGET)),demo-data)
 	$(BIN)/python -m gradtrace.experiments.table1 --budget $(or $(BUDGET),full) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
 # DDP=N runs each cell as one DDP run over N of the GPUS (same global batch).
@@ -56,6 +61,10 @@ bench: $(STAMP)
 # projection into reports/bench.md. Without CUDA: one line, exit 0.
 gpu-check: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu_check
+
+# Wheel and sdist under dist/ (what `pip install gradtrace` gets; `build` is in the dev extra).
+dist: $(STAMP)
+	$(BIN)/python -m build --outdir dist .
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache runs lightning_logs wandb

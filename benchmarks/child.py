@@ -45,6 +45,7 @@ def _data(batch_size: int, batches: int) -> ImageDataModule:
         synthetic_sizes=(pool, 100),
         val_size=100,
         batch_size=batch_size,
+        augment="crop_flip",  # CIFAR's augmentation (synthetic data defaults to none)
     )
 
 

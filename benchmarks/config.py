@@ -146,6 +146,7 @@ def cifar100_like(batch_size: int = 100, pool: int = CIFAR100_TRAIN) -> ImageDat
         synthetic_sizes=(pool, CIFAR100_TEST),
         val_size=CIFAR100_VAL,
         batch_size=batch_size,
+        augment="crop_flip",  # CIFAR's augmentation (synthetic data defaults to none)
     )
     dm.setup("fit")
     return dm

@@ -81,10 +81,13 @@ def test_import_gradtrace_and_the_callback_pulls_no_optional_package() -> None:
     assert not with_callback & set(OPTIONAL)
 
 
-def base_closure(root: str = "gradtrace") -> list[metadata.Distribution]:
-    """Installed distributions that ``pip install gradtrace`` (no extras) needs, recursively."""
+def base_closure(
+    root: str = "gradtrace", extras: frozenset[str] = frozenset()
+) -> list[metadata.Distribution]:
+    """Installed distributions that ``pip install gradtrace`` (with ``extras``, default none)
+    needs, recursively."""
     found: dict[str, tuple[metadata.Distribution, frozenset[str]]] = {}
-    todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    todo: list[tuple[str, frozenset[str]]] = [(root, extras)]
     while todo:
         name, extras = todo.pop()
         dist = metadata.distribution(name)  # PackageNotFoundError: the closure is incomplete

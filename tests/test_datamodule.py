@@ -27,9 +27,16 @@ from gradtrace.datamodule import (
     sample_crops,
     train_batch_indices,
 )
+from gradtrace.datasets import fashion_mnist
 from test_datasets import write_cifar_archive, write_fashion_mnist, write_image_folder
 
-SMALL = {"dataset": "synthetic", "synthetic_sizes": (600, 100), "val_size": 100, "batch_size": 50}
+SMALL = {
+    "dataset": "synthetic",
+    "synthetic_sizes": (600, 100),
+    "val_size": 100,
+    "batch_size": 50,
+    "augment": "crop_flip",
+}
 
 
 def rows(images: torch.Tensor) -> list[bytes]:
@@ -63,7 +70,7 @@ def reference_crop_flip(images: torch.Tensor, crops: torch.Tensor, padding: int)
 
 
 def test_properties_before_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     dm = ImageDataModule("synthetic")
     assert (dm.num_classes, dm.num_channels, dm.image_size) == (10, 3, (32, 32))
     dm = ImageDataModule("synthetic", num_classes=7, channels=1, image_size=(20, 28))
@@ -144,7 +151,7 @@ def bad_inputs(tmp: Path) -> list[tuple[dict, type[Exception], str]]:
         (
             {"dataset": "fashion_mnist", "root": str(tmp / "nowhere"), "download": False},
             FileNotFoundError,
-            r"fashion_mnist needs the IDX files train-images-idx3-ubyte\[.gz\]",
+            r"Fashion-MNIST not found: looked in .*nowhere.*downloads are off",
         ),
         (
             {"dataset": f"imagefolder:{tmp / 'missing'}"},
@@ -158,7 +165,7 @@ def bad_inputs(tmp: Path) -> list[tuple[dict, type[Exception], str]]:
 def test_bad_inputs_fail_in_init_with_the_valid_choices(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     for kwargs, error, message in bad_inputs(tmp_path):
         with pytest.raises(error, match=message):
             ImageDataModule(**kwargs)
@@ -252,7 +259,7 @@ def test_cifar_converted_to_grey_and_resized(tmp_path: Path) -> None:
 def test_fashion_mnist_through_the_data_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     written = write_fashion_mnist(tmp_path, 300, 40)
     dm = ImageDataModule("fashion_mnist", root=str(tmp_path), val_size=100, channels=3)
     dm.setup("fit")
@@ -445,11 +452,73 @@ def test_on_after_batch_transfer_augments_training_batches_only() -> None:
 
 
 def test_augment_false_yields_plain_batches() -> None:
-    dm = ImageDataModule(**SMALL, augment=False)
+    dm = ImageDataModule(**{**SMALL, "augment": False})
+    assert dm.augment == "none"
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert len(batch) == 2
     assert len(dm.predict_dataloader()) == 2  # the test split, 100 images in batches of 50
+
+
+def test_augment_defaults_fit_the_data(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "pets", per_class=2, sizes=((8, 8),))
+    folder = {"dataset": f"imagefolder:{tmp_path / 'pets'}", "val_size": 1, "test_size": 1}
+    assert ImageDataModule("cifar100").augment == "crop_flip"  # the coursework's
+    assert ImageDataModule("cifar10").augment == "crop_flip"
+    assert ImageDataModule("synthetic").augment == "none"
+    assert ImageDataModule(**folder, batch_size=1).augment == "none"  # unknown content
+    assert ImageDataModule(**folder, batch_size=1, augment=True).augment == "crop_flip"
+    assert ImageDataModule("cifar100", augment=False).augment == "none"
+    dm = ImageDataModule("cifar100", augment="crop")
+    assert (dm.augment, dm.hparams["augment"]) == ("crop", "crop")  # printed with the settings
+    with pytest.raises(
+        ValueError, match=r"augment must be one of none, crop, crop_flip; got 'flip'"
+    ):
+        ImageDataModule("cifar100", augment="flip")
+
+
+def test_the_settings_used_are_described_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    dm = ImageDataModule(**{**SMALL, "augment": "crop"}, normalization="cifar10")
+    with caplog.at_level("INFO", logger="gradtrace.datamodule"):
+        dm.setup("fit")
+        dm.setup("validate")  # loaded once, said once
+    assert caplog.messages == [
+        "Data: synthetic: 500 train, 100 val, 100 test images of 3x32x32; augment crop; "
+        "normalization cifar10"
+    ]
+
+
+def test_crop_only_never_flips_and_crops_like_crop_flip() -> None:
+    cropped = ImageDataModule(**{**SMALL, "augment": "crop"}, crop_padding=2)
+    flipped = ImageDataModule(**SMALL, crop_padding=2)
+    for dm in (cropped, flipped):
+        dm.setup("fit")
+    images, labels, crops = next(iter(cropped.train_dataloader()))
+    _, _, crops_flip = next(iter(flipped.train_dataloader()))
+    assert int(crops[:, 2].sum()) == 0
+    assert int(crops_flip[:, 2].sum()) > 0
+    assert torch.equal(crops[:, :2], crops_flip[:, :2])
+    x, _ = cropped.transform_batch((images, labels, crops))
+    mean, std = cropped.mean.view(1, 3, 1, 1), cropped.std.view(1, 3, 1, 1)
+    expected = (reference_crop_flip(images, crops, 2).double() / 255 - mean) / std
+    torch.testing.assert_close(x, expected.float())
+
+
+def test_cifar10_normalization_uses_the_coursework_constants() -> None:
+    dm = ImageDataModule(**SMALL, normalization="cifar10")
+    dm.setup("fit")
+    torch.testing.assert_close(dm.mean, torch.tensor([0.4914, 0.4822, 0.4465]))
+    torch.testing.assert_close(dm.std, torch.tensor([0.2023, 0.1994, 0.2010]))
+    images, labels = next(iter(dm.val_dataloader()))
+    x, _ = dm.transform_batch((images, labels))
+    expected = (images.double() / 255 - dm.mean.view(1, 3, 1, 1)) / dm.std.view(1, 3, 1, 1)
+    torch.testing.assert_close(x, expected.float())
+    with pytest.raises(ValueError, match="normalization cifar10 needs 3 channels"):
+        ImageDataModule(**SMALL, channels=1, normalization="cifar10")
+    with pytest.raises(
+        ValueError, match="normalization must be one of split, cifar10; got 'imagenet'"
+    ):
+        ImageDataModule(**SMALL, normalization="imagenet")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import hashlib
 import io
 import pickle
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 import gradtrace.datasets as ds
-from gradtrace.datasets import ChecksumError
+from gradtrace.datasets import ChecksumError, fashion_mnist
 
 # ---------------------------------------------------------------------------------------------
 # Writers of small files in the real formats (shared with test_datamodule through conftest-free
@@ -91,7 +92,7 @@ def write_fashion_mnist(
     for split, n in (("train", n_train), ("test", n_test)):
         images = rng.integers(1, 256, (n, 28, 28), dtype=np.uint8)  # no zeros: borders visible
         labels = (np.arange(n) % 10).astype(np.uint8)
-        images_stem, labels_stem = ds.FASHION_MNIST_FILES[split]
+        images_stem, labels_stem = fashion_mnist.FASHION_MNIST_FILES[split]
         write_idx(root / images_stem, images, compress)
         write_idx(root / labels_stem, labels, compress)
         written[split] = (images, labels)
@@ -199,36 +200,127 @@ def test_missing_archive_says_what_to_put_where(tmp_path: Path) -> None:
 def test_download_offline_says_what_to_put_where(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import urllib.error
+    from torchvision.datasets import CIFAR10
 
-    from torchvision.datasets import utils as tv_utils
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("Temporary failure in name resolution")
-
-    monkeypatch.setattr(tv_utils, "download_url", offline)
-    with pytest.raises(RuntimeError, match=r"could not download .*name resolution.*put it there"):
+    monkeypatch.setattr(CIFAR10, "url", (tmp_path / "unreachable.tar.gz").as_uri())
+    with pytest.raises(
+        ds.DataNotFoundError, match=r"could not download .*unreachable.tar.gz: .*put it there"
+    ):
         ds.read_cifar("cifar10", tmp_path, download=True)
+    # No partial file left behind (the empty lock file stays).
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz.lock"]
 
 
-def test_download_uses_torchvision_then_verifies(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_download_then_verify_then_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import CIFAR10
+
     source, md5, written = write_cifar_archive(tmp_path / "mirror", "cifar10", 60, 20)
-    calls = []
-
-    def fake_download(url: str, root: str, filename: str, md5_arg: str) -> None:
-        calls.append((url, filename, md5_arg))
-        (Path(root) / filename).write_bytes(source.read_bytes())
-
-    from torchvision.datasets import utils as tv_utils
-
-    monkeypatch.setattr(tv_utils, "download_url", fake_download)
+    monkeypatch.setattr(CIFAR10, "url", source.as_uri())
     root = tmp_path / "data"
-    root.mkdir()
     data = ds.read_cifar("cifar10", root, md5=md5, download=True)
-    assert calls == [(ds.cifar_archive("cifar10").url, "cifar-10-python.tar.gz", md5)]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "cifar-10-python.tar.gz",
+        "cifar-10-python.tar.gz.lock",
+    ]
     assert data.train[1].tolist() == written["train"][1].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads: one per file, verified, atomic (several runs starting together on a fresh machine)
+
+
+class SlowArchiveServer:
+    """A local HTTP server sending one file slowly (so downloads overlap) and counting GETs."""
+
+    def __init__(self, payload: bytes, seconds: float = 0.6) -> None:
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                half = len(payload) // 2
+                self.wfile.write(payload[:half])
+                self.wfile.flush()
+                time.sleep(seconds)  # a reader of the final path now would see half a file
+                self.wfile.write(payload[half:])
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.requests = 0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/archive.tar.gz"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> SlowArchiveServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _download_in_child(url: str, path: str, md5: str, results: object) -> None:
+    try:
+        ds.download_verified(url, path, md5)
+        results.put(("ok", md5_of(Path(path))))  # type: ignore[attr-defined]
+    except Exception as err:  # reported to the parent, which fails the test
+        results.put(("error", repr(err)))  # type: ignore[attr-defined]
+
+
+def test_two_processes_download_one_verified_archive(tmp_path: Path) -> None:
+    import multiprocessing
+
+    payload = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+    md5 = hashlib.md5(payload).hexdigest()
+    path = tmp_path / "data" / "archive.tar.gz"
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    with SlowArchiveServer(payload) as server:
+        children = [
+            context.Process(target=_download_in_child, args=(server.url, str(path), md5, results))
+            for _ in range(2)
+        ]
+        for child in children:
+            child.start()
+        outcomes = [results.get(timeout=60) for _ in children]
+        for child in children:
+            child.join(timeout=60)
+    assert outcomes == [("ok", md5), ("ok", md5)]
+    assert server.requests == 1  # the waiting process reused the first one's file
+    assert path.read_bytes() == payload
+    assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == [path.name]
+
+
+def test_download_with_the_wrong_checksum_leaves_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "mirror" / "archive.tar.gz"
+    source.parent.mkdir()
+    source.write_bytes(b"not the published archive")
+    path = tmp_path / "data" / "archive.tar.gz"
+    with pytest.raises(ChecksumError, match=r"failed its MD5 check: expected 0{32}"):
+        ds.download_verified(source.as_uri(), path, "0" * 32)
+    assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_damaged_file_in_place_is_refused_not_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "archive.tar.gz"
+    path.write_bytes(b"half an archive")
+    with pytest.raises(ChecksumError, match="Delete it and download it again from file:"):
+        ds.download_verified((tmp_path / "elsewhere").as_uri(), path, "0" * 32)
+    assert path.read_bytes() == b"half an archive"
+
+
+def test_unreachable_mirrors_are_all_named(tmp_path: Path) -> None:
+    urls = [(tmp_path / name).as_uri() for name in ("one", "two")]
+    with pytest.raises(ds.DownloadError, match=r"could not download f \(file:.*one: .*file:.*two"):
+        ds.download_verified(urls, tmp_path / "f", "0" * 32)
 
 
 def test_archive_without_the_expected_members_is_rejected(tmp_path: Path) -> None:
@@ -269,7 +361,7 @@ def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
 def test_fashion_mnist_padded_to_32(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compress: bool
 ) -> None:
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     written = write_fashion_mnist(tmp_path / "fashion-mnist", 40, 20, compress)
     data = ds.read_fashion_mnist(tmp_path)
     for split, (images, labels) in (("train", data.train), ("test", data.test)):
@@ -287,7 +379,7 @@ def test_fashion_mnist_padded_to_32(
 def test_fashion_mnist_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     system = tmp_path / "usr-share"
     write_fashion_mnist(system, 10, 10)
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", system)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", system)
     root = tmp_path / "data"
     assert ds.find_fashion_mnist(root) == system  # nothing under root: the Debian folder
     write_fashion_mnist(root / "FashionMNIST" / "raw", 10, 10)  # torchvision's download layout
@@ -301,13 +393,60 @@ def test_fashion_mnist_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_fashion_mnist_missing_lists_the_places(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     with pytest.raises(
-        FileNotFoundError,
-        match=r"train-images-idx3-ubyte\[\.gz\].*in one of .*FashionMNIST/raw.*absent.*"
-        r"dataset-fashion-mnist",
+        ds.DataNotFoundError,
+        match=r"looked in .*FashionMNIST/raw.*absent.*dataset-fashion-mnist.*"
+        r"train-images-idx3-ubyte\[\.gz\]",
     ):
         ds.read_fashion_mnist(tmp_path)
+
+
+def fashion_mnist_mirror(tmp_path: Path) -> tuple[str, list[tuple[str, str]]]:
+    """A local mirror (file URL) of gzipped IDX files and their (name, MD5) list."""
+    mirror = tmp_path / "mirror"
+    write_fashion_mnist(mirror, 30, 10)
+    resources = [(p.name, md5_of(p)) for p in sorted(mirror.iterdir())]
+    return mirror.as_uri() + "/", resources
+
+
+def test_fashion_mnist_resolution_order_and_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    url, resources = fashion_mnist_mirror(tmp_path)
+    root = tmp_path / "data"
+    # Offline (an unreachable mirror): one message naming the failure and every way out.
+    monkeypatch.setattr(FashionMNIST, "mirrors", [(tmp_path / "nowhere").as_uri() + "/"])
+    monkeypatch.setattr(FashionMNIST, "resources", resources)
+    with pytest.raises(ds.DataNotFoundError) as info:
+        ds.locate_fashion_mnist(root)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in (
+        "looked in",
+        "absent",
+        "the download failed",
+        "nowhere",
+        "apt-get install dataset-fashion-mnist",
+        "--data.root",
+        "internet",
+    ):
+        assert part in message
+    # Downloads off: says so instead of a download error.
+    with pytest.raises(ds.DataNotFoundError, match=r"downloads are off \(download=False\)"):
+        ds.locate_fashion_mnist(root, download=False)
+    # Online (the mirror answers): downloaded into torchvision's layout, checksums checked.
+    monkeypatch.setattr(FashionMNIST, "mirrors", ["file:///nowhere/", url])
+    directory, how = ds.locate_fashion_mnist(root)
+    assert directory == root / "FashionMNIST" / "raw"
+    assert how == f"Fashion-MNIST: downloaded to {directory} (published MD5s checked)"
+    assert ds.read_fashion_mnist(root).train[0].shape == (30, 1, 32, 32)
+    # Found locally: no download at all (the mirror is gone).
+    monkeypatch.setattr(FashionMNIST, "mirrors", ["file:///nowhere/"])
+    assert ds.locate_fashion_mnist(root) == (directory, f"Fashion-MNIST: found in {directory}")
 
 
 # ---------------------------------------------------------------------------------------------

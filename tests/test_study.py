@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 
 from gradtrace.datasets import find_fashion_mnist
-from gradtrace.experiments import demo, study
 from gradtrace.experiments.study import short_run, smoke_data, table1_specs
 
 
@@ -28,23 +26,6 @@ def test_table1_rows_come_from_the_shipped_configs() -> None:
     assert specs[6].model["residual"] is True
     with pytest.raises(ValueError, match="no Table 1 row 'vgg39'; rows: vgg08, vgg38"):
         table1_specs(("vgg39",))
-
-
-def test_demo_falls_back_to_synthetic_data_loudly(tmp_path: Path, monkeypatch, caplog) -> None:
-    monkeypatch.setattr(study, "find_fashion_mnist", lambda root: None)
-    with caplog.at_level(logging.WARNING):
-        args = ["--steps", "3", "--batch-size", "8", "--val-size", "40", "--out", str(tmp_path)]
-        results = demo.main(args)
-    assert "FALLING BACK TO SYNTHETIC DATA" in caplog.text
-    summary = (tmp_path / "summary.md").read_text()
-    assert summary.count("\n| VGG") == 3
-    assert "SYNTHETIC data (Fashion-MNIST missing)" in summary
-    assert (tmp_path / "gradient_flow.png").stat().st_size > 10_000
-    assert [r.steps for r in results] == [3, 3, 3]
-    # The ratio is the callback's, from the CSV it wrote.
-    for r in results:
-        assert (r.log_dir / "gradient_flow.csv").is_file()
-        assert r.num_classes == 10
 
 
 @pytest.mark.slow

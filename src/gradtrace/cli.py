@@ -21,13 +21,16 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import ArgumentError
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
 
 from gradtrace.classifier import ImageClassifier
+from gradtrace.console import quiet_output
 from gradtrace.datamodule import ImageDataModule
+from gradtrace.datasets import ChecksumError, DataNotFoundError
 from gradtrace.gradient_flow import GradientFlow
 from gradtrace.run_identity import ResumeCheckpoint, RunCSVLogger, run_name
 
@@ -116,6 +119,12 @@ class GradtraceCLI(LightningCLI):
     """LightningCLI with gradtrace's defaults; see the module docstring."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        """Parse ``args`` (default: the command line) and, when ``run``, run the subcommand.
+
+        A shipped config name after ``--config`` is resolved to its file. Parse errors raise
+        jsonargparse's ``ArgumentError`` instead of exiting, so :func:`main` can print them as
+        one line.
+        """
         super().__init__(
             ImageClassifier,
             ImageDataModule,
@@ -128,7 +137,9 @@ class GradtraceCLI(LightningCLI):
                 "description": "Train and evaluate gradtrace models. "
                 "Also: `gradtrace summary --help` for a model's per-layer cost table, "
                 "`gradtrace compare --help` to compare finished runs. "
-                f"Shipped configs (--config NAME): {', '.join(list_configs())}."
+                f"Shipped configs (--config NAME): {', '.join(list_configs())}. "
+                "--debug shows the traceback of a user error.",
+                "exit_on_error": False,
             },
             args=None if args is None else _resolve_config_args(list(args)),
             run=run,
@@ -302,13 +313,55 @@ def summary_main(argv: Sequence[str]) -> int:
     return 0
 
 
+# What a user fixes by changing the command or providing data, not by reporting a bug.
+USER_ERRORS = (ArgumentError, DataNotFoundError, ChecksumError)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``gradtrace`` console script."""
+    """Entry point of the ``gradtrace`` console script.
+
+    A user error (a bad option or value, a missing config file, missing or corrupted data)
+    prints one line, ``gradtrace: error: ...``, and exits with status 2; ``--debug`` shows
+    its traceback instead. Anything else is a bug and keeps its traceback. Lightning's tips,
+    device banners and other packages' deprecation warnings are not printed
+    (:func:`gradtrace.console.quiet_output`).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
     if args[:1] == ["summary"]:
         raise SystemExit(summary_main(args[1:]))
     if args[:1] == ["compare"]:
         from gradtrace.compare import compare_main
 
         raise SystemExit(compare_main(args[1:]))
-    GradtraceCLI(args=args)
+    try:
+        args = _resolve_config_args(args)
+        with quiet_output():
+            if argv is None:
+                # LightningCLI reads sys.argv itself; passing args too makes it warn that they
+                # may disagree. Only shipped config names differ, so rewrite them in place.
+                sys.argv[1:] = args
+                GradtraceCLI()
+            else:
+                GradtraceCLI(args=args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        hint = ""
+        if isinstance(err, ArgumentError):
+            command = " ".join(["gradtrace", *[a for a in args[:1] if not a.startswith("-")]])
+            hint = f" (all options: {command} --help)"
+        print(f"gradtrace: error: {_one_line(err)}{hint}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as stop:
+        # gradtrace's own one-line stops (an unknown config name, --ckpt_path last without a
+        # checkpoint) carry their message: a user error like the others, status 2.
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise

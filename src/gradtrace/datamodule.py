@@ -1,40 +1,50 @@
 """``ImageDataModule``: whole splits in memory, batches cut by index, augmentation on the device.
 
 The speed recipe is airbench's: each split is one uint8 tensor (moved to the GPU once when
-training on CUDA), a batch is ``images[indices]``, and the random crop + flip + normalisation
-run on the whole batch on the training device in ``on_after_batch_transfer``, as one gather.
-No per-sample Python, no worker processes.
+training on CUDA), a batch is ``images[indices]``, and the random crop (+ flip) and the
+normalisation run on the whole batch on the training device in ``on_after_batch_transfer``, as
+one gather. No per-sample Python, no worker processes. The batches are
+:mod:`gradtrace.batches`' (seeded, sharded, resumable: see there for the determinism and DDP
+guarantees); the augmentation and normalisation are :mod:`gradtrace.augmentation`'s. The
+validation split and the subset are pure functions of ``seed``. On its first ``setup`` it logs
+one line (:meth:`ImageDataModule.describe`) with the settings a run actually uses.
 
-Determinism. Every random choice is a pure function of ``seed`` and a position:
-
-- the validation split and the subset: of ``seed`` alone;
-- the training order of epoch ``e``: of ``(seed, e)``;
-- the crops and flips of global batch ``s`` of epoch ``e``: of ``(seed, e, s)``.
-
-Each has its own ``torch.Generator``; the global RNG is never touched. So a resumed run, or a
-DDP run, sees exactly the batches and augmentations of one uninterrupted single-process run.
-
-DDP. With ``W`` processes the global batch is ``batch_size * W``: every rank computes the same
-global order and takes slice ``r`` of each global batch (disjoint shards; the union is the
-single-process batch of ``batch_size * W``). The last incomplete global training batch is
-dropped. Evaluation splits are cut into global batches in order and rank ``r`` takes slice ``r``
-of each; the last, partial global batch is shared out as evenly as possible (ranks differ by at
-most one image), so every image is evaluated exactly once: no padding, no duplicates.
+This module is one class, over ~400 lines because each of its 18 options is checked in the
+constructor with a message saying what is valid; what stands alone (reading the sources,
+cutting batches, augmenting) lives in :mod:`gradtrace.datasets`, :mod:`gradtrace.batches` and
+:mod:`gradtrace.augmentation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from gradtrace import datasets as ds
-from gradtrace.checks import check_int
+from gradtrace.augmentation import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    NORMALIZATIONS,
+    channel_stats,
+    crop_flip,
+    normalize,
+    resolve_augment,
+    sample_crops,
+)
+from gradtrace.batches import (
+    EvalBatches,
+    TrainBatches,
+    epoch_order,
+    eval_batch_bounds,
+    train_batch_indices,
+)
+from gradtrace.checks import check_choice, check_int
 
+# The batch and augmentation functions were defined here first; importers keep working.
 __all__ = [
     "EvalBatches",
     "ImageDataModule",
@@ -48,217 +58,15 @@ __all__ = [
     "train_batch_indices",
 ]
 
+log = logging.getLogger(__name__)
+
 CIFAR_TRAIN_SIZE = 50_000  # images in the official CIFAR-10 and CIFAR-100 training archives
 
 
-# --------------------------------------------------------------------------------------------
-# Pure functions: order, sharding, augmentation, normalisation
-
-
-def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
-    """The training order of ``epoch``: a permutation that depends only on ``(seed, epoch)``."""
-    generator = torch.Generator().manual_seed(ds.derive_seed("epoch", seed, epoch))
-    return torch.randperm(num_images, generator=generator)
-
-
-def train_batch_indices(
-    order: torch.Tensor, batch_size: int, world_size: int = 1, rank: int = 0
-) -> torch.Tensor:
-    """``[num_batches, batch_size]`` indices of rank ``rank``'s training batches.
-
-    Global batch ``s`` is ``order[s * G : (s + 1) * G]`` with ``G = batch_size * world_size``;
-    rank ``r`` takes its ``r``-th slice of ``batch_size``. The incomplete tail is dropped.
-    """
-    global_batch = batch_size * world_size
-    num_batches = order.numel() // global_batch
-    per_step = order[: num_batches * global_batch].view(num_batches, world_size, batch_size)
-    return per_step[:, rank]
-
-
-def eval_batch_bounds(
-    num_images: int, batch_size: int, world_size: int = 1, rank: int = 0
-) -> list[tuple[int, int]]:
-    """``(start, stop)`` ranges of rank ``rank``'s evaluation batches, in order.
-
-    Full global batches of ``batch_size * world_size`` are sliced by rank; the partial last
-    one is split into ``world_size`` nearly equal parts. A rank whose part is empty (fewer
-    images left than ranks) gets no last batch. Every image appears on exactly one rank.
-    """
-    global_batch = batch_size * world_size
-    full = num_images // global_batch
-    bounds = [
-        (step * global_batch + rank * batch_size, step * global_batch + (rank + 1) * batch_size)
-        for step in range(full)
-    ]
-    tail_start, tail = full * global_batch, num_images - full * global_batch
-    start = tail_start + rank * (tail // world_size) + min(rank, tail % world_size)
-    stop = start + tail // world_size + (1 if rank < tail % world_size else 0)
-    if stop > start:
-        bounds.append((start, stop))
-    return bounds
-
-
-def sample_crops(seed: int, epoch: int, step: int, num_images: int, padding: int) -> torch.Tensor:
-    """``[num_images, 3]`` int64 ``(top, left, flip)`` for one global training batch.
-
-    ``top`` and ``left`` are the crop's corner in the zero-padded image (``0 .. 2 * padding``);
-    ``flip`` is 1 for a horizontal flip. A pure function of ``(seed, epoch, step)``.
-    """
-    generator = torch.Generator().manual_seed(ds.derive_seed("crops", seed, epoch, step))
-    offsets = torch.randint(0, 2 * padding + 1, (num_images, 2), generator=generator)
-    flips = torch.randint(0, 2, (num_images, 1), generator=generator)
-    return torch.cat([offsets, flips], dim=1)
-
-
-def crop_flip(images: torch.Tensor, crops: torch.Tensor, padding: int) -> torch.Tensor:
-    """Random-crop (zero padding ``padding``) then horizontally flip a batch: pad + one gather.
-
-    Output pixel ``(i, j)`` of image ``n`` is padded-image pixel ``(i + top, j' + left)`` with
-    ``j' = W - 1 - j`` when flipped, i.e. the same as torchvision's ``RandomCrop(padding)``
-    followed by ``RandomHorizontalFlip`` at those offsets. Works on any dtype and device.
-    """
-    n, channels, height, width = images.shape
-    crops = crops.to(images.device)
-    top, left, flip = crops[:, 0:1], crops[:, 1:2], crops[:, 2:3].bool()
-    padded = F.pad(images, (padding, padding, padding, padding))
-    padded_width = width + 2 * padding
-    rows = torch.arange(height, device=images.device) + top  # [n, H] rows of the padded image
-    cols = torch.arange(width, device=images.device).expand(n, width)
-    cols = torch.where(flip, width - 1 - cols, cols) + left  # [n, W] its columns
-    source = (rows[:, :, None] * padded_width + cols[:, None, :]).view(n, 1, height * width)
-    out = padded.view(n, channels, -1).gather(2, source.expand(n, channels, -1))
-    return out.view(n, channels, height, width)
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, C, H, W]`` -> float32 ``(x / 255 - mean) / std``; ``mean``, ``std`` in [0, 1]."""
-    shape = (1, -1, 1, 1)
-    return images.float().mul_((1.0 / (255.0 * std)).view(shape)).add_((-mean / std).view(shape))
-
-
-def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units (float32).
-
-    Computed from exact per-channel histograms, so the result does not depend on summation
-    order (the same on every device and process count).
-    """
-    values = torch.arange(256, dtype=torch.float64)
-    histograms = torch.stack(
-        [torch.bincount(images[:, c].reshape(-1), minlength=256) for c in range(images.shape[1])]
-    ).to("cpu", torch.float64)
-    count = histograms.sum(1)
-    mean = histograms @ values / count
-    var = (histograms @ values.square() / count - mean.square()).clamp_min(0)
-    return (mean / 255).float(), (var.sqrt() / 255).float()
-
-
-# --------------------------------------------------------------------------------------------
-# Batch iterables (what the *_dataloader hooks return)
-
-
-class TrainBatches:
-    """One rank's shuffled training batches; iterate once per epoch.
-
-    Yields ``(images uint8 [B, C, H, W], labels int64 [B], crops int64 [B, 3])`` (``crops`` is
-    absent when ``augment`` is false). The epoch comes from ``trainer.current_epoch`` when a
-    trainer is given, else from :meth:`set_epoch`. A plain sized iterable rather than a
-    ``DataLoader``: Lightning never injects a sampler into it, nothing is collated per sample,
-    and it implements ``state_dict``/``load_state_dict``, so a mid-epoch checkpoint resumes at
-    the next unseen batch.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        seed: int,
-        world_size: int = 1,
-        rank: int = 0,
-        augment: bool = True,
-        padding: int = 4,
-        trainer: Any = None,
-    ) -> None:
-        self.images, self.labels = images, labels
-        self.batch_size, self.seed = batch_size, seed
-        self.world_size, self.rank = world_size, rank
-        self.augment, self.padding = augment, padding
-        self.trainer = trainer
-        self.epoch = 0
-        self._resume: tuple[int, int] | None = None
-        self._iter_epoch, self._yielded = 0, 0
-
-    def __len__(self) -> int:
-        return self.labels.numel() // (self.batch_size * self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration plays (ignored when a trainer is attached)."""
-        self.epoch = epoch
-
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else self.epoch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        epoch, start = self._current_epoch(), 0
-        if self._resume is not None:
-            (epoch, start), self._resume = self._resume, None
-            if start >= len(self):  # the checkpoint was taken at the end of that epoch
-                epoch, start = epoch + 1, 0
-        self._iter_epoch, self._yielded = epoch, start
-        order = epoch_order(self.labels.numel(), self.seed, epoch).to(self.images.device)
-        indices = train_batch_indices(order, self.batch_size, self.world_size, self.rank)
-        global_batch = self.batch_size * self.world_size
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for step in range(start, indices.shape[0]):
-            index = indices[step]
-            batch = (self.images[index], self.labels[index])
-            if self.augment:
-                batch += (sample_crops(self.seed, epoch, step, global_batch, self.padding)[mine],)
-            self._yielded = step + 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch": e, "batches": k}``: ``k`` batches of epoch ``e`` have been trained on.
-
-        Under a trainer the count is the loop's (its fetcher pre-fetches one batch ahead, so
-        the number of batches yielded would overcount by one).
-        """
-        if self.trainer is not None:
-            consumed = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            return {"epoch": self.trainer.current_epoch, "batches": int(consumed)}
-        return {"epoch": self._iter_epoch, "batches": self._yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Make the next iteration continue after the batches recorded in ``state``."""
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-
-
-class EvalBatches:
-    """One rank's evaluation batches in order: ``(images uint8, labels int64)`` views."""
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        world_size: int = 1,
-        rank: int = 0,
-    ) -> None:
-        self.images, self.labels = images, labels
-        self.bounds = eval_batch_bounds(labels.numel(), batch_size, world_size, rank)
-
-    def __len__(self) -> int:
-        return len(self.bounds)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start, stop in self.bounds:
-            yield self.images[start:stop], self.labels[start:stop]
-
-
-# --------------------------------------------------------------------------------------------
-# The data module
+def _default_augment(kind: str) -> str:
+    # Crop + flip is the coursework's CIFAR augmentation; for other data (handwriting, an
+    # ImageFolder of unknown content) a flip can change the class, so nothing by default.
+    return "crop_flip" if kind in ("cifar10", "cifar100") else "none"
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -280,9 +88,16 @@ class ImageDataModule(L.LightningDataModule):
         subset: train on a class-balanced subset of this many training images (quick runs;
             validation and test are untouched).
         seed: seeds the split, the subset, the shuffling and the augmentation.
-        augment: random crop (``crop_padding`` zero padding) + horizontal flip in training.
+        augment: training augmentation, one of ``none``, ``crop`` (random crop with
+            ``crop_padding`` zero padding) or ``crop_flip`` (the crop, then a random horizontal
+            flip). Default: ``crop_flip`` for CIFAR (the coursework's), ``none`` elsewhere (a
+            flip is not safe for unknown data such as handwriting). ``true`` is shorthand for
+            ``crop_flip``, ``false`` for ``none``.
+        normalization: ``split`` (the training split's own per-channel mean and std) or
+            ``cifar10`` (the original coursework code's fixed CIFAR-10 constants; 3 channels).
         crop_padding: zero padding of the random crop, in pixels.
-        download: download a missing CIFAR archive or Fashion-MNIST (needs internet).
+        download: download a missing CIFAR archive or Fashion-MNIST (needs internet); one
+            process at a time per file, MD5-checked, so concurrent runs share one download.
         channels: 1 or 3 (default: the dataset's own; grey is repeated, RGB is converted).
         image_size: ``H`` or ``(H, W)`` to resize to (default 32x32, Fashion-MNIST padded).
         num_classes: class count of ``synthetic`` data (default 10); other datasets define
@@ -303,7 +118,8 @@ class ImageDataModule(L.LightningDataModule):
         test_size: int | None = None,
         subset: int | None = None,
         seed: int = 0,
-        augment: bool = True,
+        augment: bool | str | None = None,
+        normalization: str = "split",
         crop_padding: int = 4,
         download: bool = True,
         channels: int | None = None,
@@ -323,6 +139,8 @@ class ImageDataModule(L.LightningDataModule):
         check_int("subset", subset, 1, optional=True)
         check_int("seed", seed, 0)
         check_int("crop_padding", crop_padding, 0)
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        augment = resolve_augment(augment, _default_augment(self._kind))
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be one of 1, 3 or None; got {channels!r}")
         if md5 is not None and self._kind not in ("cifar10", "cifar100"):
@@ -343,10 +161,16 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_size, self.test_size, self.subset = val_size, test_size, subset
         self.seed, self.augment, self.crop_padding = seed, augment, crop_padding
+        self.normalization = normalization
         self.download, self.md5, self.device_resident = download, md5, device_resident
         self.synthetic_sizes = tuple(synthetic_sizes)
         self._size = self._resolve_size(image_size)
         self._channels = channels or (1 if self._kind == "fashion_mnist" else 3)
+        if normalization == "cifar10" and self._channels != 3:
+            raise ValueError(
+                f"normalization cifar10 needs 3 channels (its constants are per RGB channel); "
+                f"got channels={self._channels}: use normalization split or channels 3"
+            )
         self._num_classes, self._classes = self._resolve_classes(num_classes)
         if test_size is not None and not self._flat_image_folder():
             raise ValueError(
@@ -368,7 +192,12 @@ class ImageDataModule(L.LightningDataModule):
         # as given (num_classes: null), not the local variables.
         # A second call updates both hparams and the hparams_initial that loggers record.
         self.save_hyperparameters(
-            {"num_classes": self._num_classes, "channels": self._channels, "image_size": self._size}
+            {
+                "num_classes": self._num_classes,
+                "channels": self._channels,
+                "image_size": self._size,
+                "augment": self.augment,
+            }
         )
 
     # ---- what is known before setup (LightningCLI links these into the model)
@@ -400,14 +229,15 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def mean(self) -> torch.Tensor:
-        """Per-channel mean in [0, 1] of the training split (before ``subset``)."""
+        """Per-channel mean in [0, 1] used to normalise: the training split's (before
+        ``subset``) or, with ``normalization="cifar10"``, the fixed constants."""
         self._require_setup()
         assert self._mean is not None
         return self._mean
 
     @property
     def std(self) -> torch.Tensor:
-        """Per-channel standard deviation in [0, 1] of the training split (before ``subset``)."""
+        """Per-channel standard deviation in [0, 1] used to normalise (see :attr:`mean`)."""
         self._require_setup()
         assert self._std is not None
         return self._std
@@ -432,18 +262,31 @@ class ImageDataModule(L.LightningDataModule):
         if self._kind in ("cifar10", "cifar100"):
             ds.download_cifar(self._kind, self.root, self.md5)
         elif self._kind == "fashion_mnist":
-            ds.download_fashion_mnist(self.root)
+            ds.locate_fashion_mnist(self.root, download=True)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the dataset once, split it, compute the normalisation, place it on the device."""
         if self._splits is None:
             self._splits = self._load_splits()
+            if self._dist()[1] == 0:  # global rank 0
+                log.info("%s", self.describe())
         device = self._target_device()
         if device is not None and self._splits["train"][0].device != device:
             self._splits = {
                 name: (images.to(device), labels.to(device))
                 for name, (images, labels) in self._splits.items()
             }
+
+    def describe(self) -> str:
+        """One line: the dataset, split sizes, image shape, augmentation and normalisation."""
+        sizes = ", ".join(
+            f"{self.split(name)[1].numel():,} {name}" for name in ("train", "val", "test")
+        )
+        shape = "x".join(map(str, (self._channels, *self._size)))
+        return (
+            f"Data: {self.dataset}: {sizes} images of {shape}; augment {self.augment}; "
+            f"normalization {self.normalization}"
+        )
 
     def train_dataloader(self) -> TrainBatches:
         images, labels = self.split("train")
@@ -480,7 +323,7 @@ class ImageDataModule(L.LightningDataModule):
     def transform_batch(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """What :meth:`on_after_batch_transfer` does, for use outside a Trainer."""
         images, labels = batch[0], batch[1]
-        if len(batch) == 3:  # a training batch carrying its crops
+        if len(batch) == 3:  # a training batch carrying its crops (and flips)
             images = crop_flip(images, batch[2], self.crop_padding)
         if images.device not in self._stats_on:
             self._stats_on[images.device] = (
@@ -557,11 +400,11 @@ class ImageDataModule(L.LightningDataModule):
             archive = ds.cifar_archive(self._kind)
             path = Path(self.root) / archive.filename
             if not path.is_file():
-                raise FileNotFoundError(
+                raise ds.DataNotFoundError(
                     ds.cifar_missing_message(archive, path, self.md5 or archive.md5)
                 )
         elif self._kind == "fashion_mnist" and ds.find_fashion_mnist(self.root) is None:
-            raise FileNotFoundError(ds.fashion_mnist_missing_message(self.root))
+            raise ds.DataNotFoundError(ds.fashion_mnist_missing_message(self.root))
 
     def _known_pool_size(self) -> int | None:
         """Training-pool size when it is cheap to know before loading, else None."""
@@ -645,7 +488,10 @@ class ImageDataModule(L.LightningDataModule):
             )
             val = (pool_images[chosen], pool_labels[chosen])
             pool_images, pool_labels = pool_images[rest], pool_labels[rest]
-        self._mean, self._std = channel_stats(pool_images)
+        if self.normalization == "cifar10":
+            self._mean, self._std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+        else:
+            self._mean, self._std = channel_stats(pool_images)
         if self.subset is not None:
             chosen, _ = ds.class_balanced_split(
                 pool_labels, self.subset, ds.derive_seed("subset", self.seed), self._num_classes

@@ -1,8 +1,8 @@
 """The study's runs: the Table 1 rows (from the shipped configs) and short in-process training.
 
 ``make demo``, the smoke budget of ``make reproduce-table1`` and the slow real-data test all
-train a few Table 1 rows for a few hundred steps on Fashion-MNIST (synthetic when Debian's
-package is missing); this module is that one piece of code.
+train a few Table 1 rows for a few hundred steps on Fashion-MNIST (found locally or downloaded;
+synthetic only when asked for); this module is that one piece of code.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from gradtrace.classifier import ImageClassifier
 from gradtrace.cli import CONFIG_DIR
+from gradtrace.console import StepProgress, quiet_output
 from gradtrace.datamodule import ImageDataModule
-from gradtrace.datasets import find_fashion_mnist
+from gradtrace.datasets import locate_fashion_mnist
 from gradtrace.gradient_flow import GradientFlow
 
 __all__ = ["RunResult", "RunSpec", "short_run", "smoke_data", "table1_specs"]
@@ -87,35 +88,41 @@ def smoke_data(
     batch_size: int = 32,
     val_size: int = 1000,
     subset: int | None = None,
-    augment: bool = False,
+    augment: str = "none",
     seed: int = 0,
+    root: str | Path = "data",
+    synthetic: bool = False,
 ) -> tuple[ImageDataModule, str]:
-    """Fashion-MNIST from Debian's package, or, loudly, synthetic data when it is missing.
+    """Fashion-MNIST found locally or downloaded, or synthetic data when ``synthetic`` is set.
 
-    Augmentation is off by default: a few hundred steps are too few for crop + flip to pay
-    off, and they slow the short runs' learning. Returns the data module and a one-line
-    description of the data for reports.
+    Fashion-MNIST is looked for under ``root`` and in Debian's package, then downloaded into
+    ``root`` with its published checksums (:func:`~gradtrace.datasets.locate_fashion_mnist`,
+    which logs where it came from); when all of that fails,
+    :class:`~gradtrace.datasets.DataNotFoundError` lists the ways to provide it. Synthetic
+    data is never a silent fallback. Augmentation is off by default: a few hundred steps are
+    too few for crop + flip to pay off, and they slow the short runs' learning. Returns the
+    data module and a one-line description of the data for reports.
     """
     common = dict(
         batch_size=batch_size, val_size=val_size, subset=subset, augment=augment, seed=seed
     )
-    if find_fashion_mnist("data") is not None:
-        return (
-            ImageDataModule(dataset="fashion_mnist", root="data", download=False, **common),
-            "Fashion-MNIST (real data, 28x28 grey zero-padded to 32x32, 10 classes, "
-            f"batch {batch_size}, {'with' if augment else 'no'} augmentation)",
+    if synthetic:
+        log.warning("Synthetic data (asked for): the numbers below say nothing about real data.")
+        data = ImageDataModule(
+            dataset="synthetic",
+            num_classes=10,
+            channels=1,
+            synthetic_sizes=(12_000, 2_000),
+            **common,
         )
-    banner = "!" * 78
-    log.warning(
-        "\n%s\n!! Fashion-MNIST not found (apt-get install dataset-fashion-mnist).\n"
-        "!! FALLING BACK TO SYNTHETIC DATA: the numbers below are not real-data results.\n%s",
-        banner,
-        banner,
+        return data, f"SYNTHETIC data (asked for): 10 classes, 1x32x32, batch {batch_size}"
+    directory, how = locate_fashion_mnist(root)
+    log.info("%s", how)
+    data = ImageDataModule(dataset="fashion_mnist", root=str(directory), download=False, **common)
+    return data, (
+        f"Fashion-MNIST (real data, 28x28 grey zero-padded to 32x32, 10 classes, batch "
+        f"{batch_size}, augmentation {data.augment})"
     )
-    data = ImageDataModule(
-        dataset="synthetic", num_classes=10, channels=1, synthetic_sizes=(12_000, 2_000), **common
-    )
-    return data, f"SYNTHETIC data (Fashion-MNIST missing): 10 classes, 1x32x32, batch {batch_size}"
 
 
 def short_run(
@@ -125,13 +132,16 @@ def short_run(
     root: str | Path,
     every_n_steps: int = 10,
     seed: int = 0,
+    progress: bool = True,
     **trainer_kwargs: Any,
 ) -> RunResult:
     """Train ``spec`` for ``max_steps`` steps, validate once, and collect what was measured.
 
     Logs (CSV metrics, ``gradient_flow.csv``, gradient-flow plots) go to
     ``<root>/<spec.name>/version_N``. The gradient ratio is input/output ``mean_abs``
-    averaged over the last five logged steps.
+    averaged over the last five logged steps. Runs inside :func:`~gradtrace.console.quiet_output`
+    with one :class:`~gradtrace.console.StepProgress` line (unless ``progress`` is false)
+    instead of Lightning's progress bar.
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     model = ImageClassifier(
@@ -140,21 +150,26 @@ def short_run(
         in_chans=data.num_channels,
     )
     flow = GradientFlow(every_n_steps=every_n_steps)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        logger=CSVLogger(root, name=spec.name),
-        callbacks=[flow],
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=every_n_steps,
-        **trainer_kwargs,
-    )
-    trainer.fit(model, datamodule=data)
-    train_metrics = {
-        k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("train/")
-    }
-    val_metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
+    callbacks: list[pl.Callback] = [flow]
+    if progress:
+        callbacks.append(StepProgress(spec.label))
+    trainer_kwargs.setdefault("enable_progress_bar", False)
+    with quiet_output():
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            logger=CSVLogger(root, name=spec.name),
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=every_n_steps,
+            **trainer_kwargs,
+        )
+        trainer.fit(model, datamodule=data)
+        train_metrics = {
+            k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("train/")
+        }
+        val_metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
     ratio = flow.input_output_ratio(last_n=5)
     return RunResult(
         spec=spec,

@@ -106,9 +106,8 @@ def format_report(
     lines = [f"# Table 1 of the MLP Coursework 2 report, reproduced ({budget} budget)", ""]
     if synthetic:
         lines += [
-            "> **WARNING: SYNTHETIC DATA.** Fashion-MNIST was not found (install Debian's "
-            "`dataset-fashion-mnist`), so these numbers come from generated images and say "
-            "nothing about real data.",
+            "> **WARNING: SYNTHETIC DATA** (asked for with `--synthetic`): these numbers come "
+            "from generated images and say nothing about real data.",
             "",
         ]
     if smoke_budget:
