@@ -1,7 +1,7 @@
 """The bench's machinery on tiny workloads: interleaving, statistics and verdicts, the
 step-by-step fit, the callback timer, the baselines, FLOP and collective counting, the child
-processes' measurements, the reports, the GPU check without a GPU, and the wheel without
-the bench.
+processes' measurements, the reports and the GPU check without a GPU (that the wheel holds
+no bench: tests/test_packaging.py).
 
 No speed targets here: those are what ``make bench`` reports. The bench is not installed
 with gradtrace: these tests import it from the repository root.
@@ -160,7 +160,7 @@ class CountingClassifier(ImageClassifier):
 
 
 def tiny_model(cls: type = CountingClassifier) -> ImageClassifier:
-    return cls("vgg", num_classes=10, arch_kwargs={"width": 4}, scheduler="none")
+    return cls("coursework_vgg", num_classes=10, arch_kwargs={"width": 4}, scheduler="none")
 
 
 def test_trainer_steps_runs_exactly_the_steps_asked_for(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_plain_loop_trains_on_the_batches_the_data_module_makes() -> None:
     dm = small_dm()
     images, labels = dm.split("train")
     plain = PlainLoop(
-        "vgg", images, labels, dm.mean, dm.std, num_classes=10, batch_size=8,
+        "coursework_vgg", images, labels, dm.mean, dm.std, num_classes=10, batch_size=8,
         model_options={"width": 4},
     )  # fmt: skip
     ours = TrainBatches(images, labels, 8, seed=dm.seed, augment=True, padding=dm.crop_padding)
@@ -247,8 +247,10 @@ def conv_linear_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def test_train_step_flops_match_a_count_by_hand() -> None:
-    flops = train_step_flops("vgg", batch_size=4, num_classes=10, model_options={"width": 4})
-    net = create_model("vgg", num_classes=10, width=4)
+    flops = train_step_flops(
+        "coursework_vgg", batch_size=4, num_classes=10, model_options={"width": 4}
+    )
+    net = create_model("coursework_vgg", num_classes=10, width=4)
     assert flops == conv_linear_flops(net, torch.zeros(4, 3, 32, 32))
 
 
