@@ -116,7 +116,7 @@ def test_fresh_venv_with_only_the_wheel_runs_the_command_and_the_demo(
     config = run(str(venv / "bin" / "gradtrace"), "fit", "--config", "table1/vgg08",
                  "--print_config")  # fmt: skip
     assert config.returncode == 0, config.stderr[-2000:]
-    assert "arch: vgg" in config.stdout
+    assert "arch: coursework_vgg" in config.stdout
     assert "depth: 8" in config.stdout
     demo = run(str(python), "-m", "gradtrace.experiments.demo", "--help")
     assert demo.returncode == 0, demo.stderr[-2000:]
