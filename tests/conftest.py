@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,3 +22,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_settings() -> Iterator[None]:
+    # wandb.setup() keeps the settings it read from the environment (WANDB_RUN_ID, ...) for
+    # the life of the process; a test that ran an agent-style cell must not hand its run id to
+    # the next test in the same worker.
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        wandb.teardown()

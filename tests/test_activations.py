@@ -242,6 +242,21 @@ def test_diagnosis_needs_patience_and_reports_each_layer_once() -> None:
     assert diagnosis.update(4, dead) == []
 
 
+def test_diagnosis_state_survives_a_round_trip() -> None:
+    dead = {"a.weight": {"act_zero_frac": 0.95}, "b.weight": {"act_zero_frac": 0.99}}
+    diagnosis = ActivationDiagnosis(patience=2)
+    assert diagnosis.update(0, dead) == []
+    healthy_b = {"a.weight": dead["a.weight"], "b.weight": {"act_zero_frac": 0.5}}
+    assert len(diagnosis.update(1, healthy_b)) == 1  # a reported, b's streak broken
+    resumed = ActivationDiagnosis(patience=2)
+    resumed.load_state_dict(diagnosis.state_dict())
+    assert resumed.state_dict() == diagnosis.state_dict()
+    assert resumed.update(2, dead) == []  # a: reported already; b: first of its new streak
+    assert ["b.weight" in m for m in resumed.update(3, dead)] == [True]
+    resumed.reset()
+    assert resumed.state_dict() == {"streak": [], "reported": []}
+
+
 def test_diagnosis_checks_can_be_switched_off() -> None:
     diagnosis = ActivationDiagnosis(dead_fraction=None, saturated_fraction=None, patience=1)
     assert diagnosis.update(0, {"a": {"act_zero_frac": 1.0, "act_sat_frac": 1.0}}) == []

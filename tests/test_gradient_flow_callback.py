@@ -271,6 +271,14 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     assert copy.main_path == cb.main_path == [f"net.layers.{i}.weight" for i in range(4)]
 
 
+def test_two_callbacks_writing_different_files_keep_separate_state() -> None:
+    gradients = GradientFlow(plot=False)
+    activations = GradientFlow(plot=False, activations=True, filename="activations.csv")
+    assert gradients.state_key != activations.state_key
+    assert gradients.state_key == GradientFlow(plot=False).state_key  # stable across runs
+    assert "activation_diagnosis" in gradients.state_dict()
+
+
 def _saved(tmp_path: Path, state: dict) -> Path:
     path = tmp_path / "state.pt"
     torch.save(state, path)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import yaml
-from lightning.pytorch.loggers import CSVLogger
 
 from gradtrace.classifier import ImageClassifier
 from gradtrace.cli import CONFIG_DIR
@@ -23,6 +23,7 @@ from gradtrace.console import StepProgress, quiet_output
 from gradtrace.datamodule import ImageDataModule
 from gradtrace.datasets import locate_fashion_mnist
 from gradtrace.gradient_flow import GradientFlow
+from gradtrace.run_identity import RunCSVLogger
 
 __all__ = ["RunResult", "RunSpec", "short_run", "smoke_data", "table1_specs"]
 
@@ -41,11 +42,13 @@ TABLE1_ORDER = (
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One row of the study: a name, a label for tables, and the model's settings."""
+    """One row of the study: a name, a label for tables, the model's settings and the
+    ``GradientFlow(include=...)`` patterns of the layers its figures show."""
 
     name: str
     label: str
     model: dict[str, Any]
+    layers: tuple[str, ...] = ()
 
     @property
     def lr(self) -> float:
@@ -72,6 +75,14 @@ def _label(model: dict[str, Any]) -> str:
     return " ".join(parts + ([" + ".join(fixes)] if fixes else []))
 
 
+def _figure_layers(config: dict[str, Any]) -> tuple[str, ...]:
+    """The ``include`` of the config's GradientFlow callback (what its figures show)."""
+    for callback in config.get("trainer", {}).get("callbacks") or []:
+        if callback.get("class_path") == "gradtrace.GradientFlow":
+            return tuple(callback.get("init_args", {}).get("include", ()))
+    return ()
+
+
 def table1_specs(names: tuple[str, ...] = TABLE1_ORDER) -> list[RunSpec]:
     """The Table 1 rows, read from the shipped ``configs/table1/<name>.yaml``."""
     specs = []
@@ -79,8 +90,11 @@ def table1_specs(names: tuple[str, ...] = TABLE1_ORDER) -> list[RunSpec]:
         path = CONFIG_DIR / "table1" / f"{name}.yaml"
         if not path.is_file():
             raise ValueError(f"no Table 1 row {name!r}; rows: {', '.join(TABLE1_ORDER)}")
-        model = yaml.safe_load(path.read_text())["model"]
-        specs.append(RunSpec(name=name, label=_label(model), model=model))
+        config = yaml.safe_load(path.read_text())
+        model = config["model"]
+        specs.append(
+            RunSpec(name=name, label=_label(model), model=model, layers=_figure_layers(config))
+        )
     return specs
 
 
@@ -138,8 +152,10 @@ def short_run(
     """Train ``spec`` for ``max_steps`` steps, validate once, and collect what was measured.
 
     Logs (CSV metrics, ``gradient_flow.csv``, gradient-flow plots) go to
-    ``<root>/<spec.name>/version_N``. The gradient ratio is input/output ``mean_abs``
-    averaged over the last five logged steps. Runs inside :func:`~gradtrace.console.quiet_output`
+    ``<root>/<spec.name>/``, replacing an earlier short run of the same name (short runs are
+    never resumed); the layers are ``spec.layers`` (as in the row's shipped config). The
+    gradient ratio is input/output ``mean_abs`` averaged over the last five logged steps.
+    Runs inside :func:`~gradtrace.console.quiet_output`
     with one :class:`~gradtrace.console.StepProgress` line (unless ``progress`` is false)
     instead of Lightning's progress bar.
     """
@@ -149,7 +165,9 @@ def short_run(
         num_classes=data.num_classes,
         in_chans=data.num_channels,
     )
-    flow = GradientFlow(every_n_steps=every_n_steps)
+    run_dir = Path(root) / spec.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    flow = GradientFlow(every_n_steps=every_n_steps, include=spec.layers)
     callbacks: list[pl.Callback] = [flow]
     if progress:
         callbacks.append(StepProgress(spec.label))
@@ -157,7 +175,7 @@ def short_run(
     with quiet_output():
         trainer = pl.Trainer(
             max_steps=max_steps,
-            logger=CSVLogger(root, name=spec.name),
+            logger=RunCSVLogger(root, spec.name),
             callbacks=callbacks,
             enable_checkpointing=False,
             enable_model_summary=False,

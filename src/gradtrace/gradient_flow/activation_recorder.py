@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 from torch import nn
@@ -46,8 +47,22 @@ class ActivationDiagnosis:
         self.dead_fraction = dead_fraction
         self.saturated_fraction = saturated_fraction
         self.patience = patience
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget streaks and what was reported (a new fit)."""
         self._streak: dict[tuple[str, str], int] = {}
         self._reported: set[tuple[str, str]] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "streak": [[layer, kind, n] for (layer, kind), n in sorted(self._streak.items())],
+            "reported": sorted([layer, kind] for layer, kind in self._reported),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._streak = {(layer, kind): int(n) for layer, kind, n in state["streak"]}
+        self._reported = {(layer, kind) for layer, kind in state["reported"]}
 
     def update(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> list[str]:
         """Take one measured step's ``{layer: {stat: value}}``; return new warning messages."""
@@ -90,13 +105,8 @@ class ActivationDiagnosis:
 class ActivationRecorder:
     """Hooks on measured steps only, values reduced over ranks, warnings on global rank 0."""
 
-    def __init__(
-        self,
-        dead_fraction: float | None = 0.9,
-        saturated_fraction: float | None = 0.9,
-        patience: int = 3,
-    ) -> None:
-        self.diagnosis = ActivationDiagnosis(dead_fraction, saturated_fraction, patience)
+    def __init__(self, diagnosis: ActivationDiagnosis) -> None:
+        self.diagnosis = diagnosis
         self._collector = ActivationCollector()
         self._unavailable = False
 

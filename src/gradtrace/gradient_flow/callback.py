@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gradtrace.checks import check_choice, check_int
-from gradtrace.gradient_flow.activation_recorder import ActivationRecorder
+from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis, ActivationRecorder
 from gradtrace.gradient_flow.activations import ACTIVATION_STATS
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
 from gradtrace.gradient_flow.diagnosis import Diagnosis
@@ -188,8 +188,9 @@ class GradientFlow(Callback):
         self.log_scale = log_scale
         self.filename = filename
         self.activations = activations
-        self._activation_args = (dead_fraction, saturated_fraction, activation_patience)
-        ActivationRecorder(*self._activation_args)  # checks the thresholds now
+        self.activation_diagnosis = ActivationDiagnosis(
+            dead_fraction, saturated_fraction, activation_patience
+        )
 
         self.csv_path: Path | None = None
         """Where the CSV goes (``<run dir>/<filename>``), known once training starts."""
@@ -258,11 +259,18 @@ class GradientFlow(Callback):
         self._epoch_first_step = 0
         self._plots_unavailable = False
         self._run_dir: Path | None = None
-        self._activations = ActivationRecorder(*self._activation_args)
+        self._activations = ActivationRecorder(self.activation_diagnosis)
+
+    @property
+    def state_key(self) -> str:
+        # Two GradientFlows in one Trainer (e.g. gradients and activations at other cadences)
+        # keep their own state in a checkpoint, told apart by where they write.
+        return self._generate_state_key(dirpath=self.dirpath, filename=self.filename)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "diagnosis": self.diagnosis.state_dict(),
+            "activation_diagnosis": self.activation_diagnosis.state_dict(),
             "last_step": self.last_step,
             "order": self._order.state_dict(),
             "history": self._history.state_dict(),
@@ -270,6 +278,7 @@ class GradientFlow(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.diagnosis.load_state_dict(state_dict["diagnosis"])
+        self.activation_diagnosis.load_state_dict(state_dict["activation_diagnosis"])
         self.last_step = state_dict["last_step"]
         self._order.load_state_dict(state_dict["order"])
         self._history.load_state_dict(state_dict["history"])
@@ -282,6 +291,7 @@ class GradientFlow(Callback):
         if not resumed:
             self._history = BoundedHistory(self.history_size)
             self.diagnosis.reset()
+            self.activation_diagnosis.reset()
             self.last_step = None
         if self.every_n_steps is None and trainer.log_every_n_steps < 1:
             raise ValueError(
