@@ -35,7 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from gradtrace.gradient_flow.eager_hooks import EagerHooks, can_force_eager, contains_compiled
 
 __all__ = [
     "ACTIVATION_STATS",
@@ -136,13 +137,6 @@ def loss_scale(precision_plugin: Any) -> float:
     return float(scaler.get_scale())
 
 
-def _is_compiled(root: nn.Module) -> bool:
-    return any(
-        "_orig_mod" in mod._modules or getattr(mod, "_compiled_call_impl", None) is not None
-        for mod in root.modules()
-    )
-
-
 class ActivationCollector:
     """Hooks that measure the activation statistics of chosen layers over one measured step.
 
@@ -166,8 +160,7 @@ class ActivationCollector:
 
     def __init__(self) -> None:
         self._names: list[str] = []
-        self._handles: list[RemovableHandle] = []
-        self._stance: Any = None
+        self._hooks = EagerHooks()
         self._parts: list[list[Any]] = []
         # id(tensor) -> (the tensor, weakly; layer calls whose activation would consume it)
         self._pending: dict[int, tuple[weakref.ref, list[_Waiting]]] = {}
@@ -175,7 +168,7 @@ class ActivationCollector:
     @property
     def attached(self) -> bool:
         """Whether hooks are registered now."""
-        return bool(self._handles)
+        return self._hooks.active
 
     def attach(self, root: nn.Module, layers: Mapping[str, nn.Module]) -> None:
         """Register the hooks on ``layers`` (``{name: module}``) and the leaf modules of ``root``.
@@ -184,10 +177,9 @@ class ActivationCollector:
             ActivationsUnavailableError: ``root`` holds ``torch.compile``d code and this torch
                 (< 2.6) cannot run it eagerly, so hooks would never fire.
         """
-        if self._handles:
+        if self._hooks.active:
             raise RuntimeError("ActivationCollector.attach: already attached; call detach first")
-        set_stance = getattr(torch.compiler, "set_stance", None)
-        if set_stance is None and _is_compiled(root):
+        if not can_force_eager() and contains_compiled(root):
             raise ActivationsUnavailableError(
                 "activation statistics need the measured step to run eagerly, which needs "
                 f"torch.compiler.set_stance (torch >= 2.6; this is {torch.__version__}); "
@@ -200,23 +192,15 @@ class ActivationCollector:
         for module in root.modules():
             i = index.get(id(module))
             if i is not None:
-                self._handles.append(module.register_forward_hook(self._layer_hook(i)))
+                self._hooks.add(module.register_forward_hook(self._layer_hook(i)))
             elif not module._modules:
-                self._handles.append(module.register_forward_hook(self._leaf_hook))
-        if set_stance is not None:
-            # Constructing it switches the stance; __exit__ restores the previous one.
-            self._stance = set_stance("force_eager")
+                self._hooks.add(module.register_forward_hook(self._leaf_hook))
 
     def detach(self) -> None:
         """Remove every hook and restore the compiler stance (safe to call twice); what was
         measured stays for ``compute``."""
         self._resolve_pending()
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if self._stance is not None:
-            self._stance.__exit__(None, None, None)
-            self._stance = None
+        self._hooks.close()
 
     def compute(
         self, *, grad_scale: float = 1.0, process_group: Any = None

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from gradtrace.gradient_flow.eager_hooks import EagerHooks, can_force_eager, contains_compiled
 
 __all__ = [
     "ForwardProbe",
@@ -58,13 +59,6 @@ def reachable_parameters(output: torch.Tensor) -> set[int]:
     return found
 
 
-def _contains_compiled(root: nn.Module) -> bool:
-    return any(
-        "_orig_mod" in mod._modules or getattr(mod, "_compiled_call_impl", None) is not None
-        for mod in root.modules()
-    )
-
-
 class ForwardProbe:
     """Watch one forward pass of ``root``: module call order and the main-path parameters.
 
@@ -81,22 +75,17 @@ class ForwardProbe:
         """``id`` of the parameters reachable from the outermost calls' primary outputs."""
         self._seen: set[int] = set()
         self._depth = 0
-        self._handles: list[RemovableHandle] = []
-        self._stance: Any = None
-        set_stance = getattr(torch.compiler, "set_stance", None)
-        if set_stance is not None:
-            # Constructing it switches the stance; __exit__ restores the previous one.
-            self._stance = set_stance("force_eager")
-        elif _contains_compiled(root):
+        self._hooks = EagerHooks()
+        if not can_force_eager() and contains_compiled(root):
             # Old torch: hooks would be compiled into the graph and fire forever after.
             return
         for mod in root.modules():
             if any(p is not None for p in mod._parameters.values()):
-                self._handles.append(mod.register_forward_pre_hook(self._record))
+                self._hooks.add(mod.register_forward_pre_hook(self._record))
         outer = [root, *(c for c in root.children() if any(True for _ in c.parameters()))]
         for mod in outer:
-            self._handles.append(mod.register_forward_pre_hook(self._enter))
-            self._handles.append(mod.register_forward_hook(self._leave))
+            self._hooks.add(mod.register_forward_pre_hook(self._enter))
+            self._hooks.add(mod.register_forward_hook(self._leave))
 
     def _record(self, module: nn.Module, args: Any) -> None:
         if id(module) not in self._seen:
@@ -114,12 +103,7 @@ class ForwardProbe:
                 self.main_path |= reachable_parameters(tensor)
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if self._stance is not None:
-            self._stance.__exit__(None, None, None)
-            self._stance = None
+        self._hooks.close()
 
 
 def data_flow_order(called: Iterable[nn.Module], names: dict[int, str]) -> list[str]:
