@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     print(f"Done in {time.perf_counter() - start:.0f} s.\n\n{table}")
     print(f"Files: {args.out / 'summary.md'} (this table)", end="")
     print(f", {figure} (the picture)" if figure is not None else " (no picture: no matplotlib)")
-    print(f"Each run's metrics.csv, gradient_flow.csv and plots: {args.out}/<run>/version_N/")
+    print(f"Each run's metrics.csv, gradient_flow.csv and plots: {args.out}/<run>/")
     if figure is not None:
         print(PICTURE_GUIDE)
     return results
