@@ -96,6 +96,8 @@ def test_compare_runs_table_and_figure(two_runs: tuple[Path, Path], tmp_path: Pa
         f"| relu | 81.0% | {rows[0].input_output_ratio:.2e} | net.l2.weight (dead, 97%) |",
         f"| tanh | 10.0% | {rows[1].input_output_ratio:.2e} | net.l3.weight (saturated, 95%) |",
     ]
+    # the folder holding both runs (a sweep's output folder) compares the same runs
+    assert compare_runs([relu.parent], last_n_steps=2) == rows
 
 
 def test_first_problem_layer_thresholds_and_runs_without_activations() -> None:

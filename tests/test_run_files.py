@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from gradtrace import GradientFlow
-from gradtrace.run_files import FinishedRun, RunFilesError, read_run
+from gradtrace.run_files import FinishedRun, RunFilesError, find_runs, read_run
 
 
 class TinyNet(L.LightningModule):
@@ -82,3 +82,16 @@ def test_bad_directories_get_one_line_naming_the_path(tmp_path):
     (tmp_path / "metrics.csv").write_text("step,val/acc\n0,high\n")
     with pytest.raises(RunFilesError, match=r"metrics.csv:2: column 'val/acc' holds 'high'"):
         read_run(tmp_path)
+
+
+def test_find_runs_takes_a_run_or_a_folder_of_runs(tmp_path):
+    for name in ("b", "a"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "metrics.csv").write_text("step,val/acc\n0,0.5\n")
+    (tmp_path / "sweep" / "notes").mkdir()  # not a run: skipped
+    assert find_runs(tmp_path / "sweep" / "a") == [tmp_path / "sweep" / "a"]
+    assert find_runs(tmp_path / "sweep") == [tmp_path / "sweep" / "a", tmp_path / "sweep" / "b"]
+    with pytest.raises(RunFilesError, match=r"notes: not a run directory .* no run directories"):
+        find_runs(tmp_path / "sweep" / "notes")
+    with pytest.raises(RunFilesError, match=r"nowhere: no such run directory$"):
+        find_runs(tmp_path / "nowhere")

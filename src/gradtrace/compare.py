@@ -21,7 +21,13 @@ from typing import Any
 from gradtrace.checks import check_int
 from gradtrace.gradient_flow import input_output_ratio
 from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis
-from gradtrace.run_files import GRADIENT_FLOW_FILE, FinishedRun, RunFilesError, read_run
+from gradtrace.run_files import (
+    GRADIENT_FLOW_FILE,
+    FinishedRun,
+    RunFilesError,
+    find_runs,
+    read_run,
+)
 
 __all__ = ["ComparedRun", "compare_main", "compare_runs", "first_problem_layer", "markdown_table"]
 
@@ -109,6 +115,9 @@ def compare_runs(
 ) -> list[ComparedRun]:
     """Compare finished runs; with ``output``, also save their overlaid gradient flow there.
 
+    Each of ``run_dirs`` is a run directory or a folder of them (e.g. a sweep's output folder:
+    every run directly inside it, by name).
+
     Every run is summarised over its last ``last_n_steps`` logged steps.
 
     Raises:
@@ -119,7 +128,7 @@ def compare_runs(
     check_int("last_n_steps", last_n_steps, 1)
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory; got none")
-    runs = [read_run(path) for path in run_dirs]
+    runs = [read_run(run) for path in run_dirs for run in find_runs(path)]
     rows = []
     for run, name in zip(runs, _display_names(runs)):
         flow_csv = run.path / GRADIENT_FLOW_FILE
@@ -174,7 +183,13 @@ def compare_main(argv: Sequence[str]) -> int:
         "runs by relative depth and print a markdown table: run, final val acc, input/output "
         "gradient ratio, first dead or saturated layer.",
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path)
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        type=Path,
+        help="a run directory, or a folder of them (a sweep's or the demo's output)",
+    )
     parser.add_argument(
         "-o", "--output", type=Path, default=Path("flow.png"), help="figure (default: flow.png)"
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["FinishedRun", "RunFilesError", "read_run"]
+__all__ = ["FinishedRun", "RunFilesError", "find_runs", "read_run"]
 
 METRICS_FILE = "metrics.csv"
 GRADIENT_FLOW_FILE = "gradient_flow.csv"
@@ -119,6 +119,31 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return {}
 
 
+def _is_run_directory(directory: Path) -> bool:
+    return (directory / METRICS_FILE).is_file() or (directory / GRADIENT_FLOW_FILE).is_file()
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """``path`` itself when it is a run directory, else the run directories directly inside it
+    (a sweep's, the demo's or Table 1's output folder), sorted by name.
+
+    Raises:
+        RunFilesError: ``path`` is neither (one line naming it).
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise RunFilesError(f"{directory}: no such run directory")
+    if _is_run_directory(directory):
+        return [directory]
+    runs = sorted(p for p in directory.iterdir() if p.is_dir() and _is_run_directory(p))
+    if not runs:
+        raise RunFilesError(
+            f"{directory}: not a run directory (no {METRICS_FILE} or {GRADIENT_FLOW_FILE}) "
+            "and no run directories inside it"
+        )
+    return runs
+
+
 def read_run(path: str | Path) -> FinishedRun:
     """Read the run directory ``path``.
 
@@ -131,7 +156,7 @@ def read_run(path: str | Path) -> FinishedRun:
         raise RunFilesError(f"{directory}: no such run directory")
     metrics_path = directory / METRICS_FILE
     flow_path = directory / GRADIENT_FLOW_FILE
-    if not metrics_path.is_file() and not flow_path.is_file():
+    if not _is_run_directory(directory):
         raise RunFilesError(
             f"{directory}: not a run directory (no {METRICS_FILE} or {GRADIENT_FLOW_FILE})"
         )
