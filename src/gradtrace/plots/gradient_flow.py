@@ -1,35 +1,32 @@
-"""Gradient-flow figures (the report's Figure 2 style plot with, when activations were
-recorded, an activation panel above it; several runs overlaid by relative depth; a layer x step
-heatmap) and training curves (loss and accuracy of several runs, the report's Figure 1 style).
+"""Gradient-flow figures: the report's Figure 2 style plot (with, when activations were
+recorded, an activation panel above it on the same x axis), several runs overlaid by relative
+depth, and a layer x step heatmap.
 
 Every function takes the records of :attr:`gradtrace.GradientFlow.history` (or
 :func:`gradtrace.gradient_flow.read_history` of a CSV) and returns a matplotlib ``Figure``.
-Figures are built with the object-oriented API (no pyplot, no GUI backend, nothing global),
-rendered by Agg when saved. matplotlib is imported inside the functions, so importing this
-module costs nothing; it is an optional dependency (``pip install 'gradtrace[plot]'``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+from gradtrace.plots.style import figure_style, new_axes, new_panels
+
 __all__ = [
+    "STAT_LABELS",
+    "X_MODES",
     "has_activation_stats",
     "layer_summary",
     "plot_activation_flow",
     "plot_gradient_flow",
     "plot_gradient_heatmap",
     "plot_runs",
-    "plot_training_curves",
-    "save_figure",
-    "send_to_loggers",
 ]
 
 STAT_LABELS = {
@@ -46,44 +43,6 @@ _ACTIVATION_PANEL = (
     ("act_zero_frac", "exact zeros (dead units)", "zeros", "-"),
     ("act_sat_frac", "saturated (within 1% of the bounds)", "saturated", ":"),
 )
-
-# One look for every gradtrace figure.
-_STYLE = {
-    "font.size": 9,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linestyle": "-",
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "legend.frameon": False,
-    "lines.linewidth": 1.5,
-    "lines.markersize": 3.5,
-    "savefig.bbox": "tight",
-}
-
-
-def _rc() -> Any:
-    import matplotlib
-
-    return matplotlib.rc_context(_STYLE)
-
-
-def _new_axes(width: float, height: float) -> Axes:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig.add_subplot()
-
-
-def _new_panels(width: float, height: float) -> tuple[Axes, Axes]:
-    """An activation panel above a gradient panel, sharing the x axis."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height + 2.2), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(1.0, 2.0))
-    return top, bottom
 
 
 def _positions(order: Sequence[str], x: str) -> dict[str, float]:
@@ -196,11 +155,11 @@ def plot_gradient_flow(
     n = len(order)
     if activations is None:
         activations = has_activation_stats(records)
-    with _rc():
+    with figure_style():
         if ax is None:
             width = max(6.0, 0.22 * n + 2.0) if x == "layer" else 7.0
             if activations:
-                top, ax = _new_panels(width, 4.5)
+                top, ax = new_panels(width, 4.5)
                 plot_activation_flow(
                     records, layers=order, steps=steps, x=x, ax=top, label=label, color=color
                 )
@@ -208,7 +167,7 @@ def plot_gradient_flow(
                     top.set_title(title)
                     title = None
             else:
-                ax = _new_axes(width, 4.5)
+                ax = new_axes(width, 4.5)
         if x == "layer":
             previous = getattr(ax, "_gradtrace_layers", None)
             if previous is not None and previous != order:
@@ -290,9 +249,9 @@ def plot_activation_flow(
     ]
     if not any(values for *_, values in panel):
         raise ValueError("nothing to plot: the records hold no activation statistics")
-    with _rc():
+    with figure_style():
         if ax is None:
-            ax = _new_axes(max(6.0, 0.22 * len(order) + 2.0) if x == "layer" else 7.0, 3.0)
+            ax = new_axes(max(6.0, 0.22 * len(order) + 2.0) if x == "layer" else 7.0, 3.0)
         colors = (
             {"act_zero_frac": "C3", "act_sat_frac": "C1"} if color is None and label is None else {}
         )
@@ -339,11 +298,11 @@ def plot_runs(
     if not runs:
         raise ValueError("nothing to plot: no runs given")
     with_activations = any(has_activation_stats(records) for records in runs.values())
-    with _rc():
+    with figure_style():
         if with_activations:
-            top, bottom = _new_panels(8.0, 4.5)
+            top, bottom = new_panels(8.0, 4.5)
         else:
-            top, bottom = None, _new_axes(8.0, 4.5)
+            top, bottom = None, new_axes(8.0, 4.5)
         for index, (label, records) in enumerate(runs.items()):
             logged = sorted({r["step"] for r in records})
             steps = logged[-last_n_steps:] if last_n_steps is not None else None
@@ -421,9 +380,9 @@ def plot_gradient_heatmap(
         if value > 0 and math.isfinite(value):
             grid[row[r["layer"]], col[r["step"]]] = math.log10(value)
     n = len(order)
-    with _rc():
+    with figure_style():
         if ax is None:
-            ax = _new_axes(8.0, max(3.0, 0.16 * n + 1.5))
+            ax = new_axes(8.0, max(3.0, 0.16 * n + 1.5))
         image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
         ax.grid(False)
         ax.figure.colorbar(image, ax=ax, label=f"log10 {STAT_LABELS.get(stat, stat)}")
@@ -438,91 +397,3 @@ def plot_gradient_heatmap(
         if title is not None:
             ax.set_title(title)
     return ax.figure
-
-
-def plot_training_curves(
-    runs: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
-    *,
-    xlabel: str = "optimizer step",
-    chance: float | None = None,
-    title: str | None = None,
-) -> Figure:
-    """Loss (left) and accuracy (right, in %) curves of one or more runs.
-
-    Args:
-        runs: ``{run label: {series: [(x, y), ...]}}`` with series named ``train/loss``,
-            ``val/loss``, ``train/acc``, ``val/acc`` (accuracies as fractions in [0, 1]);
-            missing or empty series are skipped. Each run keeps one colour; training
-            series are solid lines, validation series dashed with markers.
-        xlabel: what x counts (``"optimizer step"``, ``"epoch"``).
-        chance: the chance accuracy (``1 / classes``): drawn as a dotted line on the
-            accuracy panel and as ``ln(classes)`` on the loss panel.
-        title: the figure's title.
-    """
-    if not any(points for series in runs.values() for points in series.values()):
-        raise ValueError("nothing to plot: every run's series are empty")
-    if chance is not None and not 0.0 < chance < 1.0:
-        raise ValueError(f"chance must be an accuracy in (0, 1); got {chance!r}")
-    from matplotlib.figure import Figure
-
-    panels = (("loss", "cross-entropy loss", 1.0), ("acc", "accuracy (%)", 100.0))
-    with _rc():
-        fig = Figure(figsize=(10.0, 4.0), layout="constrained")
-        axes = fig.subplots(1, 2)
-        for index, label in enumerate(runs):
-            color = f"C{index % 10}"
-            for ax, (metric, _, scale) in zip(axes, panels):
-                for split, style in (
-                    ("train", {"linestyle": "-"}),
-                    ("val", {"linestyle": "--", "marker": "o"}),
-                ):
-                    points = sorted(runs[label].get(f"{split}/{metric}") or [])
-                    if not points:
-                        continue
-                    if len(points) <= 20:  # sparse series (per epoch): show the points
-                        style = {"marker": "o", **style}
-                    ax.plot(
-                        [x for x, _ in points],
-                        [scale * y for _, y in points],
-                        color=color,
-                        label=f"{label}, {'training' if split == 'train' else 'validation'}",
-                        **style,
-                    )
-        for ax, (metric, ylabel, _) in zip(axes, panels):
-            if chance is not None:
-                level = math.log(1.0 / chance) if metric == "loss" else 100.0 * chance
-                ax.axhline(level, color="0.5", linestyle=":", linewidth=1.0, label="chance")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
-            ax.legend(fontsize=7)
-        if title is not None:
-            fig.suptitle(title)
-    return fig
-
-
-def save_figure(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
-    """Save ``fig`` as an image at ``path`` (parent folders created) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _rc():
-        fig.savefig(path, dpi=dpi)
-    return path
-
-
-def send_to_loggers(loggers: Iterable[Any], key: str, fig: Figure, path: Path, step: int) -> int:
-    """Send a saved figure to the loggers that take images; return how many took it.
-
-    W&B gets the PNG at ``path`` (``WandbLogger.log_image``), TensorBoard the figure
-    (``SummaryWriter.add_figure``). Other loggers are left alone.
-    """
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
-    sent = 0
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(path)], step=step)
-            sent += 1
-        elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(key, fig, global_step=step, close=False)
-            sent += 1
-    return sent

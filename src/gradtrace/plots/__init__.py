@@ -1,0 +1,29 @@
+"""gradtrace's figures: gradient flow (with an activation panel when recorded), several runs
+overlaid, a layer x step heatmap, training curves; saved to files and sent to loggers.
+
+matplotlib is an optional dependency (``pip install 'gradtrace[plot]'``), imported inside the
+functions, so importing this package costs nothing.
+"""
+
+from gradtrace.plots.curves import plot_training_curves
+from gradtrace.plots.gradient_flow import (
+    has_activation_stats,
+    layer_summary,
+    plot_activation_flow,
+    plot_gradient_flow,
+    plot_gradient_heatmap,
+    plot_runs,
+)
+from gradtrace.plots.style import save_figure, send_to_loggers
+
+__all__ = [
+    "has_activation_stats",
+    "layer_summary",
+    "plot_activation_flow",
+    "plot_gradient_flow",
+    "plot_gradient_heatmap",
+    "plot_runs",
+    "plot_training_curves",
+    "save_figure",
+    "send_to_loggers",
+]
