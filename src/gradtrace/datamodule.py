@@ -249,8 +249,7 @@ class ImageDataModule(L.LightningDataModule):
         training device when device-resident.
         """
         splits = self._require_setup()
-        if name not in ("train", "val", "test"):
-            raise ValueError(f"split must be one of train, val, test; got {name!r}")
+        check_choice("split", name, ("train", "val", "test"))
         return splits[name]
 
     # ---- Lightning hooks

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gradtrace.checks import check_choice
 from gradtrace.datasets.download import DownloadError, download_verified, verify_md5
 from gradtrace.datasets.image_data import DataNotFoundError, ImageData, Split
 
@@ -47,8 +48,7 @@ def cifar_archive(name: str) -> CifarArchive:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     classes = {"cifar10": (CIFAR10, "labels"), "cifar100": (CIFAR100, "fine_labels")}
-    if name not in classes:
-        raise ValueError(f"CIFAR dataset must be one of cifar10, cifar100; got {name!r}")
+    check_choice("CIFAR dataset", name, classes)
     cls, labels_key = classes[name]
     return CifarArchive(
         name=name,

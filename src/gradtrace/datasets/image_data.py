@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from gradtrace.checks import check_choice
+
 __all__ = [
     "DATASETS",
     "ChecksumError",
@@ -63,8 +65,7 @@ def parse_dataset(dataset: str) -> tuple[str, Path | None]:
                 "dataset 'imagefolder:<path>' needs a folder path, e.g. imagefolder:data/pets"
             )
         return "imagefolder", Path(path).expanduser()
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+    check_choice("dataset", dataset, DATASETS)
     return dataset, None
 
 

@@ -394,8 +394,7 @@ def imagenet_resnet(
 ) -> ResNet:
     """ImageNet ResNet (torchvision layout) of depth 18, 34, 50, 101 or 152; ``norm``,
     ``activation``, ``norm_layer`` and ``act_layer`` as for ``resnet_cifar``."""
-    if depth not in IMAGENET_CONFIGS:
-        raise ValueError(f"depth must be one of 18, 34, 50, 101, 152; got {depth}")
+    check_choice("depth", depth, IMAGENET_CONFIGS)
     block, blocks = IMAGENET_CONFIGS[depth]
     return ResNet(
         block,

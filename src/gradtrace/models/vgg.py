@@ -63,8 +63,7 @@ class VGG(nn.Module):
         (``None``: ReLU) is every activation."""
         super().__init__()
         act_layer = act_layer or nn.ReLU
-        if depth not in CONFIGS:
-            raise ValueError(f"depth must be one of 11, 13, 16, 19; got {depth}")
+        check_choice("depth", depth, CONFIGS)
         check_choice("head", head, tuple(HEADS))
         check_range("dropout", dropout, 0.0, 1.0, high_inclusive=False)
         layers: OrderedDict[str, nn.Module] = OrderedDict()

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+from gradtrace.checks import check_choice
 from gradtrace.plots.style import figure_style, new_axes, new_panels
 
 __all__ = [
@@ -138,8 +139,7 @@ def plot_gradient_flow(
         activations: draw the activation panel (new figures only); ``None``: when recorded.
         color: this run's colour (default: the axes' next one).
     """
-    if x not in X_MODES:
-        raise ValueError(f"x must be one of {', '.join(X_MODES)}; got {x!r}")
+    check_choice("x", x, X_MODES)
     records: list[Mapping[str, Any]] = []
     if isinstance(data, Mapping):
         order = [name for name in layers if name in data] if layers is not None else list(data)
@@ -238,8 +238,7 @@ def plot_activation_flow(
         x, ax, title: as in :func:`plot_gradient_flow`.
         label, color: this run's legend label and colour (several runs on one axes).
     """
-    if x not in X_MODES:
-        raise ValueError(f"x must be one of {', '.join(X_MODES)}; got {x!r}")
+    check_choice("x", x, X_MODES)
     records = list(history)
     order = list(layers) if layers is not None else list(dict.fromkeys(r["layer"] for r in records))
     at = _positions(order, x)
