@@ -1,10 +1,10 @@
 """``make bench``: how fast gradtrace trains, measured against what one would write by hand.
 
 Not part of the installed package: run from the repository root as ``python -m benchmarks
-[--quick] [--out reports]`` or ``python benchmarks/run.py``; it writes ``bench.json`` and
-``bench.md``. Every figure is a ratio of two workloads measured in the same process,
-interleaved round by round (A B A B ...), reported as the median over rounds with the
-median's confidence interval, on which its goal is judged (pass, FAIL or inconclusive):
+[--quick] [--out reports]``; it writes ``bench.json`` and ``bench.md``. Every figure is a
+ratio of two workloads measured in the same process, interleaved round by round (A B A B
+...), reported as the median over rounds with the median's confidence interval, on which its
+goal is judged (pass, FAIL or inconclusive):
 
 * training step: Trainer + ImageClassifier + ImageDataModule vs a plain PyTorch loop (VGG08,
   VGG38, batch 100, CIFAR-100-shaped synthetic data);
@@ -12,16 +12,15 @@ median's confidence interval, on which its goal is judged (pass, FAIL or inconcl
   every step, GradientFlow with activation statistics (every step, every 50 steps),
   Lightning's ``grad_norm``, ``wandb.watch(log="gradients", log_freq=1)`` offline;
 * collectives per logged step of ``grad_stats`` on an FSDP2 model (2 gloo processes);
-* data pipeline: ImageDataModule vs a torchvision per-sample DataLoader, and vs the model;
-* peak memory per model; VGG38's achieved FLOP/s vs a dense matmul;
 * on CUDA: epoch times, one vs two runs per GPU and the projected wall time of Table 1
   (also ``make gpu-check``, :mod:`benchmarks.gpu_check`).
 
 Modules: :mod:`~benchmarks.stats` (interleaving, medians, intervals),
 :mod:`~benchmarks.stepper` (a ``Trainer.fit`` run step by step), :mod:`~benchmarks.callbacks`
-(the compared callbacks, timed), :mod:`~benchmarks.workloads` (baselines),
-:mod:`~benchmarks.config` (settings), :mod:`~benchmarks.training`, :mod:`~benchmarks.data`,
-:mod:`~benchmarks.memory`, :mod:`~benchmarks.collectives` and :mod:`~benchmarks.gpu` (the
-measurements), :mod:`~benchmarks.child` (fresh-process measurements),
-:mod:`~benchmarks.report`, :mod:`~benchmarks.gpu_check` (``make gpu-check``).
+(the compared callbacks, timed), :mod:`~benchmarks.workloads` (the plain loop),
+:mod:`~benchmarks.config` (settings), :mod:`~benchmarks.training`,
+:mod:`~benchmarks.collectives` and :mod:`~benchmarks.gpu` (the measurements),
+:mod:`~benchmarks.child` (the GPU section's training processes), :mod:`~benchmarks.figures`,
+:mod:`~benchmarks.report`, :mod:`~benchmarks.markdown`, :mod:`~benchmarks.gpu_check`
+(``make gpu-check``).
 """

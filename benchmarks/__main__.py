@@ -16,9 +16,7 @@ import torch
 
 from benchmarks import config
 from benchmarks.collectives import bench_collectives
-from benchmarks.data import bench_data
 from benchmarks.gpu import bench_gpu
-from benchmarks.memory import bench_memory
 from benchmarks.report import build_report, write_reports
 from benchmarks.training import bench_training
 
@@ -43,8 +41,8 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
         "A callback's cost is the time inside its own code ÷ its block's time: GradientFlow's "
         "Lightning hooks and every module or tensor hook it registers, wandb's histogram "
         "code and commit, grad_norm + log_dict (Lightning writing the values to the logger "
-        "left out). The difference of step times with and without it is shown too, without "
-        "a goal: on a shared machine its spread is tens of percent either way. On a GPU the "
+        "left out). Not the difference of step times with and without it (the step times "
+        "are listed): on a shared machine its spread is tens of percent either way. On a GPU the "
         "time inside includes waiting for the device (one device-to-host copy per logged "
         "step waits for backward to finish), so it is an upper bound there.",
         f"Activations every {config.ACTIVATION_INTERVAL} steps: per round, (time in the "
@@ -56,16 +54,7 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
         "meets the goal, FAIL when none of it does, and inconclusive when it straddles the "
         "goal, is wider than the goal's margin (the distance from no effect: 2 percentage "
         "points for a 2% cost; for ratios, on a log scale: high/low under 1/0.95 for a "
-        "0.95x goal, under 10x for a 10x goal) or holds the median less than 90% of the "
-        "time (under 5 rounds).",
-        "Peak memory is measured in a fresh process per model, after a warm-up fit: "
-        + (
-            "`torch.cuda.max_memory_allocated` minus what was allocated before the model."
-            if cfg.device == "cuda"
-            else "peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus "
-            "the RSS before the model was built: weights, gradients, Adam state, "
-            "activations and allocator slack."
-        ),
+        "0.95x goal) or holds the median less than 90% of the time (under 5 rounds).",
     ]
     if cfg.device == "cuda":
         notes += [
@@ -80,11 +69,6 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
             "one training step per timed block. Absolute times on a shared CPU mean little; "
             "the ratios are what the bench is for. If other processes share the cores, "
             "rounds vary a lot (see the spreads).",
-            "On a CPU shared with other processes, torch's intra-op threads make small ops "
-            "(the data pipeline's) wait milliseconds at each parallel region for a "
-            "descheduled thread, so ImageDataModule's CPU rate collapses on a busy machine; "
-            "the one-thread figure shows it without that effect (DataLoader workers run one "
-            "thread each). On a GPU the pipeline runs on the device.",
             "GPU section skipped: no CUDA device. The GPU code paths (bf16-mixed, compile, "
             "device-resident data, epoch times, Table 1 projection, processes per GPU) did "
             "not run for this report.",
@@ -122,8 +106,6 @@ def main(argv: list[str] | None = None) -> None:
         log(f"CIFAR-100-shaped synthetic data, training pool of {pool:,} images")
         dm = config.cifar100_like(cfg.batch_size, pool)
         training = bench_training(cfg, dm, workdir / "training", log)
-        data = bench_data(cfg, dm, log)
-        memory = bench_memory(cfg, log)
         del dm
         collectives = bench_collectives(log)
         gpu = bench_gpu(cfg, workdir / "gpu", log)
@@ -131,8 +113,6 @@ def main(argv: list[str] | None = None) -> None:
         device=device,
         settings=cfg.to_dict(),
         training=training,
-        data=data,
-        memory=memory,
         collectives=collectives,
         gpu=gpu,
         environment={

@@ -1,14 +1,6 @@
-"""Measurements that need a fresh process: ``python -m benchmarks.child KIND ... --out F``.
+"""One training process of the GPU section: ``python -m benchmarks.child ... --out F``.
 
-``memory``: peak training memory of one model. A fresh process, because an allocator keeps
-memory it has freed and reuses it, so RSS deltas in a process that already trained another
-model say little. A tiny warm-up fit first loads everything Lightning imports lazily, then
-the peak is reset (CPU: ``/proc/self/clear_refs``; CUDA: ``reset_peak_memory_stats``) and the
-model trains ``--steps`` batches. Reported: peak minus the memory in use just before the model
-was built (CPU: resident set size; CUDA: ``max_memory_allocated``), i.e. weights, gradients,
-optimizer state, activations and workspaces.
-
-``throughput``: images/s of ``--steps`` training steps after ``--warmup`` steps (the GPU
+Writes the images/s of ``--steps`` training steps after ``--warmup`` steps (the GPU
 section runs one or two of these side by side on one GPU). With ``--wait-for-go`` it prints
 ``ready`` after the warm-up and waits for a line on stdin, so that several processes can
 time the same window.
@@ -26,71 +18,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.config import quiet_fit_kwargs
+from benchmarks.config import CIFAR100_VAL, cifar100_like, quiet_fit_kwargs
 from gradtrace.classifier import ImageClassifier
-from gradtrace.datamodule import ImageDataModule
-
-
-def _trainer(args: argparse.Namespace, **kwargs: Any) -> pl.Trainer:
-    defaults = quiet_fit_kwargs(args.accelerator, args.precision)
-    return pl.Trainer(**{**defaults, "logger": False, **kwargs})
-
-
-def _data(batch_size: int, batches: int) -> ImageDataModule:
-    """Synthetic CIFAR-100-shaped data with just enough training images for ``batches``."""
-    pool = batches * batch_size + 100
-    return ImageDataModule(
-        "synthetic",
-        num_classes=100,
-        synthetic_sizes=(pool, 100),
-        val_size=100,
-        batch_size=batch_size,
-        augment="crop_flip",  # CIFAR's augmentation (synthetic data defaults to none)
-    )
-
-
-def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def memory(args: argparse.Namespace) -> dict[str, Any]:
-    cuda = args.accelerator == "cuda"
-    dm = _data(args.batch_size, args.steps + 1)
-    warm = ImageClassifier(
-        "coursework_vgg", num_classes=100, arch_kwargs={"width": 4}, compile=False
-    )
-    _trainer(args, max_steps=2).fit(warm, dm)
-    del warm
-    import gc
-
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
-        baseline = _rss_bytes("VmRSS")
-    model = ImageClassifier(args.arch, num_classes=100, compile=args.compile)
-    _trainer(args, max_steps=args.steps).fit(model, dm)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        what = "torch.cuda.max_memory_allocated"
-    else:
-        peak = _rss_bytes("VmHWM")
-        what = "peak resident set size (VmHWM)"
-    return {
-        "arch": args.arch,
-        "peak_mb": (peak - baseline) / 2**20,
-        "baseline_mb": baseline / 2**20,
-        "measure": what,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-    }
 
 
 class _Timer(pl.Callback):
@@ -117,11 +46,13 @@ class _Timer(pl.Callback):
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.accelerator == "cuda"
-    dm = _data(args.batch_size, args.warmup + args.steps + 1)
+    pool = (args.warmup + args.steps + 1) * args.batch_size + CIFAR100_VAL
+    dm = cifar100_like(args.batch_size, pool)
     model = ImageClassifier(args.arch, num_classes=100, compile=args.compile)
     timer = _Timer(args.warmup, args.steps, args.wait_for_go, cuda)
-    trainer = _trainer(
-        args,
+    trainer = pl.Trainer(
+        **quiet_fit_kwargs(args.accelerator, args.precision),
+        logger=False,
         max_steps=args.warmup + args.steps + 1,
         callbacks=[timer],
     )
@@ -139,7 +70,6 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("memory", "throughput"))
     parser.add_argument("--arch", required=True)
     parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", default="32-true")
@@ -150,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wait-for-go", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    result = memory(args) if args.kind == "memory" else throughput(args)
-    args.out.write_text(json.dumps(result))
+    args.out.write_text(json.dumps(throughput(args)))
 
 
 if __name__ == "__main__":

@@ -93,12 +93,7 @@ def _free_port() -> int:
 
 def bench_collectives(log: Callable[[str], None], world_size: int = 2) -> dict[str, Any]:
     """Collectives per logged step of ``grad_stats`` on an FSDP2 model, ``world_size`` gloo
-    processes; ``{"not_available": why}`` when this gradtrace has no ``grad_stats``."""
-    try:
-        from gradtrace.gradient_flow import grad_stats  # noqa: F401  (only: is it there)
-    except ImportError as err:
-        log(f"gradtrace.gradient_flow.grad_stats is not available: {err}")
-        return {"not_available": f"not available: grad_stats cannot be imported ({err})"}
+    processes."""
     log(f"collectives: grad_stats on an FSDP2 model, {world_size} gloo processes")
     import torch.multiprocessing as mp
 

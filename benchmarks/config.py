@@ -16,6 +16,7 @@ from gradtrace.datamodule import ImageDataModule
 __all__ = [
     "ACTIVATION_INTERVAL",
     "CALLBACKS",
+    "CIFAR100_VAL",
     "MODELS",
     "REPO_ROOT",
     "BenchConfig",
@@ -58,13 +59,9 @@ class BenchConfig:
     warmup: int = 1
     rounds: dict[str, int] | None = None
     steps_per_block: dict[str, int] | None = None
-    data_rounds: int = 3
-    data_batches: int = 30
-    memory_steps: int = 2
     shared_gpu_rounds: int = 1  # GPU only: rounds of 1 vs 2 training processes on the device
     shared_gpu_warmup: int = 2
     shared_gpu_steps: int = 3
-    matmul_size: int = 2048
     gpu_steps: int = 100  # GPU only: training steps per epoch in the epoch-time runs
 
     @classmethod
@@ -80,14 +77,10 @@ class BenchConfig:
                 warmup=2,
                 rounds={"vgg08": 3 if quick else 10, "vgg38": 3 if quick else 10},
                 steps_per_block={"vgg08": 25, "vgg38": 25},
-                data_rounds=3 if quick else 10,
-                data_batches=40,
-                memory_steps=3,
                 shared_gpu_rounds=1 if quick else 2,
                 gpu_steps=60 if quick else 100,
                 shared_gpu_warmup=30,
                 shared_gpu_steps=100,
-                matmul_size=8192,
             )
         return cls(
             quick=quick,
@@ -98,10 +91,6 @@ class BenchConfig:
             # 5 rounds: the fewest whose range bounds the median with >= 90% confidence
             rounds={"vgg08": 5 if quick else 12, "vgg38": 5 if quick else 10},
             steps_per_block={"vgg08": 1, "vgg38": 1},
-            data_rounds=5 if quick else 10,
-            data_batches=20 if quick else 40,
-            memory_steps=1 if quick else 2,
-            matmul_size=2048,
         )
 
     def to_dict(self) -> dict[str, Any]:

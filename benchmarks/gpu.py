@@ -18,6 +18,7 @@ get more done, running the rows two at a time divides the wall time by that spee
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,7 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from benchmarks.config import BenchConfig, Log, cifar100_like
-from benchmarks.memory import child_environment
+from benchmarks.config import REPO_ROOT, BenchConfig, Log, cifar100_like
 from benchmarks.stats import Summary
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
@@ -140,12 +140,19 @@ def epoch_time(
     }
 
 
+def _child_environment() -> dict[str, str]:
+    """This process's environment with the repository root on ``PYTHONPATH``, so that a
+    child can import ``benchmarks`` (which is not installed) from any working directory."""
+    paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def _concurrent_throughput(
     cfg: BenchConfig, arch: str, processes: int, workdir: Path
 ) -> list[float]:
     """Images/s of each of ``processes`` training processes sharing the GPU, same window."""
     outs = [workdir / f"concurrent-{processes}-{i}.json" for i in range(processes)]
-    command = [sys.executable, "-m", "benchmarks.child", "throughput", "--arch", arch]
+    command = [sys.executable, "-m", "benchmarks.child", "--arch", arch]
     command += ["--accelerator", "cuda", "--precision", cfg.precision]
     command += ["--compile"] if cfg.compile else []
     command += ["--warmup", str(cfg.shared_gpu_warmup), "--steps", str(cfg.shared_gpu_steps)]
@@ -156,7 +163,7 @@ def _concurrent_throughput(
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env=child_environment(),
+            env=_child_environment(),
         )
         for out in outs
     ]

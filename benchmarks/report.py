@@ -1,12 +1,10 @@
 """``reports/bench.json`` and ``reports/bench.md`` from the bench's measurements.
 
 The JSON's top-level figures are medians over rounds, plain numbers: ``device``;
-``train_step_ratio`` and ``peak_memory_mb`` per model; ``callback_hook_fraction`` (the cost
-of each callback: time inside it ÷ step time) and ``callback_overhead`` (difference of step
-times) per method; ``data_speedup_vs_torchvision``; ``data_vs_model``; ``flops_fraction``;
-``collectives_per_logged_step``. ``figures`` repeats each with its spread, the median's
-confidence interval, goal and verdict; the other keys hold the raw timings, the GPU section,
-settings and caveats.
+``train_step_ratio`` per model; ``callback_hook_fraction`` (the cost of each callback: time
+inside it ÷ step time) per callback; ``collectives_per_logged_step``. ``figures`` repeats
+each with its spread, the median's confidence interval, goal and verdict; the other keys hold
+the raw timings, the GPU section, settings and caveats.
 """
 
 from __future__ import annotations
@@ -27,11 +25,6 @@ TOP_LEVEL_KEYS = (
     "device",
     "train_step_ratio",
     "callback_hook_fraction",
-    "callback_overhead",
-    "data_speedup_vs_torchvision",
-    "data_vs_model",
-    "peak_memory_mb",
-    "flops_fraction",
     "collectives_per_logged_step",
 )
 CALLBACK_KEYS = (
@@ -64,8 +57,6 @@ def build_report(
     caveats: list[str],
     elapsed_s: float,
     training: Mapping[str, Any] | None = None,
-    data: Mapping[str, Any] | None = None,
-    memory: Mapping[str, Any] | None = None,
     collectives: Mapping[str, Any] | None = None,
     gpu: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -75,23 +66,11 @@ def build_report(
     not_measured: dict[str, str] = {}
     for arch, result in models.items():
         summaries[f"train_step_ratio/{arch}"] = result["train_step_ratio"]
-        for kind in ("callback_overhead", "callback_hook_fraction"):
-            for name, summary in result.get(kind, {}).items():
-                summaries[f"{kind}/{name}"] = summary
+        for name, summary in result.get("callback_hook_fraction", {}).items():
+            summaries[f"callback_hook_fraction/{name}"] = summary
         for name, why in result.get("not_measured", {}).items():
             not_measured[f"callback_hook_fraction/{name}"] = why
-            not_measured[f"callback_overhead/{name}"] = why
-        if "flops" in result:
-            summaries["flops_fraction"] = result["flops"]["flops_fraction"]
-        if "data_vs_model" in result:
-            summaries["data_vs_model"] = result["data_vs_model"]
-    if data:
-        summaries["data_speedup_vs_torchvision"] = data["speedup"]
-    for arch, result in (memory or {}).items():
-        summaries[f"peak_memory_mb/{arch}"] = Summary.of([result["peak_mb"]])
-    if collectives and "not_available" in collectives:
-        not_measured["collectives_per_logged_step"] = collectives["not_available"]
-    elif collectives:
+    if collectives:
         count = collectives["collectives_per_logged_step"]
         summaries["collectives_per_logged_step"] = Summary.of([count])
 
@@ -124,18 +103,9 @@ def build_report(
         "callback_hook_fraction": {
             name: median(f"callback_hook_fraction/{name}") for name in CALLBACK_KEYS
         },
-        "callback_overhead": {
-            name: median(f"callback_overhead/{name}") for name in CALLBACK_KEYS[:3]
-        },
-        "data_speedup_vs_torchvision": median("data_speedup_vs_torchvision"),
-        "data_vs_model": median("data_vs_model"),
-        "peak_memory_mb": {arch: median(f"peak_memory_mb/{arch}") for arch in memory or {}},
-        "flops_fraction": median("flops_fraction"),
         "collectives_per_logged_step": (collectives or {}).get("collectives_per_logged_step"),
         "figures": figures,
         "timings": dict(training or {}),
-        "data": dict(data or {}),
-        "memory": dict(memory or {}),
         "collectives": dict(collectives or {}),
         "gpu": dict(gpu or {"skipped": "not run"}),
         "settings": dict(settings),

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Summary", "interleave", "median_interval", "overheads", "ratios", "round_orders"]
+__all__ = ["Summary", "interleave", "median_interval", "ratios", "round_orders"]
 
 CONFIDENCE = 0.95
 """The coverage :func:`median_interval` aims at."""
@@ -87,11 +87,6 @@ def ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[flo
     return [a / b if b else math.inf for a, b in zip(numerator, denominator)]
 
 
-def overheads(with_it: Sequence[float], without: Sequence[float]) -> list[float]:
-    """Per-round extra time as a fraction of the time without: ``(with - without) / without``."""
-    return [r - 1.0 for r in ratios(with_it, without)]
-
-
 def median_interval(
     values: Sequence[float], confidence: float = CONFIDENCE
 ) -> tuple[float, float, float]:
@@ -129,8 +124,6 @@ class Summary:
     median: float
     low: float
     high: float
-    q1: float
-    q3: float
     rounds: int
     values: tuple[float, ...]
     ci_low: float
@@ -143,17 +136,11 @@ class Summary:
         if not values:
             raise ValueError("Summary.of needs at least one value")
         vals = tuple(float(v) for v in values)
-        if len(vals) == 1:
-            q1 = q3 = vals[0]
-        else:
-            q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
         ci_low, ci_high, ci_coverage = median_interval(vals)
         return cls(
             median=statistics.median(vals),
             low=min(vals),
             high=max(vals),
-            q1=q1,
-            q3=q3,
             rounds=len(vals),
             values=vals,
             ci_low=ci_low,

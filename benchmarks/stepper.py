@@ -1,7 +1,7 @@
 """Drive ``Trainer.fit`` a few training steps at a time, so it can be interleaved.
 
 ``Trainer.fit`` is one call that runs until the end. To interleave Lightning's steps with
-other workloads (a plain PyTorch loop, a matmul) in one process, the fit runs in a helper
+other workloads (a plain PyTorch loop) in one process, the fit runs in a helper
 thread that waits at every ``on_train_batch_start`` until the caller asks for more steps.
 Only one of the two threads ever runs at a time (a strict hand-over through two queues), so
 nothing overlaps; the timing is taken inside the fit's thread.

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from benchmarks.callbacks import GradNormLogging, TimedCallback, WandbWatch, start_wandb
@@ -23,10 +22,9 @@ from benchmarks.config import (
     Log,
     quiet_fit_kwargs,
 )
-from benchmarks.data import OurBatches
-from benchmarks.stats import Summary, interleave, overheads, ratios
+from benchmarks.stats import Summary, interleave, ratios
 from benchmarks.stepper import TrainerSteps
-from benchmarks.workloads import Matmul, PlainLoop, train_step_flops
+from benchmarks.workloads import PlainLoop
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
@@ -43,13 +41,12 @@ def _trainer_kwargs(cfg: BenchConfig, root: Path) -> dict[str, Any]:
 
 
 def bench_training(cfg: BenchConfig, dm: ImageDataModule, workdir: Path, log: Log) -> dict:
-    """Lightning vs plain steps for each model; callbacks, matmul and data on VGG38.
+    """Lightning vs plain steps for each model; the callbacks' costs on VGG38.
 
     VGG08's rounds: a plain-loop block and a Lightning block. VGG38's rounds, in rotating
     order: a plain-loop block; Lightning blocks with no extra callback, with GradientFlow,
     with grad_norm logging, with wandb.watch, with GradientFlow's activation statistics
-    measuring and attached but idle (each switched on for its own block only, in one fit);
-    a dense matmul; a run of the data pipeline.
+    measuring and attached but idle (each switched on for its own block only, in one fit).
     """
     return {
         "models": {
@@ -68,19 +65,6 @@ def _gradient_flow(role: str, **kwargs: Any) -> GradientFlow:
     state_key = f"GradientFlow[{role}]"
     keyed = {"state_key": property(lambda _: state_key)}
     return type(f"GradientFlow_{role}", (GradientFlow,), keyed)(**kwargs)
-
-
-def _activation_flows(log: Log) -> tuple[GradientFlow, GradientFlow] | str:
-    """GradientFlow with activation statistics measuring every step, and one attached but
-    measuring only every millionth step; or why they cannot be made (an older gradtrace)."""
-    try:
-        return (
-            _gradient_flow("activations", every_n_steps=1, plot=False, activations=True),
-            _gradient_flow("idle", every_n_steps=10**6, plot=False, activations=True),
-        )
-    except TypeError as err:
-        log(f"GradientFlow(activations=True) is not available: {err}")
-        return "not available: this GradientFlow has no activations argument"
 
 
 def _timed_blocks(
@@ -125,14 +109,11 @@ def _bench_model(
             callbacks.append(clocks[CALLBACKS["wandb_watch"]])
         else:
             not_measured["wandb_watch"] = "not available: wandb is not installed"
-        activations = _activation_flows(log)
-        if isinstance(activations, str):
-            not_measured["activations_every_step"] = activations
-            not_measured[f"activations_every_{ACTIVATION_INTERVAL}"] = activations
-        else:
-            for key, callback in zip(("activations_every_step", "activations_idle"), activations):
-                clocks[CALLBACKS[key]] = TimedCallback(callback)
-                callbacks.append(callback)
+        # activation statistics measuring every step, and attached but idle (every 10**6)
+        for key, every in (("activations_every_step", 1), ("activations_idle", 10**6)):
+            callback = _gradient_flow(key, every_n_steps=every, plot=False, activations=True)
+            clocks[CALLBACKS[key]] = TimedCallback(callback)
+            callbacks.append(callback)
     stepper = TrainerSteps(
         model,
         dm,
@@ -180,12 +161,6 @@ def _bench_model(
             workloads[f"gradtrace+{name}"] = _timed_blocks(
                 stepper, block, clock, hook_seconds.setdefault(name, [])
             )
-        if full:
-            dtype = torch.bfloat16 if cfg.precision.startswith("bf16") else torch.float32
-            matmul = Matmul(cfg.matmul_size, cfg.device, dtype)
-            workloads["matmul"] = matmul.run
-            data = OurBatches(dm, cfg.device)
-            workloads["data"] = lambda: data.run(cfg.data_batches)
         samples = interleave(workloads, rounds, warmup=cfg.warmup, between=switch)
         switch("")
     finally:
@@ -193,51 +168,29 @@ def _bench_model(
         if run is not None:
             run.finish()
 
-    per_step = {name: [t / block for t in times] for name, times in samples.items()}
     result: dict[str, Any] = {
-        "seconds_per_step": {
-            k: Summary.of(v) for k, v in per_step.items() if k not in ("matmul", "data")
-        },
+        "seconds_per_step": {k: Summary.of([t / block for t in v]) for k, v in samples.items()},
         # throughput ratio = plain time / gradtrace time, round by round
         "train_step_ratio": Summary.of(ratios(samples["plain"], samples["gradtrace"])),
         "steps_per_block": block,
     }
     if not full:
         return result
-    result["callback_overhead"] = {
-        key: Summary.of(overheads(samples[f"gradtrace+{name}"], samples["gradtrace"]))
-        for key, name in CALLBACKS.items()
-        if f"gradtrace+{name}" in samples and key != "activations_idle"
-    }
     # the warm-up rounds' calls come first; keep the recorded rounds'
     fractions = {
         key: ratios(hook_seconds[name][-rounds:], samples[f"gradtrace+{name}"])
         for key, name in CALLBACKS.items()
         if name in hook_seconds
     }
-    idle = fractions.pop("activations_idle", None)
-    if idle is not None:
-        # One measuring step and (interval - 1) idle ones, round by round: the cost of
-        # GradientFlow(activations=True, every_n_steps=interval) averaged over its interval.
-        n = ACTIVATION_INTERVAL
-        fractions[f"activations_every_{n}"] = [
-            (measuring + (n - 1) * waiting) / n
-            for measuring, waiting in zip(fractions["activations_every_step"], idle)
-        ]
+    # One measuring step and (interval - 1) idle ones, round by round: the cost of
+    # GradientFlow(activations=True, every_n_steps=interval) averaged over its interval.
+    n = ACTIVATION_INTERVAL
+    fractions[f"activations_every_{n}"] = [
+        (measuring + (n - 1) * waiting) / n
+        for measuring, waiting in zip(
+            fractions["activations_every_step"], fractions.pop("activations_idle")
+        )
+    ]
     result["callback_hook_fraction"] = {key: Summary.of(v) for key, v in fractions.items()}
     result["not_measured"] = not_measured
-    # data batches/s over training steps/s, both from the same round
-    result["data_vs_model"] = Summary.of(
-        [(cfg.data_batches / d) * t for d, t in zip(samples["data"], per_step["gradtrace"])]
-    )
-    flops = train_step_flops(arch, cfg.batch_size, num_classes=dm.num_classes)
-    step_rate = [flops / t for t in per_step["gradtrace"]]
-    matmul_rate = [matmul.flops / t for t in samples["matmul"]]
-    result["flops"] = {
-        "train_step_flops": flops,
-        "train_step_flops_per_s": Summary.of(step_rate),
-        "matmul_flops_per_s": Summary.of(matmul_rate),
-        "matmul_size": cfg.matmul_size,
-        "flops_fraction": Summary.of(ratios(step_rate, matmul_rate)),
-    }
     return result

@@ -1,6 +1,6 @@
-"""What the bench times against: the plain PyTorch loop, a dense matmul, FLOP counts.
+"""What the bench times gradtrace against: a plain PyTorch loop.
 
-The baselines are what a researcher would write by hand, doing the same work as gradtrace:
+The baseline is what a researcher would write by hand, doing the same work as gradtrace:
 the same network from :func:`gradtrace.models.create_model`, the same uint8 tensors, the same
 augmentation functions (:func:`~gradtrace.datamodule.crop_flip`,
 :func:`~gradtrace.datamodule.normalize`), Adam with the same cosine schedule, batch 100.
@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from gradtrace.datamodule import (
     crop_flip,
@@ -24,11 +23,7 @@ from gradtrace.datamodule import (
 )
 from gradtrace.models import create_model
 
-__all__ = [
-    "Matmul",
-    "PlainLoop",
-    "train_step_flops",
-]
+__all__ = ["PlainLoop"]
 
 
 def _sync(device: torch.device) -> None:
@@ -124,63 +119,3 @@ class PlainLoop:
             self.step()
         _sync(self.device)
         return time.perf_counter() - start
-
-
-def train_step_flops(
-    arch: str,
-    batch_size: int = 100,
-    *,
-    num_classes: int = 100,
-    image_size: tuple[int, int] = (32, 32),
-    model_options: dict[str, Any] | None = None,
-) -> int:
-    """FLOPs of one training step's forward + backward (``torch.utils.flop_counter``).
-
-    Counted on the meta device (no arithmetic runs): convolutions and matmuls, as
-    ``FlopCounterMode`` counts them (element-wise work and the optimizer are not FLOPs here).
-    """
-    with torch.device("meta"):
-        net = create_model(arch, num_classes=num_classes, **(model_options or {}))
-        x = torch.empty(batch_size, 3, *image_size)
-        y = torch.zeros(batch_size, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(net(x), y).backward()
-    return int(counter.get_total_flops())
-
-
-class Matmul:
-    """A dense ``size x size`` matmul: the practical limit of the device's arithmetic.
-
-    :meth:`run` multiplies ``repeat`` times (about 50 ms) in each of ``trials`` tries and
-    returns the fastest try: the limit is what the machine can do, and a short burst of
-    another process's work should not lower it. ``flops / run()`` is the achieved FLOP/s.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        trials: int = 5,
-    ) -> None:
-        self.device = torch.device(device)
-        self.trials = trials
-        generator = torch.Generator().manual_seed(0)
-        self.a = torch.randn(size, size, generator=generator).to(self.device, dtype)
-        self.b = torch.randn(size, size, generator=generator).to(self.device, dtype)
-        self.a @ self.b  # the first call starts the library up
-        self.repeat = 1
-        self.repeat = max(1, round(0.05 / max(self._once(), 1e-9)))
-        self.flops = 2 * size**3 * self.repeat
-
-    def _once(self) -> float:
-        _sync(self.device)
-        start = time.perf_counter()
-        for _ in range(self.repeat):
-            self.a @ self.b
-        _sync(self.device)
-        return time.perf_counter() - start
-
-    def run(self) -> float:
-        """The fastest of ``trials`` tries of ``repeat`` multiplications, in seconds."""
-        return min(self._once() for _ in range(self.trials))
