@@ -111,6 +111,36 @@ def test_gloo_processes_equal_one_process(tmp_path: Path, world: int) -> None:
                 assert values[key] == pytest.approx(want, rel=1e-5, abs=0), (setup, rank, key)
 
 
+@pytest.mark.slow
+def test_deepspeed_zero_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
+    """DeepSpeed ZeRO stages 1, 2 and 3 (engine on the CPU accelerator, fp32) right after
+    ``engine.backward``: partial sums of each rank's partition and one all_gather."""
+    pytest.importorskip("deepspeed")
+    script = SCRIPTS / "grad_stats_deepspeed.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--port", str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=SCRIPTS,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import grad_stats_distributed as dist_script
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    reference = dist_script.single()
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert sorted(results) == ["zero1", "zero2", "zero3"]
+        for setup, (values, calls) in results.items():
+            assert calls == 1, (setup, rank)
+            assert sorted(values) == sorted(reference), (setup, rank)
+            for key, want in reference.items():
+                assert values[key] == pytest.approx(want, rel=1e-5, abs=0), (setup, rank, key)
+
+
 def test_default_selection_is_weights_of_weight_bearing_modules() -> None:
     model = _tiny()
     assert [layer.name for layer in select_layers(model)] == ["0.weight", "3.weight"]

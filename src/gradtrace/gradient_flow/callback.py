@@ -61,8 +61,9 @@ class GradientFlow(Callback):
     parameters, and those without a gradient at a step, are not recorded.
 
     **Values** (``stats``), over the full tensor under every strategy but DeepSpeed
-    (:func:`~gradtrace.gradient_flow.grad_stats`; under DeepSpeed nothing is recorded and one
-    :class:`GradientFlowWarning` says so at train start): ``mean_abs`` (mean ``|grad|``, the
+    (:func:`~gradtrace.gradient_flow.grad_stats`; under DeepSpeed the callback records nothing
+    and one :class:`GradientFlowWarning` says so at train start; ``grad_stats`` itself works
+    there): ``mean_abs`` (mean ``|grad|``, the
     coursework report's Figure 2 measure), ``l2``, ``max_abs``, ``nonfinite`` (inf/nan
     entries); ``update_ratio`` (opt-in): ``||w_after - w_before|| / ||w_before||``.
 
@@ -253,7 +254,7 @@ class GradientFlow(Callback):
     def _reset_fit(self) -> None:
         """Per-fit state (rebuilt by every ``fit``)."""
         self._scaler_in_use = False
-        self._grads_unavailable = False  # DeepSpeed: gradients outside param.grad
+        self._grads_unavailable = False  # DeepSpeed: the optimizer steps flat partitions
         self._layers: list[Layer] = []
         self._names: dict[int, str] = {}
         self._per_optimizer: dict[tuple[int, int], OptimizerLayers] = {}
@@ -315,10 +316,11 @@ class GradientFlow(Callback):
         self._grads_unavailable = zero_stage is not None
         if self._grads_unavailable:
             warnings.warn(
-                f"GradientFlow: DeepSpeed (ZeRO stage {zero_stage}) "
-                "keeps gradients in its own partitioned buffers, not in param.grad, when "
-                "Lightning calls on_before_optimizer_step; gradient statistics would be empty "
-                "or wrong, so GradientFlow records none in this run",
+                f"GradientFlow does not measure under DeepSpeed (ZeRO stage {zero_stage}): its "
+                "optimizer steps flat partitions, not the model's parameters, so this run "
+                "records nothing. gradtrace.grad_stats(pl_module) in on_before_optimizer_step "
+                "reads ZeRO's gradient partitions exactly (with fp16, pass "
+                "scale=<the DeepSpeed optimizer's loss_scale>)",
                 GradientFlowWarning,
                 stacklevel=2,
             )

@@ -9,6 +9,10 @@ FSDP1 (``use_orig_params=True``) gives an original parameter no link back to its
 parameter, so :func:`note_fsdp1` reads each unit's ``FlatParamHandle`` (its sharding strategy
 and process group, as in ``torch/distributed/fsdp/_flat_param.py``) once per module and
 remembers the answer per parameter.
+
+DeepSpeed ZeRO leaves ``param.grad`` empty after ``engine.backward``: the reduced gradient
+sits in the optimizer's partitions, read here the way ``deepspeed.utils.safe_get_full_grad``
+reads them but without its per-parameter all_reduce of the whole tensor.
 """
 
 from __future__ import annotations
@@ -98,9 +102,44 @@ def _dtensor(grad: torch.Tensor) -> Held | None:
     return Held(local, local.numel(), EVERY_RANK)
 
 
+def _deepspeed_zero3(param: torch.Tensor) -> Held:
+    """ZeRO-3: this rank's partition of the fp32 gradient (``safe_get_local_grad``), the
+    partitions of ``ds_process_group`` padded to equal size; the padding is cut off here."""
+    from deepspeed.utils import safe_get_local_grad
+
+    local = safe_get_local_grad(param)
+    if local is None:
+        return Held(None, 0, None)
+    # DeepSpeed's own full-gradient gather (_fp32_state_allgather) uses the same group.
+    group = getattr(param, "ds_process_group", None) or param._z3_optimizer.dp_process_group
+    local = local.flatten()
+    start = dist.get_rank(group) * local.numel()
+    local = local[: max(0, min(local.numel(), param.ds_numel - start))]
+    return Held(local, local.numel(), tuple(dist.get_process_group_ranks(group)))
+
+
+def _deepspeed_zero12(param: torch.Tensor) -> Held:
+    """ZeRO-1/2: the fragment of the reduced gradient in this rank's optimizer partition
+    (``_hp_mapping``; ``None`` where the partition holds none of it), over ``_dp_group``; as
+    DeepSpeed's ``get_full_hp_grad`` reads it before its all_reduce of the whole tensor."""
+    ranks = tuple(dist.get_process_group_ranks(param._dp_group))
+    mapping = param._hp_mapping
+    if mapping is None:
+        return Held(None, 0, ranks)
+    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).flatten()
+    address = mapping.lp_fragment_address
+    if fragment.numel() == param.numel():  # a whole-tensor buffer (BF16_Optimizer): as DeepSpeed
+        fragment = fragment.narrow(0, address.start, address.numel)
+    return Held(fragment, fragment.numel(), ranks)
+
+
 def held_here(param: torch.Tensor) -> Held:
-    """What of ``param.grad`` this rank holds and which ranks hold the rest."""
+    """What of ``param``'s gradient this rank holds and which ranks hold the rest."""
     grad = param.grad
+    if grad is None and hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        return _deepspeed_zero3(param)
+    if grad is None and hasattr(param, "_hp_mapping"):  # DeepSpeed ZeRO-1/2
+        return _deepspeed_zero12(param)
     shard_ranks: tuple[int, ...] | None = None
     if getattr(param, "_fsdp_flattened", False):
         # FSDP1 (use_orig_params=True): a slice of the gradient or None on each rank of the

@@ -5,7 +5,8 @@ element count, non-finite count). Gradients that every rank holds whole (one pro
 a DTensor ``Replicate`` placement) are complete already; for sharded ones (FSDP2/DTensor
 ``Shard``, FSDP1 flat parameters with ``use_orig_params=True``) one ``all_gather`` of the
 ``[layers x 5]`` partial sums, reduced locally over the ranks that hold each layer's shards
-(:mod:`gradtrace.gradient_flow.shards`), gives every rank the full-tensor values.
+(:mod:`gradtrace.gradient_flow.shards`; DeepSpeed ZeRO partitions included), gives every rank
+the full-tensor values.
 Everything stays on the device: no host synchronisation.
 """
 
@@ -194,8 +195,12 @@ def grad_stats(
     shard group (FSDP1's intra-node process group) add up. FSDP1's strategy and shard group are
     read from the module; given ``(name, parameter)`` pairs only, pass the module once first
     (any call with it will do), else FSDP1 parameters are taken as sharded over ``group``.
+    DeepSpeed ZeRO 1/2/3 (after ``engine.backward``, where Lightning calls
+    ``on_before_optimizer_step``): each rank sums the part of the reduced gradient in its
+    partition, combined over the data-parallel group; with fp16 the gradients still carry
+    DeepSpeed's loss scale: pass ``scale=<its optimizer's loss_scale>``.
     **With sharded parameters, every rank of** ``group`` **must call it** (same parameters,
-    same order). DeepSpeed ZeRO keeps gradients outside ``param.grad`` and is not covered.
+    same order).
     """
     names, table = grad_stats_table(module_or_named_parameters, stats, scale=scale, group=group)
     if isinstance(stats, str):
