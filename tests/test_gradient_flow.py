@@ -795,12 +795,14 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
         ),
     ],
 )
+@pytest.mark.parametrize(("strategy", "collectives"), [("fsdp", 1), ("fsdp_no_shard", 0)])
 def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
-    tmp_path: Path, accelerator: str
+    tmp_path: Path, accelerator: str, strategy: str, collectives: int
 ) -> None:
     """Lightning's FSDP strategy (FSDP1, use_orig_params=True): each rank holds slices of the
-    gradients; one all_gather per measured step gives the one-process values. On CPU the
-    strategy runs through a subclass (Lightning allows "fsdp" only with a GPU)."""
+    gradients; one all_gather per measured step gives the one-process values. With NO_SHARD
+    each rank holds them whole: no collective. On CPU the strategy runs through a subclass
+    (Lightning allows "fsdp" only with a GPU)."""
     import importlib.util
     import json
     import subprocess
@@ -810,7 +812,7 @@ def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
     fsdp_out.mkdir()
     single_out.mkdir()
     script = SCRIPTS / "ddp_gradient_flow.py"
-    args = [str(fsdp_out), "--devices", "2", "--poison-step", "-1", "--strategy", "fsdp"]
+    args = [str(fsdp_out), "--devices", "2", "--poison-step", "-1", "--strategy", strategy]
     args += ["--accelerator", accelerator]
     done = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
@@ -822,7 +824,7 @@ def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
     single = module.run(single_out, devices=1, poison_step=-1)
 
     rank0, rank1 = (json.loads((fsdp_out / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert rank0["collectives"] == rank1["collectives"] == [1, 1, 1]  # 3 measured steps
+    assert rank0["collectives"] == rank1["collectives"] == [collectives] * 3  # 3 measured steps
     assert single["collectives"] == [0, 0, 0]
     assert rank1["history"] == []
     assert [(r["step"], r["layer"]) for r in rank0["history"]] == [
@@ -834,3 +836,18 @@ def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
         assert got["nonfinite"] == want["nonfinite"] == 0
         for stat in ("mean_abs", "l2", "max_abs"):
             assert got[stat] == pytest.approx(want[stat], rel=1e-5), (got["layer"], stat)
+
+
+def test_deepspeed_warns_once_and_records_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under DeepSpeed the callback measures nothing and says so once at train start (the
+    strategy itself needs deepspeed and CUDA, so its ZeRO stage is patched in here)."""
+    from gradtrace.gradient_flow import callback as callback_module
+
+    monkeypatch.setattr(callback_module, "deepspeed_zero_stage", lambda strategy: 2)
+    cb = GradientFlow(every_n_steps=1, plot=False)
+    with pytest.warns(GradientFlowWarning, match="DeepSpeed \\(ZeRO stage 2\\)") as caught:
+        fit(tmp_path, Classifier(TinyNet()), cb)
+    assert len([w for w in caught if issubclass(w.category, GradientFlowWarning)]) == 1
+    assert cb.history == []

@@ -70,12 +70,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
-    """DDP, FSDP1 (use_orig_params), FSDP2 fully_shard and DTensor Shard(0) weights on 2
-    processes vs 1 process."""
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_processes_equal_one_process(tmp_path: Path, world: int) -> None:
+    """DDP, FSDP1 (use_orig_params; FULL_SHARD, NO_SHARD, HYBRID_SHARD, _HYBRID_SHARD_ZERO2),
+    FSDP2 fully_shard and DTensor Shard(0) weights on 2 and 4 processes vs 1 process. Hybrid
+    sharding is one replica of 2 shards with 2 processes, 2 replicas of 2 shards with 4."""
     script = SCRIPTS / "grad_stats_distributed.py"
+    port = str(_free_port())
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "--world", "2", "--port", str(_free_port())],
+        [sys.executable, str(script), str(tmp_path), "--world", str(world), "--port", port],
         capture_output=True,
         text=True,
         timeout=300,
@@ -89,12 +92,50 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     reference = dist_script.single()
     assert len(reference) == 6 * 4  # 3 weights + 3 biases, 4 stats
     # collectives issued by one grad_stats call: none when nothing is sharded, exactly one else
-    expected_calls = {"ddp": 0, "fsdp1": 1, "fsdp2": 1, "dtensor": 1}
-    for rank in (0, 1):
+    expected_calls = {
+        "ddp": 0,
+        "fsdp1": 1,
+        "fsdp1_no_shard": 0,
+        "fsdp1_hybrid": 1,
+        "fsdp1_hybrid_zero2": 1,
+        "fsdp2": 1,
+        "dtensor": 1,
+    }
+    for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert sorted(results) == sorted(expected_calls)
         for setup, (values, calls) in results.items():
             assert calls == expected_calls[setup], (setup, rank)
+            assert sorted(values) == sorted(reference), (setup, rank)
+            for key, want in reference.items():
+                assert values[key] == pytest.approx(want, rel=1e-5, abs=0), (setup, rank, key)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
+    """DeepSpeed ZeRO stages 1, 2 and 3 (engine on the CPU accelerator, fp32) right after
+    ``engine.backward``: partial sums of each rank's partition and one all_gather."""
+    pytest.importorskip("deepspeed")
+    script = SCRIPTS / "grad_stats_deepspeed.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--port", str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=SCRIPTS,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import grad_stats_distributed as dist_script
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    reference = dist_script.single()
+    for rank in (0, 1):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert sorted(results) == ["zero1", "zero2", "zero3"]
+        for setup, (values, calls) in results.items():
+            assert calls == 1, (setup, rank)
             assert sorted(values) == sorted(reference), (setup, rank)
             for key, want in reference.items():
                 assert values[key] == pytest.approx(want, rel=1e-5, abs=0), (setup, rank, key)

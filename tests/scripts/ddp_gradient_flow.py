@@ -4,7 +4,8 @@ Used by tests/test_gradient_flow.py: with ``--devices 2`` Lightning's DDP (or FS
 ``--strategy fsdp``) re-runs this script for rank 1.
 Global batch 8 (``8 // devices`` per rank), 24 samples, SGD; at ``--poison-step``
 every rank puts inf into one gradient entry of ``net.hidden.weight`` and
-``GradientFlow(on_nonfinite="raise")`` must stop all of them. Writes ``rank<r>.json`` with the
+``GradientFlow(on_nonfinite="raise")`` must stop all of them. ``--strategy fsdp_no_shard`` is
+FSDP1 with ``sharding_strategy="NO_SHARD"``. Writes ``rank<r>.json`` with the
 rank's history, the error message and the number of collectives each measured step issued in
 the callback's hook, and the callback's CSV, into ``out``.
 """
@@ -107,8 +108,14 @@ class Model(pl.LightningModule):
 
 
 def _strategy(name: str, accelerator: str) -> str | FSDPStrategy:
-    if name != "fsdp" or accelerator != "cpu":
+    if name == "fsdp_no_shard":  # FSDP1 holding whole gradients, as DDP does
+        kwargs = {"sharding_strategy": "NO_SHARD"}
+        if accelerator != "cpu":
+            return FSDPStrategy(**kwargs)
+    elif name != "fsdp" or accelerator != "cpu":
         return name
+    else:
+        kwargs = {}
 
     class CPUFSDPStrategy(FSDPStrategy):
         """Lightning refuses ``strategy="fsdp"`` without a GPU (by its exact type) and wraps
@@ -120,9 +127,14 @@ def _strategy(name: str, accelerator: str) -> str | FSDPStrategy:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             kwargs = {"use_orig_params": True, **self.kwargs}
-            return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **kwargs)
+            return FullyShardedDataParallel(
+                model,
+                device_id=torch.device("cpu"),
+                sharding_strategy=self.sharding_strategy,
+                **kwargs,
+            )
 
-    return CPUFSDPStrategy()
+    return CPUFSDPStrategy(**kwargs)
 
 
 def run(
@@ -169,7 +181,7 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--poison-step", type=int, default=2)
-    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "fsdp_no_shard"])
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args()
     run(args.out, args.devices, args.poison_step, args.strategy, args.accelerator)

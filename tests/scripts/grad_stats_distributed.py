@@ -1,6 +1,6 @@
-"""``grad_stats`` on ``--world`` gloo CPU processes: DDP, FSDP1 (``use_orig_params=True``),
-FSDP2 ``fully_shard`` and a DTensor-sharded parameter set; each rank writes the stats and the
-collective count as JSON.
+"""``grad_stats`` on ``--world`` gloo CPU processes: DDP, FSDP1 (``use_orig_params=True``;
+FULL_SHARD, NO_SHARD and hybrid sharding), FSDP2 ``fully_shard`` and a DTensor-sharded
+parameter set; each rank writes the stats and the collective count as JSON.
 
 Used by tests/test_gradient_flow_stats.py, which compares the 2-process values with one
 process on the same model and batch. Every rank sees the full batch (the DDP/FSDP average of
@@ -72,16 +72,34 @@ def ddp() -> tuple[dict[str, float], int]:
     return measure(model)
 
 
-def fsdp1() -> tuple[dict[str, float], int]:
+def fsdp1(**kwargs) -> tuple[dict[str, float], int]:  # type: ignore[no-untyped-def]
     """FSDP1 with ``use_orig_params=True`` (Lightning's default): each rank holds a slice of
-    some gradients and ``None`` for the others."""
+    some gradients and ``None`` for the others (FULL_SHARD, the default)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = FullyShardedDataParallel(
-        make_model(), use_orig_params=True, device_id=torch.device("cpu")
+        make_model(), use_orig_params=True, device_id=torch.device("cpu"), **kwargs
     )
     backward(model)
     return measure(model)
+
+
+def fsdp1_no_shard() -> tuple[dict[str, float], int]:
+    """NO_SHARD: every rank holds the whole gradient, as under DDP."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    return fsdp1(sharding_strategy=ShardingStrategy.NO_SHARD)
+
+
+def fsdp1_hybrid(replicas: int, strategy: str = "HYBRID_SHARD") -> tuple[dict[str, float], int]:
+    """Hybrid sharding on a ``(replicas, world // replicas)`` mesh: shards within a row of the
+    mesh, replicas across rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import ShardingStrategy
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (replicas, world // replicas))
+    return fsdp1(sharding_strategy=ShardingStrategy[strategy], device_mesh=mesh)
 
 
 def fsdp2() -> tuple[dict[str, float], int]:
@@ -117,7 +135,20 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        setups = {"ddp": ddp, "fsdp1": fsdp1, "fsdp2": fsdp2, "dtensor": dtensor}
+        world = dist.get_world_size()
+        replicas = 2 if world >= 4 else 1
+        setups = {
+            "ddp": ddp,
+            "fsdp1": fsdp1,
+            "fsdp1_no_shard": fsdp1_no_shard,
+            # 2 replicas of world // 2 shards from 4 processes on; with 2, one replica of 2
+            # shards. (A mesh of 2 replicas of 1 shard makes FSDP1 fall back to NO_SHARD on
+            # the 1-rank group, where its gradients are not averaged across replicas.)
+            "fsdp1_hybrid": lambda: fsdp1_hybrid(replicas),
+            "fsdp1_hybrid_zero2": lambda: fsdp1_hybrid(replicas, "_HYBRID_SHARD_ZERO2"),
+            "fsdp2": fsdp2,
+            "dtensor": dtensor,
+        }
         results = {name: run() for name, run in setups.items()}
         dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:

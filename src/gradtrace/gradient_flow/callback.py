@@ -14,6 +14,7 @@ the code itself is the Lightning hooks and the state they share.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,13 @@ from gradtrace.checks import check_choice, check_int
 from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis, ActivationRecorder
 from gradtrace.gradient_flow.activations import ACTIVATION_STATS
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
-from gradtrace.gradient_flow.diagnosis import Diagnosis
+from gradtrace.gradient_flow.diagnosis import Diagnosis, GradientFlowWarning
 from gradtrace.gradient_flow.figures import draw_figure, matplotlib_missing
 from gradtrace.gradient_flow.order import LayerOrder
 from gradtrace.gradient_flow.records import BoundedHistory, CsvRecords, input_output_ratio
 from gradtrace.gradient_flow.run_dir import run_directory
 from gradtrace.gradient_flow.selection import Layer, parameter_names, select_layers
+from gradtrace.gradient_flow.shards import deepspeed_zero_stage, note_fsdp1
 from gradtrace.gradient_flow.stats import STATS
 from gradtrace.gradient_flow.step import OptimizerLayers, measure, plan_layers
 from gradtrace.gradient_flow.update_ratio import PendingUpdate
@@ -58,8 +60,10 @@ class GradientFlow(Callback):
     (``"BatchNorm2d"``, ``nn.LayerNorm``); ``exclude`` removes them, applied last. Frozen
     parameters, and those without a gradient at a step, are not recorded.
 
-    **Values** (``stats``), over the full tensor under every strategy
-    (:func:`~gradtrace.gradient_flow.grad_stats`): ``mean_abs`` (mean ``|grad|``, the
+    **Values** (``stats``), over the full tensor under every strategy but DeepSpeed
+    (:func:`~gradtrace.gradient_flow.grad_stats`; under DeepSpeed the callback records nothing
+    and one :class:`GradientFlowWarning` says so at train start; ``grad_stats`` itself works
+    there): ``mean_abs`` (mean ``|grad|``, the
     coursework report's Figure 2 measure), ``l2``, ``max_abs``, ``nonfinite`` (inf/nan
     entries); ``update_ratio`` (opt-in): ``||w_after - w_before|| / ||w_before||``.
 
@@ -250,6 +254,7 @@ class GradientFlow(Callback):
     def _reset_fit(self) -> None:
         """Per-fit state (rebuilt by every ``fit``)."""
         self._scaler_in_use = False
+        self._grads_unavailable = False  # DeepSpeed: the optimizer steps flat partitions
         self._layers: list[Layer] = []
         self._names: dict[int, str] = {}
         self._per_optimizer: dict[tuple[int, int], OptimizerLayers] = {}
@@ -304,6 +309,21 @@ class GradientFlow(Callback):
         self.csv_path = self._run_dir / self.filename
         self._layers = select_layers(pl_module, self.include, self.exclude)
         self._names = parameter_names(pl_module)
+        # The FSDP1 root wraps pl_module (trainer.model): read its units' sharding here, since
+        # the measuring hook passes parameters, not the module.
+        note_fsdp1(trainer.model or pl_module)
+        zero_stage = deepspeed_zero_stage(trainer.strategy)
+        self._grads_unavailable = zero_stage is not None
+        if self._grads_unavailable:
+            warnings.warn(
+                f"GradientFlow does not measure under DeepSpeed (ZeRO stage {zero_stage}): its "
+                "optimizer steps flat partitions, not the model's parameters, so this run "
+                "records nothing. gradtrace.grad_stats(pl_module) in on_before_optimizer_step "
+                "reads ZeRO's gradient partitions exactly (with fp16, pass "
+                "scale=<the DeepSpeed optimizer's loss_scale>)",
+                GradientFlowWarning,
+                stacklevel=2,
+            )
         self._order.start(self._names, keep=resumed)
         if self.update_ratio and any(_sharded(layer.param) for layer in self._layers):
             raise ValueError(
@@ -330,7 +350,7 @@ class GradientFlow(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         activation_stats = self._activations.finish(trainer)  # every rank: one all_reduce
-        if not self.is_measured_step(trainer):
+        if self._grads_unavailable or not self.is_measured_step(trainer):
             return
         step = logging_step(trainer)
         if not self._order.final:

@@ -4,7 +4,9 @@ Each rank reduces what it holds to five partial sums per layer (sum |g|, sum g²
 element count, non-finite count). Gradients that every rank holds whole (one process, DDP,
 a DTensor ``Replicate`` placement) are complete already; for sharded ones (FSDP2/DTensor
 ``Shard``, FSDP1 flat parameters with ``use_orig_params=True``) one ``all_gather`` of the
-``[layers x 5]`` partial sums, reduced locally, gives every rank the full-tensor values.
+``[layers x 5]`` partial sums, reduced locally over the ranks that hold each layer's shards
+(:mod:`gradtrace.gradient_flow.shards`; DeepSpeed ZeRO partitions included), gives every rank
+the full-tensor values.
 Everything stays on the device: no host synchronisation.
 """
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from gradtrace.checks import check_choice
 from gradtrace.gradient_flow.selection import Layer, parameter_names
+from gradtrace.gradient_flow.shards import held_here, note_fsdp1
 
 __all__ = ["PARTIAL_COLUMNS", "STATS", "combine_partial_sums", "grad_stats", "grad_stats_table"]
 
@@ -34,51 +37,10 @@ NamedParameters = Iterable[tuple[str, torch.Tensor]] | Iterable[Layer]
 
 def _named(source: nn.Module | NamedParameters) -> list[tuple[str, torch.Tensor]]:
     if isinstance(source, nn.Module):
+        note_fsdp1(source)
         names = parameter_names(source)
         return [(names[id(p)], p) for p in source.parameters() if p.requires_grad]
     return [(item.name, item.param) if isinstance(item, Layer) else item for item in source]
-
-
-def _dtensor_local(grad: torch.Tensor) -> tuple[torch.Tensor, bool, bool] | None:
-    """(local tensor, counts on this rank, sharded) for a DTensor gradient, else ``None``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor
-        return None
-    if not isinstance(grad, DTensor):
-        return None
-    if any(p.is_partial() for p in grad.placements):
-        # Pending reduction: make it whole first (one extra collective, rare outside hooks).
-        from torch.distributed.tensor import Replicate
-
-        placements = [Replicate() if p.is_partial() else p for p in grad.placements]
-        grad = grad.redistribute(grad.device_mesh, placements)
-    coordinate = grad.device_mesh.get_coordinate()
-    # A replica counts once: on the ranks at coordinate 0 of every replicated mesh dimension.
-    counts = coordinate is not None and all(
-        coordinate[dim] == 0 for dim, p in enumerate(grad.placements) if p.is_replicate()
-    )
-    sharded = any(p.is_shard() for p in grad.placements)
-    return grad.to_local(), counts, sharded
-
-
-def _local_view(param: torch.Tensor) -> tuple[torch.Tensor | None, int, bool, bool]:
-    """(gradient values held here, dense element count, counts on this rank, sharded)."""
-    grad = param.grad
-    # FSDP1 (use_orig_params=True) marks its original parameters; each rank holds a slice of
-    # their gradient (or none) and the slices partition the full gradient.
-    fsdp1 = bool(getattr(param, "_fsdp_flattened", False))
-    if grad is None:
-        return None, 0, True, fsdp1
-    local = _dtensor_local(grad)
-    if local is not None:
-        tensor, counts, sharded = local
-        return tensor, tensor.numel(), counts, sharded
-    if grad.is_sparse:
-        # nn.Embedding(sparse=True): the stored values give the same sums; the mean is over the
-        # dense size. Duplicate indices are summed first.
-        return grad.coalesce().values(), grad.numel(), True, fsdp1
-    return grad, grad.numel(), True, fsdp1
 
 
 def _to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -122,12 +84,37 @@ def _partial_sums(grads: Sequence[torch.Tensor | None], counts: Sequence[int]) -
     return table
 
 
-def combine_partial_sums(gathered: torch.Tensor) -> torch.Tensor:
+def combine_partial_sums(gathered: torch.Tensor, ranks: torch.Tensor | None = None) -> torch.Tensor:
     """Combine ``[ranks x layers x 5]`` partial sums into ``[layers x 5]``: sums add up, the
-    largest ``|g|`` is the largest over ranks."""
+    largest ``|g|`` is the largest over ranks.
+
+    ``ranks``, a boolean ``[ranks x layers]`` mask, limits each layer to the ranks that hold
+    its shards (hybrid sharding: one replica's shard group); default every rank.
+    """
+    if ranks is not None:
+        # where, not a product: a nan partial sum times a 0 mask would still be nan.
+        gathered = torch.where(ranks[:, :, None], gathered, torch.zeros_like(gathered))
     combined = gathered.sum(dim=0)
     combined[:, 2] = gathered[:, :, 2].amax(dim=0)
     return combined
+
+
+def _rank_mask(
+    shard_ranks: Sequence[tuple[int, ...] | None], group: Any, device: torch.device
+) -> torch.Tensor | None:
+    """``[ranks of group x layers]`` mask of whose partial sums each layer adds, or ``None``
+    when every sharded layer adds all of them (FULL_SHARD, FSDP2, DTensor)."""
+    if all(not ranks for ranks in shard_ranks):
+        return None
+    world = dist.get_world_size(group)
+    rows = []
+    for ranks in shard_ranks:
+        if not ranks:  # EVERY_RANK, or whole here (that row is not taken from the gather)
+            rows.append([True] * world)
+            continue
+        indices = {r if group is None else dist.get_group_rank(group, r) for r in ranks}
+        rows.append([i in indices for i in range(world)])
+    return _to_device(rows, device, torch.bool).T
 
 
 def _gather(table: torch.Tensor, group: Any) -> torch.Tensor:
@@ -155,14 +142,13 @@ def grad_stats_table(
         check_choice("stats entry", stat, STATS)
     named = _named(module_or_named_parameters)
     names = [name for name, _ in named]
-    views = [_local_view(p) for _, p in named]
-    grads = [g if counts else None for g, _, counts, _ in views]
-    counts = [n if c else 0 for _, n, c, _ in views]
-    table = _partial_sums(grads, counts)
-    sharded = [s for _, _, _, s in views]
+    held = [held_here(p) for _, p in named]
+    table = _partial_sums([h.grad for h in held], [h.numel for h in held])
+    sharded = [h.shard_ranks is not None for h in held]
     distributed = dist.is_available() and dist.is_initialized()
     if any(sharded) and distributed and dist.get_world_size(group) > 1:
-        combined = combine_partial_sums(_gather(table, group))
+        ranks = _rank_mask([h.shard_ranks for h in held], group, table.device)
+        combined = combine_partial_sums(_gather(table, group), ranks)
         mask = _to_device(sharded, table.device, torch.bool)[:, None]
         table = torch.where(mask, combined, table)
     sum_abs, sum_sq, max_abs, count, nonfinite = table.unbind(dim=1)
@@ -202,11 +188,19 @@ def grad_stats(
         group: process group of the collective (default: the whole world).
 
     Exact under one process, DDP, FSDP2 ``fully_shard``/DTensor and FSDP1 with
-    ``use_orig_params=True``: each rank sums what it holds and, when any gradient is sharded,
-    ONE ``all_gather`` of a ``[layers x 5]`` tensor combines them; replicated gradients count
-    once. **With sharded parameters, every rank of** ``group`` **must call it** (same
-    parameters, same order). DeepSpeed ZeRO keeps gradients outside ``param.grad`` and is not
-    covered.
+    ``use_orig_params=True`` (every sharding strategy): each rank sums what it holds and, when
+    any gradient is sharded, ONE ``all_gather`` of a ``[layers x 5]`` tensor combines them;
+    replicated gradients count once. FSDP1 ``NO_SHARD`` gradients are whole on every rank (no
+    collective for them); under hybrid sharding only the partial sums of the parameter's
+    shard group (FSDP1's intra-node process group) add up. FSDP1's strategy and shard group are
+    read from the module; given ``(name, parameter)`` pairs only, pass the module once first
+    (any call with it will do), else FSDP1 parameters are taken as sharded over ``group``.
+    DeepSpeed ZeRO 1/2/3 (after ``engine.backward``, where Lightning calls
+    ``on_before_optimizer_step``): each rank sums the part of the reduced gradient in its
+    partition, combined over the data-parallel group; with fp16 the gradients still carry
+    DeepSpeed's loss scale: pass ``scale=<its optimizer's loss_scale>``.
+    **With sharded parameters, every rank of** ``group`` **must call it** (same parameters,
+    same order).
     """
     names, table = grad_stats_table(module_or_named_parameters, stats, scale=scale, group=group)
     if isinstance(stats, str):

@@ -1,0 +1,73 @@
+"""``grad_stats`` under DeepSpeed ZeRO stages 1, 2 and 3 on ``--world`` gloo CPU processes
+(``DS_ACCELERATOR=cpu``, fp32, SGD); each rank writes the stats and the collective count as
+JSON, per stage.
+
+Used by tests/test_gradient_flow_stats.py against one process on the model and batch of
+grad_stats_distributed.py: every rank sees the full batch, so DeepSpeed's average of the
+ranks' gradients is the one-process gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from grad_stats_distributed import batch, make_model, measure
+from torch import nn
+
+
+def zero(stage: int) -> tuple[dict[str, float], int]:
+    import deepspeed
+
+    model = make_model()
+    config = {
+        "train_micro_batch_size_per_gpu": 8,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    x, y = batch()
+    engine.backward(nn.functional.mse_loss(engine(x), y))
+    return measure(engine.module)  # where Lightning calls on_before_optimizer_step
+
+
+def worker(rank: int, world: int, port: int, out: Path) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+    )
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.set_num_threads(1)
+    try:
+        results = {f"zero{stage}": zero(stage) for stage in (1, 2, 3)}
+        dist.barrier()  # no rank tears down gloo while another still talks to it
+    finally:
+        dist.destroy_process_group()
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--port", type=int, default=29541)
+    args = parser.parse_args()
+    mp.spawn(worker, args=(args.world, args.port, args.out), nprocs=args.world)
+
+
+if __name__ == "__main__":
+    main()
