@@ -341,14 +341,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(compare_main(args[1:]))
     try:
         args = _resolve_config_args(args)
-        with quiet_output():
-            if argv is None:
-                # LightningCLI reads sys.argv itself; passing args too makes it warn that they
-                # may disagree. Only shipped config names differ, so rewrite them in place.
-                sys.argv[1:] = args
+        # LightningCLI reads sys.argv itself, and warns when it is also given args that may
+        # disagree (a script or test calling main() has its own argv): run it on ours.
+        saved_argv = sys.argv[:]
+        sys.argv[1:] = args
+        try:
+            with quiet_output():
                 GradtraceCLI()
-            else:
-                GradtraceCLI(args=args)
+        finally:
+            if argv is not None:
+                sys.argv[:] = saved_argv
     except USER_ERRORS as err:
         if debug:
             raise
