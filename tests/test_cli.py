@@ -388,29 +388,52 @@ main(sys.argv[1:])
 """
 
 
+# One training on 2 gloo processes vs 1 process with the same global batch: synthetic data on
+# the CPU, GradientFlow at every step. The model brings no BatchNorm (per-rank batch statistics
+# differ from the global batch's; SyncBatchNorm needs GPUs), no dropout (per-rank masks) and
+# trains with SGD, not Adam: Adam's first updates are close to sign(grad), so the rounding of
+# the all-reduce's other summation order flips tiny entries and the runs drift apart by 1e-2
+# within eight steps; under SGD they agree to 1e-6 step after step.
+DDP_EQUALITY_OVERRIDES = [
+    "--data.dataset=synthetic",
+    "--data.synthetic_sizes=[200, 50]",
+    "--data.val_size=20",
+    "--trainer.max_epochs=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.callbacks+=gradtrace.GradientFlow",
+    "--trainer.callbacks.every_n_steps=1",
+    "--trainer.callbacks.plot=false",
+    *QUIET,
+]
+
+
+def assert_same_training(single: Path, ddp: Path) -> None:
+    """The two runs' gradient records and final metrics agree."""
+    flow_single = read_history(single / "gradient_flow.csv")
+    flow_ddp = read_history(ddp / "gradient_flow.csv")
+    assert [(r["step"], r["layer"]) for r in flow_ddp] == [
+        (r["step"], r["layer"]) for r in flow_single
+    ]
+    for a, b in zip(flow_single, flow_ddp):
+        assert b["mean_abs"] == pytest.approx(a["mean_abs"], rel=1e-3, abs=1e-9)
+        assert b["l2"] == pytest.approx(a["l2"], rel=1e-3, abs=1e-9)
+    rows_single = metrics_rows(single)
+    rows_ddp = metrics_rows(ddp)
+    for key in ("val/loss", "val/acc", "train/loss"):
+        assert last_value(rows_ddp, key) == pytest.approx(last_value(rows_single, key), rel=1e-4)
+
+
 @pytest.mark.slow
 def test_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     script = tmp_path / "run_cli.py"
     script.write_text(DDP_SCRIPT)
     common = [
         "fit",
-        "--data.dataset=synthetic",
-        "--data.synthetic_sizes=[200, 50]",
-        "--data.val_size=20",
-        # No BatchNorm (its per-rank batch statistics differ from the global batch's, and
-        # SyncBatchNorm needs GPUs) and no dropout (per-rank random masks).
         "--model.arch=vgg11",
         "--model.arch_kwargs={head: cifar, dropout: 0.0}",
-        # SGD, not Adam: Adam's first updates are close to sign(grad), so the rounding of the
-        # all-reduce's other summation order flips tiny entries and the runs drift apart by
-        # 1e-2 within eight steps; under SGD they agree to 1e-6 step after step.
         "--model.optimizer=sgd",
-        "--trainer.max_epochs=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.callbacks+=gradtrace.GradientFlow",
-        "--trainer.callbacks.every_n_steps=1",
         "--run_name=r",
-        *QUIET,
+        *DDP_EQUALITY_OVERRIDES,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {
@@ -429,15 +452,4 @@ def test_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_path: Path) 
     single, ddp = tmp_path / "single/r", tmp_path / "ddp/r"
     # Only rank 0 wrote, into the run's one directory.
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
-    flow_single = read_history(single / "gradient_flow.csv")
-    flow_ddp = read_history(ddp / "gradient_flow.csv")
-    assert [(r["step"], r["layer"]) for r in flow_ddp] == [
-        (r["step"], r["layer"]) for r in flow_single
-    ]
-    for a, b in zip(flow_single, flow_ddp):
-        assert b["mean_abs"] == pytest.approx(a["mean_abs"], rel=1e-3, abs=1e-9)
-        assert b["l2"] == pytest.approx(a["l2"], rel=1e-3, abs=1e-9)
-    rows_single = metrics_rows(single)
-    rows_ddp = metrics_rows(ddp)
-    for key in ("val/loss", "val/acc", "train/loss"):
-        assert last_value(rows_ddp, key) == pytest.approx(last_value(rows_single, key), rel=1e-4)
+    assert_same_training(single, ddp)

@@ -40,7 +40,6 @@ from gradtrace.experiments.launch import (
     parse_gpus,
     run_cells,
 )
-from gradtrace.gradient_flow import read_history
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
@@ -776,29 +775,20 @@ parameters:
 
 @pytest.mark.slow
 def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    # As tests/test_cli.py's DDP test: no BatchNorm (per-rank statistics; SyncBatchNorm needs
-    # GPUs), no dropout (per-rank masks) and SGD (Adam amplifies the all-reduce's rounding),
-    # 2 gloo processes on the CPU.
-    from test_cli import QUIET, last_value, metrics_rows
+    # The model and settings of tests/test_cli.py's DDP test, through a sweep cell.
+    from test_cli import DDP_EQUALITY_OVERRIDES, assert_same_training
 
     path = tmp_path / "ddp.yaml"
     path.write_text(DDP_CELL)
-    overrides = [
-        "--data.dataset=synthetic",
-        "--data.synthetic_sizes=[200, 50]",
-        "--data.val_size=20",
-        "--trainer.max_epochs=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.callbacks+=gradtrace.GradientFlow",
-        "--trainer.callbacks.every_n_steps=1",
-        "--trainer.callbacks.plot=false",
-        *QUIET,
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
     for name, processes in (("single", 1), ("ddp", 2)):
         _, [(run_dir, command)] = sweep.local_runs(
-            path, ddp=processes, root=tmp_path / name, overrides=overrides, use_wandb=False
+            path,
+            ddp=processes,
+            root=tmp_path / name,
+            overrides=DDP_EQUALITY_OVERRIDES,
+            use_wandb=False,
         )
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -806,17 +796,7 @@ def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Pat
     config = yaml.safe_load((runs["ddp"] / "config.yaml").read_text())
     assert (config["data"]["batch_size"], str(config["trainer"]["devices"])) == (10, "2")
     assert config["trainer"]["strategy"] == "ddp"
-    flow_single = read_history(runs["single"] / "gradient_flow.csv")
-    flow_ddp = read_history(runs["ddp"] / "gradient_flow.csv")
-    assert [(r["step"], r["layer"]) for r in flow_ddp] == [
-        (r["step"], r["layer"]) for r in flow_single
-    ]
-    for a, b in zip(flow_single, flow_ddp):
-        assert b["mean_abs"] == pytest.approx(a["mean_abs"], rel=1e-3, abs=1e-9)
-    for key in ("val/loss", "val/acc", "train/loss"):
-        assert last_value(metrics_rows(runs["ddp"]), key) == pytest.approx(
-            last_value(metrics_rows(runs["single"]), key), rel=1e-4
-        )
+    assert_same_training(runs["single"], runs["ddp"])
 
 
 def test_no_user_facing_extra_pins_numpy_or_needs_the_sweep_engine() -> None:
