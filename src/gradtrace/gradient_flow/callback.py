@@ -34,7 +34,7 @@ from gradtrace.gradient_flow.order import LayerOrder
 from gradtrace.gradient_flow.records import BoundedHistory, CsvRecords, input_output_ratio
 from gradtrace.gradient_flow.run_dir import run_directory
 from gradtrace.gradient_flow.selection import Layer, parameter_names, select_layers
-from gradtrace.gradient_flow.shards import deepspeed_zero_stage, note_fsdp1
+from gradtrace.gradient_flow.shards import deepspeed_zero_stage, is_sharded, note_fsdp1
 from gradtrace.gradient_flow.stats import STATS
 from gradtrace.gradient_flow.step import OptimizerLayers, measure, plan_layers
 from gradtrace.gradient_flow.update_ratio import PendingUpdate
@@ -325,7 +325,7 @@ class GradientFlow(Callback):
                 stacklevel=2,
             )
         self._order.start(self._names, keep=resumed)
-        if self.update_ratio and any(_sharded(layer.param) for layer in self._layers):
+        if self.update_ratio and any(is_sharded(layer.param) for layer in self._layers):
             raise ValueError(
                 "GradientFlow(update_ratio=True) needs whole parameters on global rank 0; with "
                 "sharded parameters (FSDP, DTensor) pass update_ratio=False"
@@ -501,11 +501,6 @@ class GradientFlow(Callback):
         order = sorted({r["layer"] for r in records}, key=self._order.rank_of)
         path = self._run_dir / "gradient_flow" / f"{stem}.png"
         draw_figure(trainer, kind, records, order, path, logging_step(trainer), self.log_scale)
-
-
-def _sharded(param: torch.Tensor) -> bool:
-    """A parameter this rank holds only part of (FSDP1 original parameters, DTensors)."""
-    return bool(getattr(param, "_fsdp_flattened", False)) or hasattr(param, "device_mesh")
 
 
 def _local(grad: torch.Tensor | None) -> torch.Tensor | None:

@@ -24,7 +24,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["EVERY_RANK", "Held", "deepspeed_zero_stage", "held_here", "note_fsdp1"]
+__all__ = [
+    "EVERY_RANK",
+    "Held",
+    "deepspeed_zero_stage",
+    "held_here",
+    "is_sharded",
+    "note_fsdp1",
+]
 
 EVERY_RANK: tuple[int, ...] = ()
 """``Held.shard_ranks`` for a gradient sharded over every rank of the collective's group."""
@@ -156,6 +163,12 @@ def held_here(param: torch.Tensor) -> Held:
         # dense size. Duplicate indices are summed first.
         return Held(grad.coalesce().values(), grad.numel(), shard_ranks)
     return Held(grad, grad.numel(), shard_ranks)
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether this rank holds only part of ``param`` (an FSDP1 original parameter or a
+    DTensor), known before any gradient exists."""
+    return bool(getattr(param, "_fsdp_flattened", False)) or hasattr(param, "device_mesh")
 
 
 def deepspeed_zero_stage(strategy: object) -> int | None:
