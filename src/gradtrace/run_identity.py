@@ -26,13 +26,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from gradtrace.gradient_flow.records import drop_rows_from_step
+
 __all__ = [
     "IDENTITY_SECTIONS",
     "NOT_IDENTITY",
     "ResumeCheckpoint",
     "RunCSVLogger",
     "config_hash",
-    "drop_rows_from_step",
     "readable_prefix",
     "run_name",
 ]
@@ -106,21 +107,6 @@ def run_name(config: Mapping[str, Any], env: Mapping[str, str] | None = None) ->
     return f"{readable_prefix(model, data)}-{run_id}"
 
 
-def drop_rows_from_step(path: Path, step: int) -> None:
-    """Keep only the rows of the CSV file ``path`` logged before ``step`` (column ``step``):
-    what a killed run logged after its last checkpoint is logged again when it resumes."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = [r for r in reader if r.get("step") not in (None, "") and float(r["step"]) < step]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 class _ContinuingWriter(ExperimentWriter):
     """Lightning's CSV writer, but an existing ``metrics.csv`` is continued, not deleted."""
 
@@ -153,9 +139,10 @@ class ResumeCheckpoint(ModelCheckpoint):
     """``checkpoints/last.ckpt``, refreshed at every epoch end: what ``--ckpt_path last``
     resumes from. Its own type, so a user's ``ModelCheckpoint`` never replaces it.
 
-    When training starts it also makes the run's files continuous: a fresh fit empties
-    ``metrics.csv`` and ``gradient_flow.csv`` of an earlier attempt, a resumed one drops the
-    rows logged after the checkpoint's step (they are logged again).
+    When training starts it also makes the run's ``metrics.csv`` continuous: a fresh fit
+    empties it of an earlier attempt, a resumed one drops the rows logged after the
+    checkpoint's step (they are logged again). :class:`~gradtrace.GradientFlow` does the same
+    for its own CSV.
     """
 
     def __init__(self) -> None:
@@ -167,5 +154,4 @@ class ResumeCheckpoint(ModelCheckpoint):
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask
         if trainer.is_global_zero and log_dir is not None:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            for name in ("metrics.csv", "gradient_flow.csv"):
-                drop_rows_from_step(Path(log_dir) / name, step)
+            drop_rows_from_step(Path(log_dir) / "metrics.csv", step)

@@ -332,7 +332,7 @@ class GradientFlow(Callback):
             )
         if trainer.is_global_zero:
             self._csv = CsvRecords(self.csv_path, self.columns)
-            self._csv.start(append=resumed)
+            self._csv.start(resume_step=logging_step(trainer) if resumed else None)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_first_step = logging_step(trainer)

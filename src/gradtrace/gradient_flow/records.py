@@ -15,7 +15,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BoundedHistory", "CsvRecords", "input_output_ratio", "read_history"]
+__all__ = [
+    "BoundedHistory",
+    "CsvRecords",
+    "drop_rows_from_step",
+    "input_output_ratio",
+    "read_history",
+]
 
 _INT_COLUMNS = ("step", "nonfinite", "scaler_skipped")
 
@@ -59,13 +65,15 @@ class CsvRecords:
         self.columns = list(columns)
         self._rows: list[list[Any]] = []
 
-    def start(self, append: bool) -> None:
-        """Open the file: keep it and append when ``append`` and it exists with the same
-        columns; otherwise write a fresh header."""
-        if append and self.path.is_file():
+    def start(self, resume_step: int | None) -> None:
+        """Open the file. Resuming at ``resume_step`` into a file with the same columns keeps
+        its rows of earlier steps and appends (rows a killed attempt logged from that step on
+        are logged again); otherwise (``None``: a new fit) write a fresh header."""
+        if resume_step is not None and self.path.is_file():
             with self.path.open(newline="") as f:
                 header = next(csv.reader(f), None)
             if header == self.columns:
+                drop_rows_from_step(self.path, resume_step)
                 return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as f:
@@ -80,6 +88,21 @@ class CsvRecords:
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerows(self._rows)
         self._rows = []
+
+
+def drop_rows_from_step(path: Path, step: int) -> None:
+    """Keep only the rows of the CSV file ``path`` logged before ``step`` (column ``step``):
+    what a killed run logged after its last checkpoint is logged again when it resumes."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("step") not in (None, "") and float(r["step"]) < step]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
