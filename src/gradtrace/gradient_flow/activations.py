@@ -40,7 +40,6 @@ from gradtrace.gradient_flow.eager_hooks import EagerHooks, can_force_eager, con
 
 __all__ = [
     "ACTIVATION_STATS",
-    "NORM_TYPES",
     "ActivationCollector",
     "ActivationsUnavailableError",
     "layer_modules",
@@ -79,16 +78,15 @@ _ACTIVATIONS = (
     nn.Tanh,
     nn.Threshold,
 )
-NORM_TYPES: tuple[type[nn.Module], ...] = (
+# Skipped when looking for a layer's activation: they rescale, they do not decide.
+_NORMS = (
     nn.modules.batchnorm._NormBase,
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-"""Normalisation layers (subclasses included, e.g. gradtrace's ``LayerNorm2d``)."""
-# Skipped when looking for a layer's activation: they rescale, they do not decide.
-_PASS_THROUGH = (*NORM_TYPES, nn.Identity)
+_PASS_THROUGH = (*_NORMS, nn.Identity)
 
 # A layer call waiting for its activation: (layer index, zeros of its own output, its size).
 _Waiting = tuple[int, torch.Tensor, int]

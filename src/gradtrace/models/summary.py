@@ -45,8 +45,6 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from gradtrace.gradient_flow.activations import NORM_TYPES
-
 __all__ = ["CostRow", "CostTable", "summarize"]
 
 aten = torch.ops.aten
@@ -64,6 +62,12 @@ _POOL_TYPES = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
+)
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
 )
 
 
@@ -269,7 +273,7 @@ def summarize(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) 
             counted.add(module)
             params = sum(p.numel() for p in module.parameters(recurse=False))
         name = names[module] or type(module).__name__
-        if leaf and (params or own_macs or isinstance(module, _POOL_TYPES + NORM_TYPES)):
+        if leaf and (params or own_macs or isinstance(module, _POOL_TYPES + _NORM_TYPES)):
             tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
             shape = tuple(tensors[0].shape[1:]) if tensors else ()
             memory = sum(t.numel() for t in tensors) * 4 / 1024
