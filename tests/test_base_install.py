@@ -188,4 +188,4 @@ def test_fit_in_a_fresh_venv_with_only_the_base_install(tmp_path: Path) -> None:
     assert "no gradient-flow plots" in result["info"][0]
     assert result["layers"] == ["net.0.weight", "net.2.weight"]
     assert result["rows"] == 4 * 2
-    assert not (out / "gradient_flow").exists()
+    assert not (out / "gradient_flow" / "gradient_flow").exists()  # no plots, CSV only

@@ -379,13 +379,14 @@ def test_compiled_model(tmp_path: Path, backend: str) -> None:
 def test_compiled_model_without_set_stance_falls_back_to_registration_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # torch < 2.6 has no set_stance: hooks would be compiled into the graph, so none are set
+    # torch < 2.6 has no set_stance: hooks would be compiled into the graph, so none are set,
+    # and AOT autograd gives one backward node for the whole compiled graph
     monkeypatch.delattr(torch.compiler, "set_stance")
     torch._dynamo.reset()
     net = TinyNet()
     cb = GradientFlow(every_n_steps=1)
     with pytest.warns(GradientFlowWarning, match="layers are in registration order"):
-        fit(tmp_path, Classifier(torch.compile(net, backend="eager")), cb, max_steps=1)
+        fit(tmp_path, Classifier(torch.compile(net, backend="aot_eager")), cb, max_steps=1)
     assert cb.layer_order == ["net.head.weight", "net.hidden.weight", "net.inp.weight"]
     assert all(not m._forward_pre_hooks for m in net.modules())
 
@@ -665,9 +666,13 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
         GradientFlow(**kwargs)
 
 
-def test_log_every_n_steps_zero_needs_an_explicit_interval(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"follows Trainer\(log_every_n_steps=...\), which is 0"):
-        fit(tmp_path, Classifier(TinyNet()), GradientFlow(), log_every_n_steps=0)
+def test_log_every_n_steps_zero_measures_the_first_and_last_step_and_says_so(
+    tmp_path: Path,
+) -> None:
+    cb = GradientFlow(plot=False)
+    with pytest.warns(GradientFlowWarning, match=r"log_every_n_steps=0\): only the first and"):
+        fit(tmp_path, Classifier(TinyNet()), cb, log_every_n_steps=0)
+    assert sorted({r["step"] for r in cb.history}) == [0, 1]  # 8 samples, batches of 4
 
 
 def test_input_output_ratio_averages_the_last_steps(tmp_path: Path) -> None:
@@ -702,7 +707,9 @@ def test_plots_are_skipped_with_one_info_line_without_matplotlib(
     assert len(ours) == 1
     assert "no gradient-flow plots" in ours[0]
     assert "pip install 'gradtrace[plot]'" in ours[0]
-    assert not (tmp_path / "gradient_flow").exists()
+    # no logger: the CSV goes to default_root_dir/gradient_flow/, no plot folder beside it
+    assert cb.csv_path == tmp_path / "gradient_flow" / "gradient_flow.csv"
+    assert not (tmp_path / "gradient_flow" / "gradient_flow").exists()
     assert len(read_history(cb.csv_path)) == 4 * len(FLOW)
 
 
@@ -779,7 +786,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
         )
         for stat in ("mean_abs", "l2", "max_abs"):
             assert got[stat] == pytest.approx(want[stat], rel=1e-5), (got["layer"], stat)
-    assert read_history(ddp_out / "gradient_flow.csv") == rank0["history"]
+    assert read_history(ddp_out / "gradient_flow" / "gradient_flow.csv") == rank0["history"]
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,8 @@ def test_auxiliary_heads_are_measured_but_never_the_output_end(tmp_path: Path) -
     torch.manual_seed(21)
     cb = GradientFlow(every_n_steps=1, plot=False)
     fit(tmp_path, AuxClassifier(WithAuxHead()), cb, max_steps=2)
-    assert cb.layer_order == ["net.inp.weight", "net.fc.weight", "net.aux.weight"]
+    # the auxiliary loss is scaled (one more autograd node): its head lies farther from it
+    assert cb.layer_order == ["net.inp.weight", "net.aux.weight", "net.fc.weight"]
     assert cb.main_path == ["net.inp.weight", "net.fc.weight"]
     last = by_step(cb.history)[1]
     assert cb.input_output_ratio() == pytest.approx(
@@ -349,7 +350,8 @@ def test_history_stays_bounded_over_100k_steps() -> None:
     trainer = types.SimpleNamespace(loggers=[])
     layers = ["a.weight", "b.weight", "c.weight"]
     for step in range(100_000):
-        cb._emit(trainer, [{"step": step, "layer": name, "mean_abs": 1.0} for name in layers])
+        records = [{"step": step, "layer": name, "mean_abs": 1.0} for name in layers]
+        cb._emit(trainer, records, {})
     assert len(cb._history) == 3 * 50
     history = cb.history
     assert [r["step"] for r in history[::3]] == list(range(100_000 - 50, 100_000))
@@ -384,32 +386,37 @@ def test_histograms_go_to_tensorboard(tmp_path: Path) -> None:
 
 
 def test_zoo_googlenet_output_end_is_the_main_head_and_vit_starts_at_patches() -> None:
-    """One watched forward pass of the real models (what the callback does on its first batch)."""
+    """One watched batch of the real models (what the callback does on its first batch)."""
     pytest.importorskip("timm")
     from gradtrace.gradient_flow import parameter_names, select_layers
-    from gradtrace.gradient_flow.order import ForwardProbe, data_flow_order
-    from gradtrace.models import create_model
+    from gradtrace.gradient_flow.order import LayerOrder
+    from gradtrace.models import AuxLogits, create_model
 
     for arch, kwargs in (("googlenet", {"stem": "cifar"}), ("vit_tiny_cifar", {})):
         torch.manual_seed(28)
         root = nn.Module()
         root.net = create_model(arch, num_classes=10, **kwargs)
-        probe = ForwardProbe(root)
-        try:
-            root.net(torch.randn(1, 3, 32, 32))
-        finally:
-            probe.close()
-        names = parameter_names(root)
+        order = LayerOrder()
+        order.start(parameter_names(root), keep=False)
+        order.watch(root)
+        out = root.net(torch.randn(2, 3, 32, 32))
+        y = torch.tensor([1, 2])
+        if isinstance(out, AuxLogits):
+            aux_loss = sum(F.cross_entropy(logits, y) for logits in out.aux)
+            loss = F.cross_entropy(out.logits, y) + 0.3 * aux_loss
+        else:
+            loss = F.cross_entropy(out, y)
+        order.backward(loss)
+        order.end_watch()
         selected = {layer.name for layer in select_layers(root)}
-        order = [n for n in data_flow_order(probe.called, names) if n in selected]
-        on_path = {names[i] for i in probe.main_path if i in names}
-        main = [n for n in order if n in on_path]
+        layers = [n for n in order.order if n in selected]
+        main = [n for n in layers if n in order.main_path]
         if arch == "googlenet":
-            aux = [n for n in order if n.startswith("net.aux")]
+            aux = [n for n in layers if n.startswith("net.aux")]
             assert aux  # measured ...
             assert not set(aux) & set(main)  # ... but off the main path
             assert main[-1] == "net.fc.weight"
-            assert main[0] == order[0]
+            assert main[0] == layers[0]
         else:
-            assert order[0] == main[0] == "net.patch_embed.proj.weight"
+            assert layers[0] == main[0] == "net.patch_embed.proj.weight"
             assert main[-1] == "net.head.weight"

@@ -32,7 +32,7 @@ from gradtrace.console import quiet_output
 from gradtrace.datamodule import ImageDataModule
 from gradtrace.datasets import ChecksumError, DataNotFoundError
 from gradtrace.gradient_flow import GradientFlow
-from gradtrace.run_identity import ResumeCheckpoint, RunCSVLogger, run_name
+from gradtrace.run_identity import ContinuousRunFiles, ResumeCheckpoint, RunCSVLogger, run_name
 
 __all__ = [
     "CONFIG_DIR",
@@ -204,6 +204,7 @@ class GradtraceCLI(LightningCLI):
         if self.subcommand == "predict":
             defaults.append(SavePredictions())
         kwargs["callbacks"] = [
+            ContinuousRunFiles(),  # first: it empties a restarted run's CSVs before they open
             *configured,
             *(cb for cb in defaults if not any(type(c) is type(cb) for c in configured)),
             ResumeCheckpoint(),  # always: --ckpt_path last needs it

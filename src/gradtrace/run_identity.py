@@ -7,8 +7,8 @@ exports ``WANDB_RUN_ID`` to each run it starts), else a short hash of the fully 
 config, so the same settings always land in the same directory and a rerun with
 ``--ckpt_path last`` continues there. The directory is fixed (no ``version_N``): a resumed run
 appends to its own ``metrics.csv`` and ``gradient_flow.csv`` after dropping what was logged
-after its checkpoint, and :class:`ResumeCheckpoint` keeps ``checkpoints/last.ckpt`` whatever
-other checkpoint callbacks the user adds.
+after its checkpoint (:class:`ContinuousRunFiles`), and :class:`ResumeCheckpoint` keeps
+``checkpoints/last.ckpt`` whatever other checkpoint callbacks the user adds.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from gradtrace.gradient_flow import GradientFlow
 from gradtrace.gradient_flow.records import drop_rows_from_step
+from gradtrace.gradient_flow.run_dir import run_directory
 
 __all__ = [
     "IDENTITY_SECTIONS",
     "NOT_IDENTITY",
+    "ContinuousRunFiles",
     "ResumeCheckpoint",
     "RunCSVLogger",
     "config_hash",
@@ -118,7 +121,7 @@ class _ContinuingWriter(ExperimentWriter):
 
 class RunCSVLogger(CSVLogger):
     """A CSV logger writing straight into ``<save_dir>/<name>/`` (no ``version_N``), which
-    continues an existing ``metrics.csv``; :class:`ResumeCheckpoint` trims it on resume."""
+    continues an existing ``metrics.csv``; :class:`ContinuousRunFiles` trims it on resume."""
 
     def __init__(self, save_dir: str | Path, name: str) -> None:
         super().__init__(save_dir=save_dir, name=name, version="")
@@ -137,21 +140,32 @@ class RunCSVLogger(CSVLogger):
 
 class ResumeCheckpoint(ModelCheckpoint):
     """``checkpoints/last.ckpt``, refreshed at every epoch end: what ``--ckpt_path last``
-    resumes from. Its own type, so a user's ``ModelCheckpoint`` never replaces it.
-
-    When training starts it also makes the run's ``metrics.csv`` continuous: a fresh fit
-    empties it of an earlier attempt, a resumed one drops the rows logged after the
-    checkpoint's step (they are logged again). :class:`~gradtrace.GradientFlow` does the same
-    for its own CSV.
-    """
+    resumes from. Its own type, so a user's ``ModelCheckpoint`` never replaces it."""
 
     def __init__(self) -> None:
         # An unmonitored top-1 checkpoint is rewritten at every save: always the latest state.
         super().__init__(filename="last", save_top_k=1, enable_version_counter=False)
 
+
+class ContinuousRunFiles(pl.Callback):
+    """Keeps a run directory's CSV files one continuous record of one run.
+
+    A run directory belongs to one run (one set of settings): a fresh fit there restarts the
+    run, so it empties ``metrics.csv`` and every ``GradientFlow`` CSV of an earlier attempt
+    (left alone, GradientFlow would keep an earlier fit's file and start a ``-v1`` one beside
+    it); a resumed fit drops the rows of ``metrics.csv`` logged after the checkpoint (they are
+    logged again; GradientFlow trims its own CSV). Put it before the GradientFlows in the
+    Trainer's callbacks: its ``on_train_start`` must run first.
+    """
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask
-        if trainer.is_global_zero and log_dir is not None:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        flows = [cb for cb in trainer.callbacks if isinstance(cb, GradientFlow)] if not step else []
+        directories = [run_directory(trainer, flow.dirpath) for flow in flows]  # broadcasts
+        if not trainer.is_global_zero:
+            return
+        if log_dir is not None:
             drop_rows_from_step(Path(log_dir) / "metrics.csv", step)
+        for flow, directory in zip(flows, directories):
+            drop_rows_from_step(directory / flow.filename, 0)

@@ -2,7 +2,7 @@
 
 :class:`ActivationRecorder` is what ``GradientFlow(activations=True)`` holds: it attaches an
 :class:`~gradtrace.gradient_flow.activations.ActivationCollector` at the start of a measured
-step, reads and detaches it before the optimizer steps, and warns (global rank 0) through
+step, reads and detaches it after the batch's optimizer steps, and warns (global rank 0) through
 :class:`ActivationDiagnosis` when a layer is dead or saturated.
 """
 
@@ -20,10 +20,11 @@ from gradtrace.checks import check_int, check_range
 from gradtrace.gradient_flow.activations import (
     ActivationCollector,
     ActivationsUnavailableError,
-    layer_modules,
+    activation_sources,
     loss_scale,
 )
 from gradtrace.gradient_flow.diagnosis import GradientFlowWarning
+from gradtrace.gradient_flow.selection import Layer
 
 __all__ = ["ActivationDiagnosis", "ActivationRecorder"]
 
@@ -103,21 +104,34 @@ class ActivationDiagnosis:
 
 
 class ActivationRecorder:
-    """Hooks on measured steps only, values reduced over ranks, warnings on global rank 0."""
+    """Hooks on measured steps only, values reduced over ranks, warnings on global rank 0.
+
+    The hooks stay from the start of a measured batch until its statistics are read: after the
+    optimizer step of that batch (every micro-batch of gradient accumulation, and every
+    optimizer of a manually optimized batch, e.g. a GAN's generator and critic, counted).
+    """
 
     def __init__(self, diagnosis: ActivationDiagnosis) -> None:
         self.diagnosis = diagnosis
         self._collector = ActivationCollector()
         self._unavailable = False
+        self._reported_missing = False
 
-    def start(
-        self, trainer: pl.Trainer, root: nn.Module, layers: Iterable[tuple[str, nn.Module]]
-    ) -> None:
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks of a measured batch are in place."""
+        return self._collector.attached
+
+    def start(self, trainer: pl.Trainer, root: nn.Module, layers: Iterable[Layer]) -> None:
         """Attach the hooks for a measured step (once for all its micro-batches)."""
         if self._unavailable or self._collector.attached:
             return
+        sources, missing = activation_sources(((y.name, y.module) for y in layers), root)
+        if missing and not self._reported_missing and trainer.is_global_zero:
+            self._reported_missing = True
+            warnings.warn(_missing_message(missing), GradientFlowWarning, stacklevel=2)
         try:
-            self._collector.attach(root, layer_modules(layers))
+            self._collector.attach(root, sources)
         except ActivationsUnavailableError as err:
             self._unavailable = True  # said once, then the gradients go on alone
             if trainer.is_global_zero:
@@ -127,8 +141,19 @@ class ActivationRecorder:
                     stacklevel=2,
                 )
 
+    def pause(self) -> None:
+        """Backward begins: forward passes until :meth:`resume` recompute, they are not new."""
+        self._collector.pause()
+
+    def resume(self) -> None:
+        self._collector.resume()
+
     def finish(self, trainer: pl.Trainer) -> dict[str, dict[str, float]]:
-        """The measured step's statistics (every rank: one all_reduce); hooks removed."""
+        """The measured step's statistics (every rank: one all_reduce); hooks removed.
+
+        Raises:
+            ActivationFault: a hook failed on some rank (every rank raises it).
+        """
         if not self._collector.attached:
             return {}
         self._collector.detach()
@@ -142,3 +167,13 @@ class ActivationRecorder:
         """Warn about layers that became dead or saturated (call on global rank 0)."""
         for message in self.diagnosis.update(step, stats):
             warnings.warn(message, GradientFlowWarning, stacklevel=2)
+
+
+def _missing_message(missing: Mapping[str, str], shown: int = 4) -> str:
+    listed = "; ".join(f"{name!r} ({why})" for name, why in list(missing.items())[:shown])
+    more = f"; and {len(missing) - shown} more" if len(missing) > shown else ""
+    return (
+        f"GradientFlow(activations=True): no activation statistics for {len(missing)} "
+        f"recorded layer(s) whose output no module hook can see: {listed}{more}. Their "
+        "gradient statistics are recorded as usual (docs/activations.md)."
+    )

@@ -4,45 +4,53 @@ The gradient of a weight is (roughly) its input times the gradient of its output
 coursework report's equation 2 multiplies one factor dE/dx per layer on the way to the input.
 This module measures both sides of that product on measured steps:
 
-* the layer's **output** ``z`` (the module's return value, before any activation):
-  ``act_mean`` and ``act_std`` (Bessel-corrected, as ``torch.std``) over every element of the
-  batch, and ``act_grad_mean_abs``, the mean of ``|dL/dz|`` (read with ``Tensor.register_hook``
-  on ``z``: no full backward hooks);
-* the **layer's activation output** ``a = f(z)``: the output of the activation module that
-  takes ``z`` itself as its input, possibly through normalization layers and ``Identity``
-  (``Conv -> BatchNorm -> ReLU`` gives the ReLU; tensors are followed by identity, so branches
-  and shortcuts called in between do not matter). ``act_zero_frac`` is the fraction of exact
-  zeros of ``a`` (dead ReLU units), or of ``z`` when no activation module takes it (a final
-  classifier, or ``relu(z + shortcut)`` in a residual block, whose input is a new tensor);
-  ``act_sat_frac`` is the fraction of ``a`` within 1% (of the output range) of the bounds of a
-  saturating activation (``Sigmoid``, ``Tanh``, ``Hardtanh`` and its subclass ``ReLU6``),
-  absent after any other.
+* the layer's **output** ``z`` (its module's return value, before any activation; the first
+  tensor of a tuple): ``act_mean`` and ``act_std`` (Bessel-corrected, as ``torch.std``) over
+  every element of the batch, and ``act_grad_mean_abs``, the mean of ``|dL/dz|`` (read with
+  ``Tensor.register_hook`` on ``z``: no full backward hooks);
+* the **layer's activation output** ``a = f(z)``: the output of the activation that takes
+  ``z`` itself as its input, a module (``nn.ReLU``) or a function (``F.relu(z)``,
+  ``z.sigmoid()``), possibly through normalization layers, ``Identity`` and reshapes
+  (``Conv -> BatchNorm -> ReLU`` gives the ReLU). ``act_zero_frac`` is the fraction of exact
+  zeros of ``a`` (dead ReLU units), or of ``z`` when anything else takes it first (the next
+  layer, a sum with a shortcut, the loss); ``act_sat_frac`` is the fraction of ``a`` within 1%
+  (of the output range) of the bounds of a saturating activation (sigmoid, tanh, hardtanh,
+  ReLU6, hardsigmoid), absent after any other.
 
-Activations applied as functions (``F.relu`` inside ``forward``) are invisible to module hooks;
-the zoo's models use modules. Under DDP every rank adds its partial sums into one tensor that is
-reduced with one ``all_reduce``; ``L`` is then the loss whose gradient DDP averages (each rank's
-``|dL_r/dz|`` is divided by the world size), so two processes give what one process with the
-same global batch gives. Under AMP with a ``GradScaler`` the loss scale is divided out.
+Functions are seen through a ``torch.overrides.TorchFunctionMode`` that is active only while a
+module of the model runs, on measured steps. Every layer call is kept until the step is
+computed, so no call's counts are lost whichever tensors are freed in between. Under DDP every
+rank adds its partial sums into one tensor that is reduced with one ``all_reduce``; ``L`` is
+then the loss whose gradient DDP averages (each rank's ``|dL_r/dz|`` is divided by the world
+size), so two processes give what one process with the same global batch gives. Under AMP
+with a ``GradScaler`` the loss scale is divided out. An error inside a hook never reaches the
+model: the collector stops counting and :meth:`ActivationCollector.compute` raises
+:class:`ActivationFault` on every rank, after the same ``all_reduce``.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from gradtrace.gradient_flow.eager_hooks import EagerHooks, can_force_eager, contains_compiled
+from gradtrace.gradient_flow.order import primary_output
 
 __all__ = [
     "ACTIVATION_STATS",
     "ActivationCollector",
+    "ActivationFault",
     "ActivationsUnavailableError",
-    "layer_modules",
+    "activation_sources",
     "loss_scale",
 ]
 
@@ -58,7 +66,7 @@ ACTIVATION_STATS: tuple[str, ...] = (
 SATURATION_TOLERANCE = 0.01
 """An output within this fraction of the activation's range from a bound counts as saturated."""
 
-_ACTIVATIONS = (
+_ACTIVATION_MODULES = (
     nn.ReLU,
     nn.LeakyReLU,
     nn.PReLU,
@@ -79,29 +87,127 @@ _ACTIVATIONS = (
     nn.Threshold,
 )
 # Skipped when looking for a layer's activation: they rescale, they do not decide.
-_NORMS = (
+NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
-_PASS_THROUGH = (*_NORMS, nn.Identity)
+"""Normalization layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, LocalResponseNorm,
+RMSNorm)."""
+_PASS_THROUGH_MODULES = (*NORM_TYPES, nn.Identity)
 
-# A layer call waiting for its activation: (layer index, zeros of its own output, its size).
-_Waiting = tuple[int, torch.Tensor, int]
+Bounds = tuple[float, float] | None
 
-# Columns of the partial-sum table, one row per layer.
+
+def _hardtanh_bounds(args: tuple, kwargs: dict) -> Bounds:
+    low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+    high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+    return float(low), float(high)
+
+
+def _functions(*names: str, owners: tuple[Any, ...] = (F, torch, torch.Tensor)) -> list[Any]:
+    return [getattr(o, n) for n in names for o in owners if hasattr(o, n)]
+
+
+def _fixed(bounds: Bounds) -> Callable[[tuple, dict], Bounds]:
+    return lambda args, kwargs: bounds
+
+
+# Activation functions, with how to read their saturation bounds from the call (modules call
+# these too: nn.ReLU calls F.relu, nn.ReLU6 calls F.hardtanh).
+_ACTIVATION_FUNCTIONS: dict[Any, Callable[[tuple, dict], Bounds]] = {
+    **dict.fromkeys(
+        _functions(
+            "relu",
+            "relu_",
+            "gelu",
+            "silu",
+            "mish",
+            "elu",
+            "elu_",
+            "selu",
+            "selu_",
+            "celu",
+            "celu_",
+            "leaky_relu",
+            "leaky_relu_",
+            "softplus",
+            "hardswish",
+            "softsign",
+            "threshold",
+            "threshold_",
+            "prelu",
+            "rrelu",
+            "rrelu_",
+            "logsigmoid",
+        ),
+        _fixed(None),
+    ),
+    **dict.fromkeys(_functions("sigmoid", "sigmoid_", "hardsigmoid"), _fixed((0.0, 1.0))),
+    **dict.fromkeys(_functions("tanh", "tanh_"), _fixed((-1.0, 1.0))),
+    **dict.fromkeys(_functions("relu6"), _fixed((0.0, 6.0))),
+    **dict.fromkeys(_functions("hardtanh", "hardtanh_"), _hardtanh_bounds),
+}
+# Functions whose output stands for their input: normalizations and reshapes.
+_PASS_THROUGH_FUNCTIONS = frozenset(
+    _functions(
+        "batch_norm",
+        "layer_norm",
+        "group_norm",
+        "instance_norm",
+        "local_response_norm",
+        "rms_norm",
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "flatten",
+        "unflatten",
+        "permute",
+        "transpose",
+        "movedim",
+        "contiguous",
+        "squeeze",
+        "unsqueeze",
+        "to",
+        "float",
+        "half",
+        "bfloat16",
+        "type_as",
+    )
+)
+# Reading a tensor without consuming it.
+_NEUTRAL_FUNCTIONS = frozenset(
+    _functions("detach", "register_hook", "requires_grad_", "retain_grad")
+)
+
+# Columns of the partial-sum table, one row per layer; one more row holds the fault flag.
 _N, _SUM, _SUMSQ, _ZEROS, _N_ZERO, _SAT, _N_SAT, _GRAD, _N_GRAD = range(9)
+_COLUMNS = 9
 
 
 class ActivationsUnavailableError(RuntimeError):
     """Activation hooks cannot see the forward pass (a compiled model on torch < 2.6)."""
 
 
-def _bounds(module: nn.Module) -> tuple[float, float] | None:
-    """The output bounds of a saturating activation, else ``None``."""
-    if isinstance(module, nn.Sigmoid):
+class ActivationFault(RuntimeError):
+    """A hook of the collector failed on some rank; nothing of the step is reported."""
+
+    def __init__(
+        self, message: str, layer: str | None = None, error: BaseException | None = None
+    ) -> None:
+        super().__init__(message)
+        self.layer = layer
+        """The layer whose hook failed, where known (on the rank where it failed)."""
+        self.error = error
+        """The error itself (on the rank where it failed)."""
+
+
+def _module_bounds(module: nn.Module) -> Bounds:
+    """The output bounds of a saturating activation module, else ``None``."""
+    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)):
         return 0.0, 1.0
     if isinstance(module, nn.Tanh):
         return -1.0, 1.0
@@ -110,20 +216,51 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
     return None
 
 
-def layer_modules(layers: Iterable[tuple[str, nn.Module]]) -> dict[str, nn.Module]:
-    """``{name: module}`` with each module once, under the first name given for it.
+def activation_sources(
+    layers: Iterable[tuple[str, nn.Module]], root: nn.Module
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Which module's output is each layer's output.
 
-    ``layers`` are (parameter name, owning module) pairs in the gradient side's selection; a
-    module's output belongs to its first selected parameter (a layer's ``weight`` comes before
-    its ``bias``), so activation columns land on the ``weight`` rows.
+    ``layers`` are (parameter name, owning module) pairs in the gradient side's selection.
+    Returns ``{layer: module}`` (each module once, under the first layer given for it: a
+    ``weight`` before its ``bias``) and ``{layer: why it has no output of its own}`` for the
+    layers whose output no module hook sees: ``nn.MultiheadAttention``'s input projection
+    (computed inside its fused function; its output projection's output is the module's
+    output), the inner weights of a recurrent layer (only the last layer's hidden states leave
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN``), and bare parameters of a module that has children (a
+    class token, a temperature). A parameter that shares a module with a recorded layer (a
+    bias) is in neither.
     """
-    named: dict[str, nn.Module] = {}
-    seen: set[int] = set()
+    parent = {id(child): mod for mod in root.modules() for child in mod.children()}
+    sources: dict[str, nn.Module] = {}
+    missing: dict[str, str] = {}
+    used: dict[int, str] = {}
     for name, module in layers:
-        if id(module) not in seen:
-            seen.add(id(module))
-            named[name] = module
-    return named
+        attribute = name.rsplit(".", 1)[-1]
+        source: nn.Module | None = module
+        up = parent.get(id(module))
+        if isinstance(module, nn.MultiheadAttention):
+            source = None
+            reason = "computed inside nn.MultiheadAttention's fused attention"
+        elif isinstance(up, nn.MultiheadAttention) and module is up.out_proj:
+            source = up  # out_proj is applied with F.linear: the attention's output is its
+        elif isinstance(module, nn.RNNBase):
+            last = f"_l{module.num_layers - 1}"
+            if not (attribute.endswith(last) or attribute.endswith(f"{last}_reverse")):
+                source = None
+                reason = f"inside {type(module).__name__}: only its last layer's output leaves it"
+        elif any(True for _ in module.children()):
+            source = None
+            reason = f"a parameter of {type(module).__name__}, whose output is not one layer's"
+        if source is None:
+            missing[name] = reason
+        elif id(source) in used:
+            if isinstance(source, (nn.RNNBase, nn.RNNCellBase)) and "bias" not in attribute:
+                missing[name] = f"shares its module's output with {used[id(source)]!r}"
+        else:
+            used[id(source)] = name
+            sources[name] = source
+    return sources, missing
 
 
 def loss_scale(precision_plugin: Any) -> float:
@@ -137,16 +274,43 @@ def loss_scale(precision_plugin: Any) -> float:
     return float(scaler.get_scale())
 
 
+@dataclass
+class _LayerCall:
+    """One call of a measured layer: zeros of its own output, until an activation decides."""
+
+    layer: int
+    own_zeros: torch.Tensor
+    size: int
+    resolved: bool = False
+
+
+class _ConsumerMode(TorchFunctionMode):
+    """Sees which function takes a layer's output first (active only inside module calls)."""
+
+    def __init__(self, collector: ActivationCollector) -> None:
+        super().__init__()
+        self.collector = collector
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        collector = self.collector
+        if collector.waiting and args and not collector.busy and not collector.inside_module:
+            collector.guarded(None, collector.function_called, func, args, kwargs, out)
+        return out
+
+
 class ActivationCollector:
     """Hooks that measure the activation statistics of chosen layers over one measured step.
 
-    ``attach`` registers forward hooks (on the chosen layers and on every leaf module, to find
-    the activation that takes each layer's output) and switches ``torch.compile``d code to
-    eager execution (``torch.compiler.set_stance("force_eager")``) so the hooks fire; every
-    forward and backward pass until ``compute`` adds to the same sums (micro-batches of
-    gradient accumulation included). ``detach`` removes every hook and restores the stance;
-    the tensor hooks on layer outputs go with their autograd graph. Between steps nothing is
-    registered.
+    ``attach`` registers forward hooks (on the chosen layers, and on every module of the root
+    to follow each layer's output to the activation that takes it) and switches
+    ``torch.compile``d code to eager execution (``torch.compiler.set_stance("force_eager")``)
+    so the hooks fire; every forward and backward pass until ``compute`` adds to the same sums
+    (micro-batches of gradient accumulation included). ``pause``/``resume`` leave out forward
+    passes that recompute activations during backward (activation checkpointing). ``detach``
+    removes every hook and restores the stance; the tensor hooks on layer outputs go with their
+    autograd graph. Between steps nothing is registered.
 
     Usage::
 
@@ -159,11 +323,22 @@ class ActivationCollector:
     """
 
     def __init__(self) -> None:
+        self.waiting: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """Layer outputs (weakly) whose activation is not known yet, with their layer calls."""
+        self.busy = False
+        """True while the collector's own code runs (its tensor operations are not the
+        model's)."""
+        self.inside_module = 0
+        """Depth of activation/normalization module calls (they are judged as modules)."""
+        self.paused = False
+        self.fault: tuple[str | None, BaseException] | None = None
+        """The first error inside a hook: (layer, error)."""
         self._names: list[str] = []
         self._hooks = EagerHooks()
         self._parts: list[list[Any]] = []
-        # id(tensor) -> (the tensor, weakly; layer calls whose activation would consume it)
-        self._pending: dict[int, tuple[weakref.ref, list[_Waiting]]] = {}
+        self._calls: list[_LayerCall] = []
+        self._mode = _ConsumerMode(self)
+        self._depth = 0
 
     @property
     def attached(self) -> bool:
@@ -171,7 +346,8 @@ class ActivationCollector:
         return self._hooks.active
 
     def attach(self, root: nn.Module, layers: Mapping[str, nn.Module]) -> None:
-        """Register the hooks on ``layers`` (``{name: module}``) and the leaf modules of ``root``.
+        """Register the hooks on ``layers`` (``{name: module whose output is the layer's}``)
+        and on the modules of ``root``.
 
         Raises:
             ActivationsUnavailableError: ``root`` holds ``torch.compile``d code and this torch
@@ -186,20 +362,37 @@ class ActivationCollector:
                 "train without torch.compile or switch activations off"
             )
         self._names = list(layers)
-        self._parts = [[0, None, None, None, 0, None, 0, None, 0] for _ in self._names]
-        self._pending = {}
+        self._reset_counts()
+        self.fault = None
+        self.paused = False
+        self._depth = self.inside_module = 0
         index = {id(module): i for i, module in enumerate(layers.values())}
         for module in root.modules():
+            deciding = isinstance(module, (*_ACTIVATION_MODULES, *_PASS_THROUGH_MODULES))
+            self._hooks.add(module.register_forward_pre_hook(self._enter_hook(deciding)))
             i = index.get(id(module))
             if i is not None:
                 self._hooks.add(module.register_forward_hook(self._layer_hook(i)))
-            elif not module._modules:
-                self._hooks.add(module.register_forward_hook(self._leaf_hook))
+            self._hooks.add(
+                module.register_forward_hook(self._leave_hook(deciding), always_call=True)
+            )
+
+    def pause(self) -> None:
+        """Stop counting forward passes until :meth:`resume` (call before ``backward``: a
+        checkpointed block's recomputation is not a new forward pass)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Count forward passes again (call after ``backward``)."""
+        self.paused = False
 
     def detach(self) -> None:
         """Remove every hook and restore the compiler stance (safe to call twice); what was
         measured stays for ``compute``."""
-        self._resolve_pending()
+        while self._depth > 0:  # a forward pass that raised: leave the mode it entered
+            self._depth -= 1
+            if self._depth == 0:
+                self._mode.__exit__(None, None, None)
         self._hooks.close()
 
     def compute(
@@ -213,25 +406,13 @@ class ActivationCollector:
         Returns ``{layer: {stat: value}}`` in the order of ``layers``; ``act_sat_frac`` only
         for layers followed by a saturating activation, ``act_grad_mean_abs`` only for outputs
         that took part in a backward pass; layers never called are left out.
+
+        Raises:
+            ActivationFault: a hook failed on this or another rank since ``attach``.
         """
-        self._resolve_pending()
-        if not self._names:
-            return {}
-        counts = torch.zeros(len(self._parts), len(self._parts[0]), dtype=torch.float64)
-        slots: list[int] = []
-        sums: list[torch.Tensor] = []
-        for r, part in enumerate(self._parts):
-            for c, value in enumerate(part):
-                if isinstance(value, torch.Tensor):
-                    slots.append(r * counts.shape[1] + c)
-                    sums.append(value)
-                elif value:
-                    counts[r, c] = value
-        device = sums[0].device if sums else torch.device("cpu")
-        table = counts.to(device)
-        if sums:  # the device-side sums, placed with one stack and one scatter
-            stacked = torch.stack([t.to(device, torch.float64) for t in sums])
-            table.view(-1)[torch.tensor(slots, device=device)] = stacked
+        if self.fault is None:
+            self.guarded(None, self._resolve_all)
+        table = self._table()
         world = 1
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size(process_group)
@@ -240,7 +421,14 @@ class ActivationCollector:
                     table = table.cuda()
                 dist.all_reduce(table, group=process_group)
         rows = table.cpu().tolist()  # one device-to-host copy
-        self._parts = [[0, None, None, None, 0, None, 0, None, 0] for _ in self._names]
+        self._reset_counts()
+        faults = rows.pop()[0]
+        if self.fault is not None:
+            layer, err = self.fault
+            where = f" at layer {layer!r}" if layer else ""
+            raise ActivationFault(f"{type(err).__name__}{where}: {err}", layer, err) from err
+        if faults:
+            raise ActivationFault(f"a hook failed on {int(faults)} other rank(s)")
         out: dict[str, dict[str, float]] = {}
         for name, row in zip(self._names, rows):
             n = row[_N]
@@ -250,7 +438,7 @@ class ActivationCollector:
             stats = {
                 "act_mean": row[_SUM] / n,
                 "act_std": math.sqrt(max(variance, 0.0)) if n > 1 else math.nan,
-                "act_zero_frac": row[_ZEROS] / row[_N_ZERO],
+                "act_zero_frac": row[_ZEROS] / row[_N_ZERO] if row[_N_ZERO] else math.nan,
             }
             if row[_N_SAT]:
                 stats["act_sat_frac"] = row[_SAT] / row[_N_SAT]
@@ -259,91 +447,166 @@ class ActivationCollector:
             out[name] = stats
         return out
 
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _reset_counts(self) -> None:
+        self._parts = [[0, None, None, None, 0, None, 0, None, 0] for _ in self._names]
+        self._calls = []
+        self.waiting = WeakIdKeyDictionary()
+
+    def _table(self) -> torch.Tensor:
+        """``[layers + 1 x 9]`` float64 partial sums; the last row's first entry is 1 when a
+        hook failed here."""
+        counts = torch.zeros(len(self._parts) + 1, _COLUMNS, dtype=torch.float64)
+        counts[-1, 0] = float(self.fault is not None)
+        slots: list[int] = []
+        sums: list[torch.Tensor] = []
+        if self.fault is None:
+            for r, part in enumerate(self._parts):
+                for c, value in enumerate(part):
+                    if isinstance(value, torch.Tensor):
+                        slots.append(r * _COLUMNS + c)
+                        sums.append(value)
+                    elif value:
+                        counts[r, c] = value
+        device = sums[0].device if sums else torch.device("cpu")
+        table = counts.to(device)
+        if sums:  # the device-side sums, placed with one stack and one scatter
+            stacked = torch.stack([t.to(device, torch.float64) for t in sums])
+            table.view(-1)[torch.tensor(slots, device=device)] = stacked
+        return table
+
+    def guarded(self, layer: str | None, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` as the collector's own code; an error stops all counting (the
+        model's forward and backward passes go on)."""
+        if self.fault is not None:
+            return
+        self.busy = True
+        try:
+            fn(*args)
+        except Exception as err:
+            self.fault = (layer, err)
+        finally:
+            self.busy = False
+
+    def _add(self, part: list[Any], column: int, value: torch.Tensor) -> None:
+        part[column] = value if part[column] is None else part[column] + value
+
     # ------------------------------------------------------------------ hooks
+
+    def _enter_hook(self, deciding: bool) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._depth += 1
+            if self._depth == 1:
+                self._mode.__enter__()
+            if deciding:
+                self.inside_module += 1
+
+        return hook
+
+    def _leave_hook(self, deciding: bool) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            try:
+                if deciding:
+                    self.inside_module -= 1
+                    if self.waiting and not self.paused:
+                        self.guarded(None, self._module_called, module, args, output)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._mode.__exit__(None, None, None)
+
+        return hook
 
     def _layer_hook(self, i: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            # This call may consume another layer's output (e.g. a selected BatchNorm).
-            carried = self._next_module(module, args, output)
-            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-                return
-            z = output.detach()
-            part = self._parts[i]
-            part[_N] += z.numel()
-            total = torch.sum(z, dtype=torch.float64)
-            squares = torch.linalg.vector_norm(z, 2, dtype=torch.float64).square()
-            part[_SUM] = total if part[_SUM] is None else part[_SUM] + total
-            part[_SUMSQ] = squares if part[_SUMSQ] is None else part[_SUMSQ] + squares
-            if output.requires_grad:
-                output.register_hook(self._grad_hook(i))
-            # Zeros of z itself count unless an activation consumes z.
-            own = (i, (z == 0).sum(), z.numel())
-            self._pending[id(output)] = (weakref.ref(output), [*carried, own])
+            if not self.paused:
+                self.guarded(self._names[i], self._layer_called, i, output)
 
         return hook
 
-    def _leaf_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._next_module(module, args, output)  # a forward hook must return None
+    def _layer_called(self, i: int, output: Any) -> None:
+        output = primary_output(output)
+        if output is None or not output.is_floating_point():
+            return
+        z = output.detach()
+        part = self._parts[i]
+        part[_N] += z.numel()
+        self._add(part, _SUM, torch.sum(z, dtype=torch.float64))
+        self._add(part, _SUMSQ, torch.linalg.vector_norm(z, 2, dtype=torch.float64).square())
+        if output.requires_grad:
+            output.register_hook(self._grad_hook(i))
+        call = _LayerCall(i, (z == 0).sum(), z.numel())
+        self._calls.append(call)
+        self.waiting[output] = [*self.waiting.get(output, []), call]
 
     def _grad_hook(self, i: int) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            part = self._parts[i]
-            part[_N_GRAD] += grad.numel()
-            total = torch.linalg.vector_norm(grad.detach(), 1, dtype=torch.float64)
-            part[_GRAD] = total if part[_GRAD] is None else part[_GRAD] + total
+            self.guarded(self._names[i], self._grad_arrived, i, grad)
 
         return hook
 
-    def _next_module(self, module: nn.Module, args: Any, output: Any) -> list[_Waiting]:
-        """A hooked module was called: if its input is a pending layer output, it decides
-        that layer's activation. Returns what a pass-through module carries to its output."""
+    def _grad_arrived(self, i: int, grad: torch.Tensor) -> None:
+        part = self._parts[i]
+        part[_N_GRAD] += grad.numel()
+        self._add(part, _GRAD, torch.linalg.vector_norm(grad.detach(), 1, dtype=torch.float64))
+
+    def _module_called(self, module: nn.Module, args: Any, output: Any) -> None:
+        """An activation, normalization or Identity module ran on a waiting layer output."""
         source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        entry = self._pending.pop(id(source), None) if source is not None else None
-        if entry is None or entry[0]() is not source:
-            if entry is not None:  # an id reused by another tensor: the old one is gone
-                self._resolve(entry[1])
-            return []
-        waiting = entry[1]
-        if isinstance(module, _PASS_THROUGH) and isinstance(output, torch.Tensor):
-            return self._carry(waiting, output)
-        if isinstance(module, _ACTIVATIONS) and isinstance(output, torch.Tensor):
-            self._resolve(waiting, output.detach(), _bounds(module))
+        calls = self.waiting.pop(source, None) if source is not None else None
+        if not calls or not isinstance(output, torch.Tensor):
+            return
+        if isinstance(module, _PASS_THROUGH_MODULES):
+            self.waiting[output] = [*self.waiting.get(output, []), *calls]
         else:
-            self._resolve(waiting)
-        return []
+            self._resolve(calls, output.detach(), _module_bounds(module))
 
-    def _carry(self, waiting: list[_Waiting], output: torch.Tensor) -> list[_Waiting]:
-        """Conv -> BatchNorm -> activation: the norm's output stands for the layer's."""
-        self._pending[id(output)] = (weakref.ref(output), waiting)
-        return waiting
+    def function_called(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """A torch function ran (inside a module call) with a waiting layer output first."""
+        source = args[0]
+        if not isinstance(source, torch.Tensor) or func in _NEUTRAL_FUNCTIONS:
+            return
+        if not isinstance(out, torch.Tensor) or getattr(func, "__name__", "") == "__get__":
+            return  # .shape, .size(), .dim(): a look, not a use
+        calls = self.waiting.pop(source, None)
+        if not calls:
+            return
+        bounds_of = _ACTIVATION_FUNCTIONS.get(func)
+        if bounds_of is not None:
+            self._resolve(calls, out.detach(), bounds_of(args, kwargs))
+        elif func in _PASS_THROUGH_FUNCTIONS:
+            self.waiting[out] = [*self.waiting.get(out, []), *calls]
+        else:
+            self._resolve(calls)
 
-    def _resolve_pending(self) -> None:
-        """Layers whose output no activation consumed: count the zeros of their own output."""
-        pending, self._pending = self._pending, {}
-        for _, waiting in pending.values():
-            self._resolve(waiting)
+    def _resolve_all(self) -> None:
+        """Layer calls no activation decided: count the zeros of their own output."""
+        self._resolve([call for call in self._calls if not call.resolved])
+        self.waiting = WeakIdKeyDictionary()
 
     def _resolve(
-        self,
-        waiting: list[_Waiting],
-        activated: torch.Tensor | None = None,
-        bounds: tuple[float, float] | None = None,
+        self, calls: list[_LayerCall], activated: torch.Tensor | None = None, bounds: Bounds = None
     ) -> None:
-        """Add zero (and saturation) counts for waiting layers: of ``activated`` when an
-        activation consumed their output, else each layer's own count."""
+        """Add zero (and saturation) counts for ``calls``: of ``activated`` when an activation
+        took their output, else each call's own count."""
         if activated is not None:
             zeros = (activated == 0).sum()
             if bounds is not None:
                 low, high = bounds
                 margin = SATURATION_TOLERANCE * (high - low)
                 saturated = ((activated <= low + margin) | (activated >= high - margin)).sum()
-        for i, own_zeros, own_count in waiting:
-            part = self._parts[i]
-            count, total = (
-                (own_zeros, own_count) if activated is None else (zeros, activated.numel())
-            )
-            part[_ZEROS] = count if part[_ZEROS] is None else part[_ZEROS] + count
-            part[_N_ZERO] += total
-            if activated is not None and bounds is not None:
-                part[_SAT] = saturated if part[_SAT] is None else part[_SAT] + saturated
+        for call in calls:
+            if call.resolved:
+                continue
+            call.resolved = True
+            part = self._parts[call.layer]
+            if activated is None:
+                self._add(part, _ZEROS, call.own_zeros)
+                part[_N_ZERO] += call.size
+                continue
+            self._add(part, _ZEROS, zeros)
+            part[_N_ZERO] += activated.numel()
+            if bounds is not None:
+                self._add(part, _SAT, saturated)
                 part[_N_SAT] += activated.numel()

@@ -2,13 +2,11 @@
 
 Thin glue over the pieces of this package: :func:`~gradtrace.gradient_flow.select_layers`
 (which parameters), :func:`~gradtrace.gradient_flow.is_measured_step` (which steps),
-:func:`~gradtrace.gradient_flow.grad_stats_table` (the values), the forward probe (layer order
-and main path), :class:`~gradtrace.gradient_flow.diagnosis.Diagnosis` (warnings) and the
-records (bounded history, CSV, loggers). Plots need matplotlib (``pip install
-'gradtrace[plot]'``) and are skipped without it.
-
-Over 400 lines because the class docstring is the callback's user reference (about 90 lines);
-the code itself is the Lightning hooks and the state they share.
+:func:`~gradtrace.gradient_flow.grad_stats_table` (the values), the layer order (where each
+gradient enters the backward pass), the activation recorder, the diagnosis and the records
+(bounded history, CSV, loggers). Every feature runs guarded (:mod:`.faults`): an internal
+error switches that feature off with one warning and training goes on. Plots need matplotlib
+(``pip install 'gradtrace[plot]'``) and are skipped without it.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis, Act
 from gradtrace.gradient_flow.activations import ACTIVATION_STATS
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
 from gradtrace.gradient_flow.diagnosis import Diagnosis, GradientFlowWarning
+from gradtrace.gradient_flow.faults import Faults
 from gradtrace.gradient_flow.figures import draw_figure, matplotlib_missing
 from gradtrace.gradient_flow.order import LayerOrder
 from gradtrace.gradient_flow.records import BoundedHistory, CsvRecords, input_output_ratio
@@ -43,6 +43,18 @@ __all__ = ["GradientFlow"]
 
 # Write the CSV at least this often (seconds) even inside a long epoch.
 _FLUSH_INTERVAL_S = 60.0
+_DEFAULT_FILENAME = "gradient_flow.csv"
+_NAMESPACE = "grad_flow"
+
+
+@dataclass
+class _StepRecords:
+    """One optimizer step's records, held until the end of its batch (activation statistics
+    and update ratios are known only then)."""
+
+    records: list[dict[str, Any]]
+    summary: dict[str, float]
+    update: PendingUpdate | None = None
 
 
 class GradientFlow(Callback):
@@ -51,57 +63,20 @@ class GradientFlow(Callback):
     Add it to any Lightning ``Trainer``::
 
         from gradtrace import GradientFlow
-        trainer = Trainer(callbacks=[GradientFlow()])
+        trainer = Trainer(callbacks=[GradientFlow(activations=True)])
 
-    **Layers.** By default the ``weight`` of every weight-bearing module (``Conv*``, ``Linear``,
-    ``Embedding`` and subclasses), named as in ``pl_module.named_parameters()`` without
-    ``torch.compile``/DDP/FSDP wrapper prefixes (``net.conv1.weight``). ``include`` adds
-    parameters by name glob (``"*.bias"``, ``"net.cls_token"``) or owning module type
-    (``"BatchNorm2d"``, ``nn.LayerNorm``); ``exclude`` removes them, applied last. Frozen
-    parameters, and those without a gradient at a step, are not recorded.
-
-    **Values** (``stats``), over the full tensor under every strategy but DeepSpeed
-    (:func:`~gradtrace.gradient_flow.grad_stats`; under DeepSpeed the callback records nothing
-    and one :class:`GradientFlowWarning` says so at train start; ``grad_stats`` itself works
-    there): ``mean_abs`` (mean ``|grad|``, the
-    coursework report's Figure 2 measure), ``l2``, ``max_abs``, ``nonfinite`` (inf/nan
-    entries); ``update_ratio`` (opt-in): ``||w_after - w_before|| / ||w_before||``.
-
-    **Which gradients.** Those the optimizer uses, in ``on_before_optimizer_step``: unscaled
-    under 16-mixed (divided by the GradScaler's scale when the optimizer unscales itself, as
-    fused Adam does), averaged over DDP ranks, accumulated over ``accumulate_grad_batches``,
-    before gradient clipping. Steps the GradScaler skips (inf/nan gradients) are recorded with
-    ``scaler_skipped=1`` and never warned about.
-
-    **When** (:func:`~gradtrace.gradient_flow.is_measured_step`): at step 0, at the steps
-    Lightning's loggers write (``(step + 1) % log_every_n_steps == 0``, or ``every_n_steps``
-    when given, or when training stops) and at the last step of the fit. ``step`` is
-    Lightning's logging step (``_batches_that_stepped``, the step loggers and
-    ``LearningRateMonitor`` use). Other steps cost nothing.
-
-    **Order and main path.** Layers are in data-flow order (the order their modules are first
-    called in the first training batch). The layers reachable through autograd from the
-    model's primary output (the first tensor it returns) are the main path; auxiliary heads
-    are recorded but are never the output end.
-
-    **Outputs** (details in ``docs/callback.md``). Logger metrics
-    ``grad_flow/<stat>/<layer>``; through ``pl_module.log`` (for ``EarlyStopping``,
-    ``ModelCheckpoint``, the progress bar) ``grad_flow/input_output_ratio`` (main path),
-    ``grad_flow/grad_norm`` (all the optimizer's gradients, before clipping) and
-    ``grad_flow/nonfinite``, suffixed ``/optimizer_<i>`` after the first optimizer;
-    :attr:`history` (the last ``history_size`` records per layer); ``<run dir>/<filename>``
-    (every record; global rank 0 writes it at epoch ends, at the end, on an exception and at
-    least once a minute); with matplotlib, per-epoch plots and a final heatmap in
-    ``<run dir>/gradient_flow/``; optional histograms. The run directory is ``dirpath``, else
-    derived like ``ModelCheckpoint``'s (:func:`~gradtrace.gradient_flow.run_dir.run_directory`);
-    a resumed fit appends to its CSV, or starts a new one (steps continuing) in a new directory.
-
-    **Diagnosis** (global rank 0, from ``warmup_steps`` on, per optimizer): input over output
-    end of that optimizer's main path; below ``vanishing_ratio`` or above ``exploding_ratio`` a
-    :class:`GradientFlowWarning` is issued once, naming the layer pair with the largest drop
-    (rise). Non-finite gradients warn once per layer or, with ``on_nonfinite="raise"``, stop
-    every rank with :class:`NonFiniteGradientError`. :meth:`state_dict` keeps the warn-once
-    flags, the last step, the layer order and the history across a resumed fit.
+    At step 0, at every step Lightning's loggers write and at the last step it records, for
+    each layer (by default the weights of convolutions, linear and embedding layers,
+    attention input projections and recurrent layers), the gradient the optimizer is about to
+    use (``mean_abs``, ``l2``, ``max_abs``, ``nonfinite``; exact under DDP, FSDP and DTensor),
+    in data-flow order (where each gradient enters the backward pass). Records go to the
+    loggers (``grad_flow/<stat>/<layer>``, plus ``grad_flow/grad_norm``,
+    ``grad_flow/input_output_ratio`` and ``grad_flow/nonfinite``), to :attr:`history` and to
+    ``<run dir>/<filename>``; plots go to ``<run dir>/<filename stem>/``. A
+    :class:`GradientFlowWarning` says when gradients vanish, explode or are not finite, and,
+    with ``activations=True``, when units are dead or saturated. An internal error switches
+    the failing feature off with one warning; only ``on_nonfinite="raise"`` stops a run.
+    The full reference is ``docs/callback.md``.
 
     Args:
         include: name globs or module types (or type names) whose parameters are also layers.
@@ -113,7 +88,8 @@ class GradientFlow(Callback):
         history_size: records kept in :attr:`history` per layer (``None``: all).
         histogram_every_n_steps: send gradient histograms every this many steps (``None``:
             never).
-        dirpath: directory of the CSV and plots (default: the run directory, above).
+        dirpath: directory of the CSV and plots (default: the first logger's directory, as
+            ``ModelCheckpoint`` finds it; ``default_root_dir/gradient_flow`` without one).
         plot: draw plots when matplotlib is installed (needs ``"mean_abs"`` in ``stats``).
         log_scale: log-scale y axis in the per-epoch plots.
         warmup_steps: steps before the vanishing/exploding check starts.
@@ -123,8 +99,7 @@ class GradientFlow(Callback):
         filename: name of the CSV file inside the run directory.
         activations: also record the activation statistics of the same layers on the same
             steps, as extra columns of the same rows (``act_mean``, ``act_std``,
-            ``act_zero_frac``, ``act_sat_frac``, ``act_grad_mean_abs``; see
-            :mod:`gradtrace.gradient_flow.activations` and ``docs/activations.md``).
+            ``act_zero_frac``, ``act_sat_frac``, ``act_grad_mean_abs``; ``docs/activations.md``).
         dead_fraction: warn when a layer's ``act_zero_frac`` exceeds this (``None``: never).
         saturated_fraction: warn when a layer's ``act_sat_frac`` exceeds this (``None``:
             never).
@@ -149,7 +124,7 @@ class GradientFlow(Callback):
         vanishing_ratio: float | None = 1e-3,
         exploding_ratio: float | None = 1e4,
         on_nonfinite: str = "warn",
-        filename: str = "gradient_flow.csv",
+        filename: str = _DEFAULT_FILENAME,
         activations: bool = False,
         dead_fraction: float | None = 0.9,
         saturated_fraction: float | None = 0.9,
@@ -197,7 +172,11 @@ class GradientFlow(Callback):
         )
 
         self.csv_path: Path | None = None
-        """Where the CSV goes (``<run dir>/<filename>``), known once training starts."""
+        """Where the CSV goes (``<run dir>/<filename>``, or ``<stem>-v<N>.csv`` beside an
+        earlier fit's), known once training starts."""
+        self.namespace = _NAMESPACE
+        """Prefix of every metric name: ``grad_flow``, or ``grad_flow-<filename stem>`` for
+        the second and later GradientFlow of one Trainer."""
         self.last_step: int | None = None
         """The last step measured."""
         self._history = BoundedHistory(history_size)
@@ -222,6 +201,11 @@ class GradientFlow(Callback):
     def main_path(self) -> list[str]:
         """The recorded layers on the path to the model's primary output, input first."""
         return [name for name in self.layer_order if name in self._order.main_path]
+
+    @property
+    def faults(self) -> dict[str, BaseException]:
+        """Features switched off in this fit after an internal error, with the error."""
+        return dict(self._faults.failed)
 
     def input_output_ratio(self, last_n: int = 1) -> float:
         """Input end over output end of the main path's ``mean_abs``, each averaged over its
@@ -253,12 +237,14 @@ class GradientFlow(Callback):
 
     def _reset_fit(self) -> None:
         """Per-fit state (rebuilt by every ``fit``)."""
+        self._faults = Faults()
         self._scaler_in_use = False
         self._grads_unavailable = False  # DeepSpeed: the optimizer steps flat partitions
         self._layers: list[Layer] = []
         self._names: dict[int, str] = {}
-        self._per_optimizer: dict[tuple[int, int], OptimizerLayers] = {}
-        self._pending: list[PendingUpdate] = []
+        self._plans: dict[tuple[int, int, int], OptimizerLayers] = {}
+        self._batch: list[_StepRecords] = []
+        self._stepped = False
         self._csv: CsvRecords | None = None
         self._last_flush = time.monotonic()
         self._epoch_first_step = 0
@@ -298,41 +284,30 @@ class GradientFlow(Callback):
             self.diagnosis.reset()
             self.activation_diagnosis.reset()
             self.last_step = None
-        if self.every_n_steps is None and trainer.log_every_n_steps < 1:
-            raise ValueError(
-                "GradientFlow(every_n_steps=None) follows Trainer(log_every_n_steps=...), which "
-                f"is {trainer.log_every_n_steps}; pass every_n_steps explicitly"
-            )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler_in_use = scaler is not None and scaler.is_enabled()
+        self.namespace = self._find_namespace(trainer)
         self._run_dir = run_directory(trainer, self.dirpath)  # every rank: it broadcasts
         self.csv_path = self._run_dir / self.filename
-        self._layers = select_layers(pl_module, self.include, self.exclude)
-        self._names = parameter_names(pl_module)
-        # The FSDP1 root wraps pl_module (trainer.model): read its units' sharding here, since
-        # the measuring hook passes parameters, not the module.
-        note_fsdp1(trainer.model or pl_module)
-        zero_stage = deepspeed_zero_stage(trainer.strategy)
-        self._grads_unavailable = zero_stage is not None
-        if self._grads_unavailable:
-            warnings.warn(
-                f"GradientFlow does not measure under DeepSpeed (ZeRO stage {zero_stage}): its "
-                "optimizer steps flat partitions, not the model's parameters, so this run "
-                "records nothing. gradtrace.grad_stats(pl_module) in on_before_optimizer_step "
-                "reads ZeRO's gradient partitions exactly (with fp16, pass "
-                "scale=<the DeepSpeed optimizer's loss_scale>)",
-                GradientFlowWarning,
-                stacklevel=2,
-            )
-        self._order.start(self._names, keep=resumed)
-        if self.update_ratio and any(is_sharded(layer.param) for layer in self._layers):
-            raise ValueError(
-                "GradientFlow(update_ratio=True) needs whole parameters on global rank 0; with "
-                "sharded parameters (FSDP, DTensor) pass update_ratio=False"
-            )
+        with self._faults.guard("gradients"):
+            self._layers = select_layers(pl_module, self.include, self.exclude)
+            self._names = parameter_names(pl_module)
+            # The FSDP1 root wraps pl_module (trainer.model): read its units' sharding here,
+            # since the measuring hook passes parameters, not the module.
+            note_fsdp1(trainer.model or pl_module)
+            self._check_settings(trainer)
+        with self._faults.guard("order"):
+            self._order.start(self._names, keep=resumed)
         if trainer.is_global_zero:
-            self._csv = CsvRecords(self.csv_path, self.columns)
-            self._csv.start(resume_step=logging_step(trainer) if resumed else None)
+            with self._faults.guard("files"):
+                self._csv = CsvRecords(self.csv_path, self.columns)
+                earlier = self._csv.start(resume_step=logging_step(trainer) if resumed else None)
+                self.csv_path = self._csv.path
+                if earlier is not None:
+                    rank_zero_info(
+                        f"GradientFlow: {earlier} holds an earlier fit's records; this fit "
+                        f"writes {self.csv_path.name} beside it"
+                    )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_first_step = logging_step(trainer)
@@ -340,50 +315,36 @@ class GradientFlow(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._order.watch(pl_module)
+        self._stepped = False
+        if self._faults.active("order"):
+            with self._faults.guard("order"):
+                self._order.watch(pl_module)
         # After the order probe: compiler stances must be left in the reverse order.
-        if self.activations and self.is_measured_step(trainer):
-            layers = ((layer.name, layer.module) for layer in self._layers)
-            self._activations.start(trainer, pl_module, layers)
+        if self.activations and self._faults.active("activations") and self._measured(trainer):
+            with self._faults.guard("activations"):
+                self._activations.start(trainer, pl_module, self._layers)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self._order.watching and self._faults.active("order"):
+            with self._faults.guard("order"):
+                self._order.backward(loss)
+        self._activations.pause()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._activations.resume()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        activation_stats = self._activations.finish(trainer)  # every rank: one all_reduce
-        if self._grads_unavailable or not self.is_measured_step(trainer):
+        self._stepped = True
+        if self._grads_unavailable or not self._faults.active("gradients"):
             return
-        step = logging_step(trainer)
-        if not self._order.final:
-            self._order.update(final=False)
-        plan = self._plan(optimizer)
-        measured = measure(plan, optimizer, trainer.precision_plugin)  # every rank
-        if measured is None:
+        if not self._measured(trainer):
             return
-        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-        for key, value in measured.summary_scalars(f"/optimizer_{index}" if index else "").items():
-            pl_module.log(key, value, on_step=True, on_epoch=False)
-        self.last_step = step
-        records = measured.records(step, self.stats)
-        for record in records:
-            record.update(activation_stats.get(record["layer"], {}))
-        skipped = self._scaler_in_use and measured.any_nonfinite
-        if self._scaler_in_use:
-            for record in records:
-                record["scaler_skipped"] = int(skipped)
-        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
-            self._send_histograms(trainer, plan, measured.layer_rows, step)
-        if trainer.is_global_zero:
-            if self.update_ratio:
-                params = [plan.params[i] for i in measured.layer_rows]
-                self._pending.append(PendingUpdate.snapshot(records, params))
-            else:
-                self._emit(trainer, records)
-            self.diagnosis.check_path(step, measured.path_means())
-            self._activations.diagnose(step, activation_stats)
-        if not skipped:  # a GradScaler skips such steps: expected in fp16
-            self.diagnosis.nonfinite(
-                step, measured.nonfinite_layers(), report=trainer.is_global_zero
-            )
+        with self._faults.guard("gradients"):
+            self._measure(trainer, pl_module, optimizer)
 
     def on_train_batch_end(
         self,
@@ -393,11 +354,14 @@ class GradientFlow(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not self._order.final:
-            self._order.update(final=True)
-            self._per_optimizer.clear()  # built with the provisional order
-        if self._pending:
-            self._finish_update_ratios(trainer)
+        if self._order.watching:
+            with self._faults.guard("order"):
+                self._order.end_watch()
+                self._plans.clear()  # built with the provisional order
+        # Automatic optimization may accumulate over several batches before it steps.
+        if self._activations.attached and (self._stepped or not pl_module.automatic_optimization):
+            self._add_activation_stats(trainer)
+        self._finish_batch(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._activations.close()  # a measured batch that never stepped
@@ -423,50 +387,173 @@ class GradientFlow(Callback):
     ) -> None:
         self._activations.close()
         self._order.close()
+        batch, self._batch = self._batch, []
         if not trainer.is_global_zero:
             return
-        pending, self._pending = self._pending, []
-        for entry in pending:  # the optimizer step never finished
-            self._emit(trainer, entry.abandon())
+        for entry in batch:  # the batch never finished
+            if entry.update is not None:
+                entry.update.abandon()
+            self._emit(trainer, entry.records, entry.summary)
         self._flush_csv()
 
     # ---------------------------------------------------------------- measuring
 
+    def _measured(self, trainer: pl.Trainer) -> bool:
+        measured = False
+        with self._faults.guard("gradients"):
+            measured = self.is_measured_step(trainer)
+        return measured
+
+    def _check_settings(self, trainer: pl.Trainer) -> None:
+        """Settings known only at train start: said with one warning each, never raised."""
+        zero_stage = deepspeed_zero_stage(trainer.strategy)
+        self._grads_unavailable = zero_stage is not None
+        if self._grads_unavailable:
+            warnings.warn(
+                f"GradientFlow does not measure under DeepSpeed (ZeRO stage {zero_stage}): its "
+                "optimizer steps flat partitions, not the model's parameters, so this run "
+                "records nothing. gradtrace.grad_stats(pl_module) in on_before_optimizer_step "
+                "reads ZeRO's gradient partitions exactly (with fp16, pass "
+                "scale=<the DeepSpeed optimizer's loss_scale>)",
+                GradientFlowWarning,
+                stacklevel=3,
+            )
+        if self.every_n_steps is None and trainer.log_every_n_steps < 1:
+            warnings.warn(
+                f"GradientFlow follows Trainer(log_every_n_steps={trainer.log_every_n_steps}): "
+                "only the first and the last step are measured; pass every_n_steps to measure "
+                "more",
+                GradientFlowWarning,
+                stacklevel=3,
+            )
+        if self.update_ratio and any(is_sharded(layer.param) for layer in self._layers):
+            self._faults.disable("update_ratio", ValueError("sharded parameters"))
+            warnings.warn(
+                "GradientFlow(update_ratio=True) needs whole parameters on global rank 0; with "
+                "sharded parameters (FSDP, DTensor) this fit records no update ratios",
+                GradientFlowWarning,
+                stacklevel=3,
+            )
+
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Measure ``optimizer``'s layers (every rank); hold the records until the batch ends."""
+        step = logging_step(trainer)
+        if self._order.watching:
+            with self._faults.guard("order"):
+                self._order.update()
+        plan = self._plan(optimizer)
+        measured = measure(plan, optimizer, trainer.precision_plugin)  # every rank
+        if measured is None:
+            return
+        self._order.note_gradients(plan.names[i] for i in measured.present)
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        suffix = f"/optimizer_{index}" if index else ""
+        for key, value in measured.summary_scalars(self.namespace, suffix).items():
+            # The loggers get them with the per-layer values (step 0 included); this is for
+            # EarlyStopping, ModelCheckpoint and the progress bar.
+            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False)
+        self.last_step = step
+        records = measured.records(step, self.stats)
+        skipped = self._scaler_in_use and measured.any_nonfinite
+        if self._scaler_in_use:
+            for record in records:
+                record["scaler_skipped"] = int(skipped)
+        entry = _StepRecords(records, measured.summary_values(self.namespace, suffix))
+        self._batch.append(entry)
+        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+            with self._faults.guard("histograms"):
+                self._send_histograms(trainer, plan, measured.layer_rows, step)
+        if trainer.is_global_zero:
+            if self.update_ratio and self._faults.active("update_ratio"):
+                with self._faults.guard("update_ratio"):
+                    params = [plan.params[i] for i in measured.layer_rows]
+                    entry.update = PendingUpdate.snapshot(records, params)
+            if self._faults.active("diagnosis"):
+                with self._faults.guard("diagnosis"):
+                    self.diagnosis.check_path(step, measured.path_means())
+        if not skipped:  # a GradScaler skips such steps: expected in fp16
+            self.diagnosis.nonfinite(
+                step, measured.nonfinite_layers(), report=trainer.is_global_zero
+            )
+
     def _plan(self, optimizer: torch.optim.Optimizer) -> OptimizerLayers:
         """The parameters ``optimizer`` steps, in data-flow order, and which are layers."""
-        key = (id(optimizer), sum(len(group["params"]) for group in optimizer.param_groups))
-        plan = self._per_optimizer.get(key) if self._order.final else None
+        params = sum(len(group["params"]) for group in optimizer.param_groups)
+        key = (id(optimizer), params, self._order.version)
+        plan = self._plans.get(key)
         if plan is None:
             layer_ids = {id(layer.param) for layer in self._layers}
             order = self._order
             plan = plan_layers(optimizer, self._names, layer_ids, order.rank_of, order.main_path)
-            self._per_optimizer[key] = plan
+            self._plans[key] = plan
         return plan
 
-    def _finish_update_ratios(self, trainer: pl.Trainer) -> None:
-        pending, self._pending = self._pending, []
-        for entry in pending:
-            self._emit(trainer, entry.finish())
+    def _add_activation_stats(self, trainer: pl.Trainer) -> None:
+        """Read the measured batch's activation statistics into its records (every rank)."""
+        stats: dict[str, dict[str, float]] = {}
+        with self._faults.guard("activations"):
+            stats = self._activations.finish(trainer)  # every rank: one all_reduce
+        for entry in self._batch:
+            for record in entry.records:
+                record.update(stats.get(record["layer"], {}))
+        if stats and trainer.is_global_zero and self._faults.active("diagnosis"):
+            with self._faults.guard("diagnosis"):
+                self._activations.diagnose(logging_step(trainer), stats)
+
+    def _finish_batch(self, trainer: pl.Trainer) -> None:
+        """The batch is over: fill in update ratios and emit its records (global rank 0)."""
+        batch, self._batch = self._batch, []
+        if not trainer.is_global_zero:
+            return
+        for entry in batch:
+            if entry.update is not None:
+                with self._faults.guard("update_ratio"):
+                    entry.update.finish()
+            self._emit(trainer, entry.records, entry.summary)
 
     # ---------------------------------------------------------------- reporting
 
-    def _emit(self, trainer: pl.Trainer, records: list[dict[str, Any]]) -> None:
+    def _find_namespace(self, trainer: pl.Trainer) -> str:
+        """``grad_flow``, unless other GradientFlows of this Trainer use it (see
+        :attr:`namespace`)."""
+        flows = [cb for cb in trainer.callbacks if isinstance(cb, GradientFlow)]
+        taken: set[str] = set()
+        for flow in flows:
+            base = _NAMESPACE
+            if len(flows) > 1 and flow.filename != _DEFAULT_FILENAME:
+                base = f"{_NAMESPACE}-{Path(flow.filename).stem}"
+            name, k = base, 2
+            while name in taken:
+                name, k = f"{base}-{k}", k + 1
+            taken.add(name)
+            if flow is self:
+                return name
+        return _NAMESPACE
+
+    def _emit(
+        self, trainer: pl.Trainer, records: list[dict[str, Any]], summary: dict[str, float]
+    ) -> None:
         """Store, log and write the records of one optimizer step (global rank 0): the one
         place records leave the callback."""
         if not records:
             return
         self._history.extend(records)
-        if self._csv is not None:
-            self._csv.add(records)
-        step = records[0]["step"]
-        metrics = {
-            f"grad_flow/{key}/{r['layer']}": r[key]
-            for r in records
-            for key in self.columns[2:]
-            if key in r
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        if self._csv is not None and self._faults.active("files"):
+            with self._faults.guard("files"):
+                self._csv.add(records)
+        if self._faults.active("loggers"):
+            with self._faults.guard("loggers"):
+                metrics = {
+                    f"{self.namespace}/{key}/{r['layer']}": r[key]
+                    for r in records
+                    for key in self.columns[2:]
+                    if key in r
+                }
+                metrics.update(summary)
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=records[0]["step"])
         if time.monotonic() - self._last_flush > _FLUSH_INTERVAL_S:
             self._flush_csv()
 
@@ -481,13 +568,14 @@ class GradientFlow(Callback):
 
     def _flush_csv(self) -> None:
         self._last_flush = time.monotonic()
-        if self._csv is not None:
-            self._csv.flush()
+        if self._csv is not None and self._faults.active("files"):
+            with self._faults.guard("files"):
+                self._csv.flush()
 
     def _plot(
         self, trainer: pl.Trainer, kind: str, records: list[dict[str, Any]], stem: str
     ) -> None:
-        if self._plots_unavailable or self._run_dir is None:
+        if self._plots_unavailable or self.csv_path is None or not self._faults.active("plots"):
             return
         missing = matplotlib_missing()
         if missing is not None:
@@ -499,8 +587,9 @@ class GradientFlow(Callback):
             )
             return
         order = sorted({r["layer"] for r in records}, key=self._order.rank_of)
-        path = self._run_dir / "gradient_flow" / f"{stem}.png"
-        draw_figure(trainer, kind, records, order, path, logging_step(trainer), self.log_scale)
+        path = self.csv_path.parent / self.csv_path.stem / f"{stem}.png"
+        with self._faults.guard("plots"):
+            draw_figure(trainer, kind, records, order, path, logging_step(trainer), self.log_scale)
 
 
 def _local(grad: torch.Tensor | None) -> torch.Tensor | None:

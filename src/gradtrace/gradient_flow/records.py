@@ -65,19 +65,27 @@ class CsvRecords:
         self.columns = list(columns)
         self._rows: list[list[Any]] = []
 
-    def start(self, resume_step: int | None) -> None:
+    def start(self, resume_step: int | None) -> Path | None:
         """Open the file. Resuming at ``resume_step`` into a file with the same columns keeps
         its rows of earlier steps and appends (rows a killed attempt logged from that step on
-        are logged again); otherwise (``None``: a new fit) write a fresh header."""
+        are logged again). Otherwise (``None``: a new fit) the file is started afresh, unless
+        it holds rows of an earlier fit: those are kept, and this fit writes the first free
+        ``<stem>-v<N>.csv`` beside it (:attr:`path` changes). Returns the earlier file in
+        that case, else ``None``."""
         if resume_step is not None and self.path.is_file():
             with self.path.open(newline="") as f:
                 header = next(csv.reader(f), None)
             if header == self.columns:
                 drop_rows_from_step(self.path, resume_step)
-                return
+                return None
+        earlier = None
+        if _has_rows(self.path):
+            earlier = self.path
+            self.path = _free_version(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as f:
             csv.writer(f).writerow(self.columns)
+        return earlier
 
     def add(self, records: Iterable[Mapping[str, Any]]) -> None:
         self._rows += [[r.get(column, "") for column in self.columns] for r in records]
@@ -88,6 +96,25 @@ class CsvRecords:
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerows(self._rows)
         self._rows = []
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether the CSV file ``path`` exists with at least one row below its header."""
+    if not path.is_file():
+        return False
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        return next(reader, None) is not None
+
+
+def _free_version(path: Path) -> Path:
+    """``<stem>-v1<suffix>``, ``-v2``... beside ``path``: the first that holds no rows (as
+    ``ModelCheckpoint`` versions its files)."""
+    version = 1
+    while _has_rows(candidate := path.with_name(f"{path.stem}-v{version}{path.suffix}")):
+        version += 1
+    return candidate
 
 
 def drop_rows_from_step(path: Path, step: int) -> None:

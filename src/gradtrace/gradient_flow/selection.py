@@ -1,9 +1,10 @@
 """Which parameters are "layers": names without wrapper prefixes, default set, include/exclude.
 
 By default a layer is the ``weight`` of a weight-bearing module (``Conv*``, ``Linear``,
-``Embedding``/``EmbeddingBag``, including their subclasses and lazy variants); ``include``
-adds parameters by glob on their names or by the type of the module owning them, ``exclude``
-removes them (applied last).
+``Embedding``/``EmbeddingBag``, including their subclasses and lazy variants), the input
+projection of ``nn.MultiheadAttention`` and the weights of recurrent layers (``nn.LSTM``,
+``nn.GRU``, ``nn.RNN`` and their cells); ``include`` adds parameters by glob on their names or
+by the type of the module owning them, ``exclude`` removes them (applied last).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["WEIGHT_BEARING", "Layer", "parameter_names", "select_layers"]
+__all__ = ["WEIGHT_BEARING", "Layer", "is_default_layer", "parameter_names", "select_layers"]
 
 WEIGHT_BEARING: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd,
@@ -25,6 +26,27 @@ WEIGHT_BEARING: tuple[type[nn.Module], ...] = (
 )
 """Module types whose ``weight`` is a layer by default (subclasses included: ``LazyLinear``,
 ``LazyConv2d``, ``NonDynamicallyQuantizableLinear``, timm's ``Conv2dSame``...)."""
+
+# nn.MultiheadAttention keeps its input projection as bare parameters (packed or q/k/v).
+_ATTENTION_WEIGHTS = frozenset(
+    {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
+)
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+def is_default_layer(owner: nn.Module, parameter_name: str) -> bool:
+    """Whether ``owner``'s parameter called ``parameter_name`` (its own name, e.g. ``weight``)
+    is a layer by default: the ``weight`` of a :data:`WEIGHT_BEARING` module, the input
+    projection of ``nn.MultiheadAttention`` (its output projection is a ``Linear``), and every
+    ``weight_*`` matrix of a recurrent layer (``weight_ih_l0``, ``weight_hh_l0``, ...)."""
+    if isinstance(owner, WEIGHT_BEARING):
+        return parameter_name == "weight"
+    if isinstance(owner, nn.MultiheadAttention):
+        return parameter_name in _ATTENTION_WEIGHTS
+    if isinstance(owner, _RECURRENT):
+        return parameter_name.startswith("weight_")
+    return False
+
 
 # Children that wrappers (torch.compile, DDP/DataParallel, FSDP, activation checkpointing) insert
 # between a model and its layers; their names never appear in layer names.
@@ -114,7 +136,8 @@ def select_layers(
 ) -> list[Layer]:
     """The layers of ``module`` that gradient statistics are recorded for, in registration order.
 
-    Default: the ``weight`` of every :data:`WEIGHT_BEARING` module. ``include`` adds every
+    Default: :func:`is_default_layer` (the ``weight`` of every :data:`WEIGHT_BEARING` module,
+    attention input projections, recurrent weights). ``include`` adds every
     parameter whose name matches one of its fnmatch globs (``"*.bias"``, ``"net.cls_token"``,
     ``"*norm*.weight"``) or whose owning module is of one of its types (a class, or a class
     name such as ``"BatchNorm2d"``, matched on the whole MRO). ``exclude`` removes parameters
@@ -131,7 +154,7 @@ def select_layers(
     for name, param, owner, owner_name in _visit(module):
         if trainable_only and not param.requires_grad:
             continue
-        default = isinstance(owner, WEIGHT_BEARING) and owner._parameters.get("weight") is param
+        default = is_default_layer(owner, name.rsplit(".", 1)[-1])
         chosen = default or any(_matches(p, name, owner) for p in include)
         if chosen and not any(_matches(p, name, owner) for p in exclude):
             layers.append(Layer(name, param, owner, owner_name))

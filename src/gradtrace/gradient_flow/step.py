@@ -28,6 +28,9 @@ class OptimizerLayers:
     path_rows: list[int]
     """Rows of main-path layers: input end first, output end last (all layers if none is
     known to be on the main path)."""
+    positions: list[int]
+    """Each row's position among the optimizer's parameters: the same on every rank, whatever
+    order each rank's watched batches gave (the collective's rows follow it)."""
 
 
 def plan_layers(
@@ -39,17 +42,21 @@ def plan_layers(
 ) -> OptimizerLayers:
     """The parameters ``optimizer`` steps (``requires_grad``, each once), sorted by
     ``rank_of`` their name; ``layer_ids``: ``id`` of the selected layers."""
-    found: dict[int, tuple[str, torch.Tensor]] = {}
+    found: dict[int, tuple[str, torch.Tensor, int]] = {}
     for g, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
             if p.requires_grad and id(p) not in found:
-                found[id(p)] = (names.get(id(p), f"param_group{g}.{i}"), p)
+                found[id(p)] = (names.get(id(p), f"param_group{g}.{i}"), p, len(found))
     ordered = sorted(found.values(), key=lambda item: rank_of(item[0]))
-    ordered_names = [name for name, _ in ordered]
-    layer_rows = [i for i, (_, p) in enumerate(ordered) if id(p) in layer_ids]
+    ordered_names = [name for name, _, _ in ordered]
+    layer_rows = [i for i, (_, p, _) in enumerate(ordered) if id(p) in layer_ids]
     on_path = [i for i in layer_rows if ordered_names[i] in main_path]
     return OptimizerLayers(
-        ordered_names, [p for _, p in ordered], layer_rows, on_path or layer_rows
+        ordered_names,
+        [p for _, p, _ in ordered],
+        layer_rows,
+        on_path or layer_rows,
+        [position for _, _, position in ordered],
     )
 
 
@@ -105,20 +112,35 @@ class Measurement:
         ]
         return [(name, value) for name, value in path if math.isfinite(value)]
 
-    def summary_scalars(self, suffix: str = "") -> dict[str, torch.Tensor]:
+    def summary_scalars(self, prefix: str, suffix: str = "") -> dict[str, torch.Tensor]:
         """Global gradient norm, non-finite count and main-path input/output ratio, as device
-        tensors (no host sync)."""
+        tensors (no host sync), named ``<prefix>/<scalar><suffix>``."""
         l2 = torch.nan_to_num(self.table[:, 1], nan=math.inf)
-        scalars = {
-            f"grad_flow/grad_norm{suffix}": l2.square().sum().sqrt(),
-            f"grad_flow/nonfinite{suffix}": self.table[:, 3].sum(),
+        scalars = {"grad_norm": l2.square().sum().sqrt(), "nonfinite": self.table[:, 3].sum()}
+        ends = self._path_ends()
+        if ends is not None:
+            scalars["input_output_ratio"] = self.table[ends[0], 0] / self.table[ends[1], 0]
+        return {f"{prefix}/{key}{suffix}": value.float() for key, value in scalars.items()}
+
+    def summary_values(self, prefix: str, suffix: str = "") -> dict[str, float]:
+        """:meth:`summary_scalars` computed from the host copy, for the loggers."""
+        l2 = [math.inf if math.isnan(v[1]) else v[1] for v in self.values]
+        values = {
+            "grad_norm": math.sqrt(sum(v * v for v in l2)),
+            "nonfinite": float(sum(v[3] for v in self.values)),
         }
+        ends = self._path_ends()
+        if ends is not None:
+            first, last = self.values[ends[0]][0], self.values[ends[1]][0]
+            ratio = first / last if last else (math.inf if first else math.nan)
+            values["input_output_ratio"] = ratio
+        return {f"{prefix}/{key}{suffix}": value for key, value in values.items()}
+
+    def _path_ends(self) -> tuple[int, int] | None:
+        """Rows of ``table`` of the main path's input and output ends (``None``: under two)."""
         row = self._row()
         path = [row[i] for i in self.plan.path_rows if i in row]
-        if len(path) >= 2:
-            ratio = self.table[path[0], 0] / self.table[path[-1], 0]
-            scalars[f"grad_flow/input_output_ratio{suffix}"] = ratio
-        return {key: value.float() for key, value in scalars.items()}
+        return (path[0], path[-1]) if len(path) >= 2 else None
 
 
 def measure(
@@ -139,7 +161,14 @@ def measure(
     scaler = getattr(precision_plugin, "scaler", None)
     if scaler is not None and scaler.is_enabled() and _optimizer_handles_unscaling(optimizer):
         scale = scaler._get_scale_async()  # Lightning did not unscale: divide on the device
-    named = [(plan.names[i], plan.params[i]) for i in present]
+    # Sharded gradients are combined row by row over ranks: rows in the optimizer's order.
+    canonical = sorted(range(len(present)), key=lambda k: plan.positions[present[k]])
+    named = [(plan.names[present[k]], plan.params[present[k]]) for k in canonical]
     _, table = grad_stats_table(named, STATS, scale=scale)
+    if canonical != sorted(canonical):
+        back = [0] * len(canonical)
+        for row, k in enumerate(canonical):
+            back[k] = row
+        table = table[torch.tensor(back, device=table.device)]
     values = table.cpu().tolist()  # the one device-to-host copy of a measured step
     return Measurement(plan, present, table, values)
