@@ -19,6 +19,7 @@ from benchmarks.collectives import bench_collectives
 from benchmarks.gpu import bench_gpu
 from benchmarks.report import build_report, write_reports
 from benchmarks.training import bench_training
+from benchmarks.transformer import bench_transformer
 
 
 def caveats(cfg: config.BenchConfig) -> list[str]:
@@ -29,8 +30,8 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
         "the next batch, the step, callbacks, logging), without the fit's start-up. The plain "
         "loop's blocks include its own batch cutting and augmentation.",
         "Callbacks are switched on for their own blocks only, in one fit: GradientFlow "
-        "(every_n_steps=1, plot=False) measures and logs every step of its blocks "
-        "(log_every_n_steps=1 there, so Lightning writes its summary scalars every step); "
+        "(every_n_steps=1, plot=False) measures and logs every step of its blocks (it sends "
+        "what it measures to the logger itself); "
         "GradientFlow(activations=True) measures every step of one kind of block and is "
         "attached but idle (every_n_steps=10**6) in another; grad_norm "
         "is `self.log_dict(grad_norm(module, 2))` in `on_before_optimizer_step` with "
@@ -49,6 +50,11 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
         f"measuring block's hooks + {config.ACTIVATION_INTERVAL - 1} x the idle block's) ÷ "
         f"({config.ACTIVATION_INTERVAL} x the step), i.e. one measured and "
         f"{config.ACTIVATION_INTERVAL - 1} unmeasured steps, without timing 50 steps a round.",
+        "Text Transformer (CPU, fp32, in every run): a plain-loop block, a Lightning block, "
+        "a block where GradientFlow measures every step and one where a second GradientFlow "
+        "is attached but measures nothing, per round; at the default cadence "
+        "(log_every_n_steps=50) the cost is (the measuring block's time in hooks + 49 x the "
+        "idle one's) ÷ 50 steps, round by round.",
         "Verdicts: a goal is judged on the median's distribution-free confidence interval "
         "(order statistics, 95% where the rounds allow it): pass when the whole interval "
         "meets the goal, FAIL when none of it does, and inconclusive when it straddles the "
@@ -107,6 +113,14 @@ def main(argv: list[str] | None = None) -> None:
         dm = config.cifar100_like(cfg.batch_size, pool)
         training = bench_training(cfg, dm, workdir / "training", log)
         del dm
+        transformer = bench_transformer(
+            cfg.transformer_rounds,
+            cfg.transformer_steps_per_block,
+            cfg.warmup,
+            cfg.transformer_batch_size,
+            workdir / "transformer",
+            log,
+        )
         collectives = bench_collectives(log)
         gpu = bench_gpu(cfg, workdir / "gpu", log)
     report = build_report(
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         training=training,
         collectives=collectives,
         gpu=gpu,
+        transformer=transformer,
         environment={
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -27,7 +27,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import grad_norm
 
-__all__ = ["GradNormLogging", "TimedCallback", "WandbWatch", "start_wandb"]
+from gradtrace.gradient_flow import GradientFlow
+
+__all__ = ["GradNormLogging", "TimedCallback", "WandbWatch", "keyed_gradient_flow", "start_wandb"]
 
 Log = Callable[[str], None]
 
@@ -133,6 +135,19 @@ class TimedCallback:
         finally:
             for owner, name, register in originals:
                 setattr(owner, name, register)
+
+
+def keyed_gradient_flow(role: str, **kwargs: Any) -> GradientFlow:
+    """A GradientFlow with a checkpoint state key and a CSV file of its own
+    (``GradientFlow[role]``, ``gradient_flow_<role>.csv``).
+
+    Lightning refuses two stateful callbacks with the same ``state_key`` in one Trainer, and
+    the bench puts several GradientFlow callbacks in one fit (each active in its own blocks).
+    """
+    kwargs.setdefault("filename", f"gradient_flow_{role}.csv")
+    state_key = f"GradientFlow[{role}]"
+    keyed = {"state_key": property(lambda _: state_key)}
+    return type(f"GradientFlow_{role}", (GradientFlow,), keyed)(**kwargs)
 
 
 class GradNormLogging(pl.Callback):

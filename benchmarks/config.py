@@ -63,6 +63,9 @@ class BenchConfig:
     shared_gpu_warmup: int = 2
     shared_gpu_steps: int = 3
     gpu_steps: int = 100  # GPU only: training steps per epoch in the epoch-time runs
+    transformer_rounds: int = 20  # the text Transformer section (CPU in every run)
+    transformer_steps_per_block: int = 4
+    transformer_batch_size: int = 16
 
     @classmethod
     def for_device(cls, quick: bool, device: str | None = None) -> BenchConfig:
@@ -88,9 +91,13 @@ class BenchConfig:
             precision="32-true",
             compile=False,
             warmup=1,
-            # 5 rounds: the fewest whose range bounds the median with >= 90% confidence
-            rounds={"vgg08": 5 if quick else 12, "vgg38": 5 if quick else 10},
-            steps_per_block={"vgg08": 1, "vgg38": 1},
+            # 5 rounds: the fewest whose range bounds the median with >= 90% confidence. The
+            # full run's blocks and rounds narrow the ratios' intervals below their goals'
+            # margins (a 0.95x goal: high/low under 1.05).
+            rounds={"vgg08": 5 if quick else 40, "vgg38": 5 if quick else 16},
+            steps_per_block={"vgg08": 1 if quick else 4, "vgg38": 1 if quick else 2},
+            transformer_rounds=5 if quick else 20,
+            transformer_steps_per_block=2 if quick else 4,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class Figure:
 
     key: str
     label: str
-    unit: str  # "x" (ratio), "%" (fraction shown as percent), "" (a count)
+    unit: str  # "x" (ratio), "%" (fraction shown as percent), "µs", "" (a count)
     goal: Goal | None = None
 
 
@@ -121,6 +121,28 @@ FIGURES: tuple[Figure, ...] = (
         "%",
     ),
     Figure(
+        "transformer/default_cadence",
+        "Text Transformer, GradientFlow at the default cadence (1 step in 50 measured): time "
+        "in its hooks ÷ step time",
+        "%",
+        Goal("<=", 0.01, "%"),
+    ),
+    Figure(
+        "transformer/every_step",
+        "Text Transformer, GradientFlow measuring every step: time in its hooks ÷ step time",
+        "%",
+    ),
+    Figure(
+        "transformer/unmeasured_step_us",
+        "Text Transformer, GradientFlow on a step it does not measure: time in its hooks",
+        "µs",
+    ),
+    Figure(
+        "transformer/train_step_ratio",
+        "Text Transformer training step, Lightning ÷ plain PyTorch (throughput)",
+        "x",
+    ),
+    Figure(
         "collectives_per_logged_step",
         "Collectives per logged step, grad_stats on an FSDP2 model (2 gloo processes)",
         "",
@@ -137,4 +159,6 @@ def number(value: float | None, unit: str) -> str:
         return f"{100 * value:.2f}%"
     if unit == "x":
         return f"{value:,.3g}x" if abs(value) < 100 else f"{value:,.0f}x"
+    if unit == "µs":
+        return f"{value:,.0f} µs"
     return f"{value:g}"

@@ -47,6 +47,14 @@ def _timing_lines(report: Mapping[str, Any]) -> list[str]:
         for name, summary in result["seconds_per_step"].items():
             low, high = summary["low"], summary["high"]
             lines.append(f"| {arch} | {name} | {summary['median']:.4f} | {low:.4f} - {high:.4f} |")
+    transformer = report.get("transformer") or {}
+    for name, summary in transformer.get("seconds_per_step", {}).items():
+        low, high = summary["low"], summary["high"]
+        lines.append(
+            f"| text Transformer | {name} | {summary['median']:.4f} | {low:.4f} - {high:.4f} |"
+        )
+    if transformer:
+        lines += ["", f"Text Transformer: {transformer['model']}."]
     collectives = report["collectives"]
     if collectives.get("ops_per_rank"):
         ops = ", ".join(f"`{op}`" for op in collectives["ops_per_rank"][0]) or "none"

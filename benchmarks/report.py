@@ -59,6 +59,7 @@ def build_report(
     training: Mapping[str, Any] | None = None,
     collectives: Mapping[str, Any] | None = None,
     gpu: Mapping[str, Any] | None = None,
+    transformer: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report (JSON-ready) from the sections' results; any may be missing."""
     models = (training or {}).get("models", {})
@@ -70,6 +71,11 @@ def build_report(
             summaries[f"callback_hook_fraction/{name}"] = summary
         for name, why in result.get("not_measured", {}).items():
             not_measured[f"callback_hook_fraction/{name}"] = why
+    if transformer:
+        summaries["transformer/train_step_ratio"] = transformer["train_step_ratio"]
+        summaries["transformer/unmeasured_step_us"] = transformer["unmeasured_step_us"]
+        for name, summary in transformer["callback_hook_fraction"].items():
+            summaries[f"transformer/{name}"] = summary
     if collectives:
         count = collectives["collectives_per_logged_step"]
         summaries["collectives_per_logged_step"] = Summary.of([count])
@@ -106,6 +112,7 @@ def build_report(
         "collectives_per_logged_step": (collectives or {}).get("collectives_per_logged_step"),
         "figures": figures,
         "timings": dict(training or {}),
+        "transformer": dict(transformer or {}),
         "collectives": dict(collectives or {}),
         "gpu": dict(gpu or {"skipped": "not run"}),
         "settings": dict(settings),

@@ -13,7 +13,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
-from benchmarks.callbacks import GradNormLogging, TimedCallback, WandbWatch, start_wandb
+from benchmarks.callbacks import (
+    GradNormLogging,
+    TimedCallback,
+    WandbWatch,
+    keyed_gradient_flow,
+    start_wandb,
+)
 from benchmarks.config import (
     ACTIVATION_INTERVAL,
     CALLBACKS,
@@ -27,7 +33,6 @@ from benchmarks.stepper import TrainerSteps
 from benchmarks.workloads import PlainLoop
 from gradtrace.classifier import ImageClassifier
 from gradtrace.datamodule import ImageDataModule
-from gradtrace.gradient_flow import GradientFlow
 
 __all__ = ["bench_training"]
 
@@ -54,17 +59,6 @@ def bench_training(cfg: BenchConfig, dm: ImageDataModule, workdir: Path, log: Lo
             for arch in MODELS
         }
     }
-
-
-def _gradient_flow(role: str, **kwargs: Any) -> GradientFlow:
-    """A GradientFlow with a checkpoint state key of its own (``GradientFlow[role]``).
-
-    Lightning refuses two stateful callbacks with the same ``state_key`` in one Trainer, and
-    the bench puts several GradientFlow callbacks in one fit (each active in its own blocks).
-    """
-    state_key = f"GradientFlow[{role}]"
-    keyed = {"state_key": property(lambda _: state_key)}
-    return type(f"GradientFlow_{role}", (GradientFlow,), keyed)(**kwargs)
 
 
 def _timed_blocks(
@@ -99,7 +93,7 @@ def _bench_model(
     not_measured: dict[str, str] = {}
     run = None
     if full:
-        flow = _gradient_flow("gradients", every_n_steps=1, plot=False)
+        flow = keyed_gradient_flow("gradients", every_n_steps=1, plot=False)
         clocks[CALLBACKS["gradtrace"]] = TimedCallback(flow)
         clocks[CALLBACKS["grad_norm"]] = GradNormLogging()
         callbacks += [flow, clocks[CALLBACKS["grad_norm"]]]
@@ -111,7 +105,7 @@ def _bench_model(
             not_measured["wandb_watch"] = "not available: wandb is not installed"
         # activation statistics measuring every step, and attached but idle (every 10**6)
         for key, every in (("activations_every_step", 1), ("activations_idle", 10**6)):
-            callback = _gradient_flow(key, every_n_steps=every, plot=False, activations=True)
+            callback = keyed_gradient_flow(key, every_n_steps=every, plot=False, activations=True)
             clocks[CALLBACKS[key]] = TimedCallback(callback)
             callbacks.append(callback)
     stepper = TrainerSteps(
@@ -129,11 +123,10 @@ def _bench_model(
                 clock.switch(name == f"gradtrace+{clock_name}")
             else:
                 clock.active = name == f"gradtrace+{clock_name}"
-        # "logged every step": Lightning hands self.log values (grad_norm's, GradientFlow's
-        # summary scalars) to the logger every log_every_n_steps steps, so the blocks of
-        # callbacks measuring every step log at every step too.
-        every_step = {CALLBACKS[k] for k in ("gradtrace", "grad_norm", "activations_every_step")}
-        logs_every_step = name.removeprefix("gradtrace+") in every_step
+        # "logged every step": Lightning hands self.log values (grad_norm's) to the logger
+        # every log_every_n_steps steps, so grad_norm's blocks log at every step. GradientFlow
+        # logs what it measures itself.
+        logs_every_step = name == f"gradtrace+{CALLBACKS['grad_norm']}"
         stepper.trainer.log_every_n_steps = 1 if logs_every_step else default_log_every
 
     try:

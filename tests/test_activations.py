@@ -488,3 +488,135 @@ def test_16_mixed_divides_the_loss_scale_out(tmp_path: Path) -> None:
         # the GradScaler multiplies dL/dz by 65536; fp16 rounding stays within 1%
         assert fp16["act_grad_mean_abs"] == pytest.approx(fp32["act_grad_mean_abs"], rel=1e-2)
         assert fp16["act_mean"] == pytest.approx(fp32["act_mean"], rel=1e-2, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- beyond modules
+
+
+class Functional(nn.Module):
+    """The activation after each layer is a function or a tensor method, not a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 7)
+        self.c = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        h = self.b(h).view(-1, 7).sigmoid()  # a reshape in between
+        return self.c(h)
+
+
+def test_functional_activations_are_the_layers_activations() -> None:
+    net = Functional()
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(4))
+    collector = ActivationCollector()
+    collector.attach(net, {"a.weight": net.a, "b.weight": net.b, "c.weight": net.c})
+    net(x).sum().backward()
+    got = collector.compute()
+    collector.detach()
+    with torch.no_grad():
+        za = net.a(x)
+        zb = net.b(F.relu(za))
+    assert got["a.weight"]["act_zero_frac"] == pytest.approx((F.relu(za) == 0).double().mean())
+    assert got["a.weight"]["act_zero_frac"] > 0.2
+    sat = ((zb.sigmoid() <= 0.01) | (zb.sigmoid() >= 0.99)).double().mean().item()
+    assert got["b.weight"]["act_sat_frac"] == pytest.approx(sat)
+    assert "act_sat_frac" not in got["a.weight"]
+    assert "act_sat_frac" not in got["c.weight"]
+
+
+class Repeated(nn.Module):
+    """A layer called many times whose outputs are freed at once: freed tensors' ids come back
+    for later tensors (which once lost a call's zero count and divided by zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = sum(self.fc(x * k).relu().mean() for k in range(1, 9))
+        return self.out(x) * total
+
+
+def test_every_call_counts_however_tensors_are_freed_and_reused() -> None:
+    torch.manual_seed(5)
+    net = Repeated()
+    x = torch.randn(4, 5)
+    collector = ActivationCollector()
+    collector.attach(net, {"fc.weight": net.fc, "out.weight": net.out})
+    net(x).sum().backward()
+    got = collector.compute()
+    collector.detach()
+    with torch.no_grad():
+        zs = torch.cat([net.fc(x * k) for k in range(1, 9)])
+    assert got["fc.weight"]["act_mean"] == pytest.approx(zs.mean().item(), rel=1e-6)
+    assert got["fc.weight"]["act_zero_frac"] == pytest.approx((zs.relu() == 0).double().mean())
+
+
+def test_a_checkpointed_block_is_counted_once() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(6)
+    net = small_net()
+    x, y = batch()
+    want = collect(net, x, y)
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.net, x, use_reentrant=False)
+
+    root = Checkpointed()
+    collector = ActivationCollector()
+    collector.attach(root, layers_of(net))
+    loss = F.cross_entropy(root(x), y)
+    collector.pause()  # as GradientFlow does in on_before_backward
+    loss.backward()
+    collector.resume()
+    got = collector.compute()
+    collector.detach()
+    assert_stats_equal(got, want)
+
+
+def test_attention_output_belongs_to_its_output_projection() -> None:
+    from gradtrace.gradient_flow.activations import activation_sources
+    from gradtrace.gradient_flow.selection import select_layers
+
+    torch.manual_seed(7)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    root = nn.Sequential(attention)
+    layers = select_layers(root)
+    assert [y.name for y in layers] == ["0.in_proj_weight", "0.out_proj.weight"]
+    sources, missing = activation_sources([(y.name, y.module) for y in layers], root)
+    assert sources == {"0.out_proj.weight": attention}
+    assert list(missing) == ["0.in_proj_weight"]
+    assert "nn.MultiheadAttention" in missing["0.in_proj_weight"]
+    x = torch.randn(2, 3, 8)
+    collector = ActivationCollector()
+    collector.attach(root, sources)
+    out, _ = attention(x, x, x)
+    out.sum().backward()
+    got = collector.compute()
+    collector.detach()
+    assert got["0.out_proj.weight"]["act_mean"] == pytest.approx(out.mean().item(), rel=1e-5)
+
+
+def test_recurrent_layers_say_which_weights_have_no_output_of_their_own() -> None:
+    from gradtrace.gradient_flow.activations import activation_sources
+    from gradtrace.gradient_flow.selection import select_layers
+
+    lstm = nn.LSTM(4, 4, num_layers=2, bidirectional=True)
+    root = nn.Sequential(lstm)
+    layers = [(y.name, y.module) for y in select_layers(root, include=["*.bias_*"])]
+    sources, missing = activation_sources(layers, root)
+    assert sources == {"0.weight_ih_l1": lstm}  # the last layer's output leaves the module
+    assert "0.weight_hh_l0" in missing
+    assert "0.weight_ih_l1_reverse" in missing
+    assert not any("bias" in name for name in missing)  # biases share their weight's row

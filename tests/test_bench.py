@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import child  # noqa: E402
-from benchmarks.callbacks import TimedCallback  # noqa: E402
+from benchmarks.callbacks import TimedCallback, keyed_gradient_flow  # noqa: E402
 from benchmarks.collectives import CollectiveCounter  # noqa: E402
 from benchmarks.config import BenchConfig  # noqa: E402
 from benchmarks.figures import FIGURES, Goal  # noqa: E402
@@ -42,7 +42,6 @@ from benchmarks.stats import (  # noqa: E402
     round_orders,
 )
 from benchmarks.stepper import TrainerSteps  # noqa: E402
-from benchmarks.training import _gradient_flow  # noqa: E402
 from benchmarks.workloads import PlainLoop  # noqa: E402
 
 from gradtrace.classifier import ImageClassifier  # noqa: E402
@@ -259,7 +258,7 @@ def test_timed_callback_times_its_hooks_and_the_hooks_it_registers_only_when_act
 
 
 def test_several_gradient_flows_share_one_fit_with_their_own_state_keys(tmp_path: Path) -> None:
-    flows = [_gradient_flow(role, plot=False) for role in ("gradients", "idle")]
+    flows = [keyed_gradient_flow(role, plot=False) for role in ("gradients", "idle")]
     trainer = pl.Trainer(**quiet_trainer_kwargs(tmp_path, callbacks=flows))  # no clash
     assert [f.state_key for f in flows] == ["GradientFlow[gradients]", "GradientFlow[idle]"]
     assert all(isinstance(f, GradientFlow) for f in flows)
@@ -331,6 +330,22 @@ def test_epoch_time_on_a_gpu_with_bf16_and_compile(tmp_path: Path) -> None:
     times = epoch_time(settings, dm, 3, tmp_path)  # cuda, bf16-mixed, compiled
     assert all(times[key] > 0 for key in ("compile_s", "train_s", "val_s"))
     assert dm.split("train")[0].is_cuda  # the data sat on the GPU
+
+
+def test_transformer_section_times_its_four_workloads(tmp_path: Path) -> None:
+    from benchmarks.transformer import bench_transformer
+
+    result = bench_transformer(2, 1, 1, 2, tmp_path, lambda message: None)
+    assert set(result["seconds_per_step"]) == {
+        "plain",
+        "gradtrace",
+        "gradtrace+GradientFlow",
+        "gradtrace+GradientFlow(idle)",
+    }
+    fractions = result["callback_hook_fraction"]
+    assert 0 < fractions["default_cadence"].median < fractions["every_step"].median < 1
+    assert result["unmeasured_step_us"].rounds == 2
+    assert result["unmeasured_step_us"].median > 0
 
 
 def test_training_pool_holds_every_timed_step_in_one_epoch() -> None:
@@ -422,10 +437,22 @@ def fake_sections() -> dict[str, Any]:
             "not_measured": {"wandb_watch": "not available: wandb is not installed"},
         },
     }
+    transformer = {
+        "model": "a tiny Transformer",
+        "steps_per_block": 2,
+        "seconds_per_step": {"plain": s([0.08]), "gradtrace": s([0.09])},
+        "train_step_ratio": s([0.95, 0.96, 0.94, 0.95, 0.97]),
+        "callback_hook_fraction": {
+            "every_step": s([0.12, 0.13, 0.11, 0.12, 0.12]),
+            "default_cadence": s([0.0030, 0.0035, 0.0033, 0.0031, 0.0036]),
+        },
+        "unmeasured_step_us": s([70.0, 75.0, 72.0, 71.0, 74.0]),
+    }
     return dict(
         device="cpu: test",
         settings=BenchConfig.for_device(quick=True, device="cpu").to_dict(),
         training={"models": models},
+        transformer=transformer,
         collectives={
             "collectives_per_logged_step": 1,
             "ops_per_rank": [["c10d.allreduce_"], ["c10d.allreduce_"]],
@@ -461,6 +488,9 @@ def test_report_keys_values_and_verdicts() -> None:
     # median 1.1%, under 3%, but the 5 rounds' range (0.9% - 5%) is wider than the margin
     assert verdicts["callback_hook_fraction/activations_every_50"] == "inconclusive"
     assert verdicts["collectives_per_logged_step"] == "pass"
+    assert verdicts["transformer/default_cadence"] == "pass"  # 0.30% - 0.36%, under 1%
+    assert verdicts["transformer/every_step"] is None
+    assert figures["transformer/unmeasured_step_us"]["summary"]["median"] == 72.0
     assert figures["callback_hook_fraction/wandb_watch"]["not_measured"] == (
         "not available: wandb is not installed"
     )
@@ -480,6 +510,9 @@ def test_markdown_shows_every_figure_with_goal_interval_and_verdict() -> None:
         "| 0.10% - 0.20% (94%) | 5 | ≤ 2.00% | **pass** |"
     ) in text
     assert "| 1 | - | 1 | = 1 | **pass** |" in text
+    assert "| 72 µs | 70 µs - 75 µs (94%) | 5 | - | - |" in text
+    assert "| text Transformer | plain | 0.0800 | 0.0800 - 0.0800 |" in text
+    assert "Text Transformer: a tiny Transformer." in text
     assert "| n/a | n/a | 0 | - | not available: wandb is not installed |" in text
     assert "Collectives of one `grad_stats` call on rank 0: `c10d.allreduce_`." in text
     assert "Skipped: no CUDA device." in text

@@ -228,8 +228,7 @@ def activation_sources(
     (computed inside its fused function; its output projection's output is the module's
     output), the inner weights of a recurrent layer (only the last layer's hidden states leave
     ``nn.LSTM``/``nn.GRU``/``nn.RNN``), and bare parameters of a module that has children (a
-    class token, a temperature). A parameter that shares a module with a recorded layer (a
-    bias) is in neither.
+    class token, a temperature). A bias is never in the second: its output is its weight's.
     """
     parent = {id(child): mod for mod in root.modules() for child in mod.children()}
     sources: dict[str, nn.Module] = {}
@@ -252,14 +251,15 @@ def activation_sources(
         elif any(True for _ in module.children()):
             source = None
             reason = f"a parameter of {type(module).__name__}, whose output is not one layer's"
-        if source is None:
-            missing[name] = reason
-        elif id(source) in used:
-            if isinstance(source, (nn.RNNBase, nn.RNNCellBase)) and "bias" not in attribute:
-                missing[name] = f"shares its module's output with {used[id(source)]!r}"
-        else:
+        if source is not None and id(source) not in used:
             used[id(source)] = name
             sources[name] = source
+        elif "bias" in attribute:
+            continue  # a bias has no output apart from its weight's
+        elif source is None:
+            missing[name] = reason
+        elif isinstance(source, (nn.RNNBase, nn.RNNCellBase)):
+            missing[name] = f"shares its module's output with {used[id(source)]!r}"
     return sources, missing
 
 
@@ -338,6 +338,7 @@ class ActivationCollector:
         self._parts: list[list[Any]] = []
         self._calls: list[_LayerCall] = []
         self._mode = _ConsumerMode(self)
+        self._mode_active = False
         self._depth = 0
 
     @property
@@ -389,10 +390,8 @@ class ActivationCollector:
     def detach(self) -> None:
         """Remove every hook and restore the compiler stance (safe to call twice); what was
         measured stays for ``compute``."""
-        while self._depth > 0:  # a forward pass that raised: leave the mode it entered
-            self._depth -= 1
-            if self._depth == 0:
-                self._mode.__exit__(None, None, None)
+        self._depth = 0
+        self._leave_mode()  # a forward pass that raised before its outermost call ended
         self._hooks.close()
 
     def compute(
@@ -497,26 +496,39 @@ class ActivationCollector:
     def _enter_hook(self, deciding: bool) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
             self._depth += 1
-            if self._depth == 1:
-                self._mode.__enter__()
             if deciding:
                 self.inside_module += 1
+            if self._depth == 1:
+                self.guarded(None, self._enter_mode)
 
         return hook
 
     def _leave_hook(self, deciding: bool) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            try:
-                if deciding:
-                    self.inside_module -= 1
-                    if self.waiting and not self.paused:
-                        self.guarded(None, self._module_called, module, args, output)
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    self._mode.__exit__(None, None, None)
+            if deciding:
+                self.inside_module -= 1
+                if self.waiting and not self.paused:
+                    self.guarded(None, self._module_called, module, args, output)
+            self._depth -= 1
+            if self._depth == 0:
+                self._leave_mode()
 
         return hook
+
+    def _enter_mode(self) -> None:
+        self._mode.__enter__()
+        self._mode_active = True
+
+    def _leave_mode(self) -> None:
+        """Leave the function mode entered by the outermost module call (errors included)."""
+        if not self._mode_active:
+            return
+        self._mode_active = False
+        try:
+            self._mode.__exit__(None, None, None)
+        except Exception as err:
+            if self.fault is None:
+                self.fault = (None, err)
 
     def _layer_hook(self, i: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

@@ -98,7 +98,8 @@ class ForwardProbe:
     Hooks do not fire inside ``torch.compile``d code compiled before they existed, and hooks
     present while compiling get baked into the graph, so the watched batch runs under
     ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6). Call :meth:`close` after the
-    batch: it removes every hook.
+    batch: it removes every hook. An error inside a hook never reaches the model: the probe
+    stops watching and keeps the error in :attr:`error`.
     """
 
     def __init__(self, root: nn.Module, names: Mapping[int, str]) -> None:
@@ -109,6 +110,8 @@ class ForwardProbe:
         self.stand_ins: dict[Any, str] = {}
         """``id`` of a leaf tensor, or the autograd node of a non-leaf one, that a module used
         in place of its registered parameter (FSDP), mapped to the parameter's name."""
+        self.error: BaseException | None = None
+        """The first error inside one of the probe's hooks."""
         self._names = names
         self._kept: list[torch.Tensor] = []  # stand-ins stay alive while their ids are keys
         self._seen: set[int] = set()
@@ -130,7 +133,18 @@ class ForwardProbe:
             self._hooks.add(mod.register_forward_pre_hook(self._enter))
             self._hooks.add(mod.register_forward_hook(self._leave, always_call=True))
 
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            fn(*args)
+        except Exception as err:
+            self.error = err
+
     def _record(self, module: nn.Module, args: Any) -> None:
+        self._guarded(self._called, module)
+
+    def _called(self, module: nn.Module) -> None:
         if id(module) not in self._seen:
             self._seen.add(id(module))
             self.called.append(module)
@@ -150,9 +164,12 @@ class ForwardProbe:
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         self._depth -= 1
         if self._depth == 0:
-            tensor = primary_output(output)
-            if tensor is not None:
-                self.main_path |= set(self.parameter_depths(backward_depths(tensor)))
+            self._guarded(self._outer_output, output)
+
+    def _outer_output(self, output: Any) -> None:
+        tensor = primary_output(output)
+        if tensor is not None:
+            self.main_path |= set(self.parameter_depths(backward_depths(tensor)))
 
     def parameter_depths(self, depths: Mapping[Any, int]) -> dict[str, int]:
         """``{parameter name: depth}`` for the nodes of :func:`backward_depths` where a
@@ -266,10 +283,17 @@ class LayerOrder:
         self.update()
 
     def update(self) -> None:
-        """Take what the watched batch showed so far."""
+        """Take what the watched batch showed so far.
+
+        Raises:
+            Exception: what failed inside the probe's hooks (the probe is closed).
+        """
         probe = self._probe
         if probe is None:
             return
+        if probe.error is not None:
+            self.close()
+            raise probe.error
         if probe.called:
             self._sequence = data_flow_order(probe.called, self._names)
         self.main_path |= probe.main_path

@@ -52,7 +52,9 @@ def _partial_sums(grads: Sequence[torch.Tensor | None], counts: Sequence[int]) -
     """``[layers x 5]`` partial sums (:data:`PARTIAL_COLUMNS`) of the given local gradients.
 
     Batched per (device, dtype) with ``torch._foreach_norm``; half precision is reduced in
-    float32 and the table is float64 (element counts above 2**24 stay exact).
+    float32, and on the CPU everything in float64 (its float32 norm adds element after element:
+    a relative error of 3e-5 over a 590k-element convolution, where CUDA's tree reduction is
+    accurate to float32). The table is float64 (element counts above 2**24 stay exact).
     """
     present = [g for g in grads if g is not None]
     device = present[0].device if present else torch.device("cpu")
@@ -63,12 +65,14 @@ def _partial_sums(grads: Sequence[torch.Tensor | None], counts: Sequence[int]) -
     for i, g in enumerate(grads):
         if g is not None and g.numel() > 0:
             groups.setdefault((g.device, g.dtype), []).append(i)
-    for (_, g_dtype), rows in groups.items():
+    for (g_device, g_dtype), rows in groups.items():
         acc = torch.float32 if g_dtype in (torch.float16, torch.bfloat16) else None
+        if g_device.type == "cpu" and g_dtype != torch.float64:
+            acc = torch.float64
         tensors = [grads[i] for i in rows]
         l1 = torch._foreach_norm(tensors, 1.0, dtype=acc)
         l2 = torch._foreach_norm(tensors, 2.0, dtype=acc)
-        linf = torch._foreach_norm(tensors, float("inf"), dtype=acc)
+        linf = torch._foreach_norm(tensors, float("inf"))  # a maximum is exact in any dtype
         nonfinite = [torch.count_nonzero(~torch.isfinite(t)) for t in tensors]
         block = torch.stack(
             [

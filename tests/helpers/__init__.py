@@ -1,0 +1,2 @@
+"""Shared test helpers: tiny models, fits and independent captures (no test imports another
+test file)."""
