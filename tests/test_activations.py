@@ -620,3 +620,36 @@ def test_recurrent_layers_say_which_weights_have_no_output_of_their_own() -> Non
     assert "0.weight_hh_l0" in missing
     assert "0.weight_ih_l1_reverse" in missing
     assert not any("bias" in name for name in missing)  # biases share their weight's row
+
+
+class AppliesWeights(nn.Module):
+    """``proj``'s weight applied with ``F.linear`` (its module never runs, as in torchvision's
+    Swin), and an embedding reused as the output head (its module runs too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = F.linear(self.embed(tokens), self.proj.weight, self.proj.bias).relu()
+        return F.linear(h, self.embed.weight)
+
+
+def test_a_weight_applied_by_a_function_gives_its_layer_output_when_its_module_never_runs() -> None:
+    torch.manual_seed(8)
+    net = AppliesWeights()
+    tokens = torch.randint(0, 10, (4, 5))
+    collector = ActivationCollector()
+    weights = {"embed.weight": net.embed.weight, "proj.weight": net.proj.weight}
+    collector.attach(net, {"embed.weight": net.embed}, weights)
+    net(tokens).sum().backward()
+    got = collector.compute()
+    collector.detach()
+    with torch.no_grad():
+        e = net.embed(tokens)
+        z = F.linear(e, net.proj.weight, net.proj.bias)
+    assert got["proj.weight"]["act_mean"] == pytest.approx(z.mean().item(), rel=1e-6)
+    assert got["proj.weight"]["act_zero_frac"] == pytest.approx((z.relu() == 0).double().mean())
+    # the embedding's module ran: its rows hold the lookups, not the tied head's logits
+    assert got["embed.weight"]["act_mean"] == pytest.approx(e.mean().item(), rel=1e-6)

@@ -126,6 +126,23 @@ def _torchvision(name: str) -> Callable[[], pl.LightningModule]:
     return build
 
 
+def _torchvision_vit() -> pl.LightningModule:
+    """torchvision's ViT (``nn.MultiheadAttention`` inside), two tiny layers at 32x32."""
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    )
+    return Classify(vit)
+
+
 def _timm(name: str) -> Callable[[], pl.LightningModule]:
     def build() -> pl.LightningModule:
         import timm
@@ -356,6 +373,9 @@ CASES: list[Case] = [
     Case("torchvision:resnet18", _torchvision("resnet18"), lambda: images(4)),
     Case("torchvision:mobilenet_v3_small", _torchvision("mobilenet_v3_small"), lambda: images(4)),
     Case("torchvision:convnext_tiny", _torchvision("convnext_tiny"), lambda: images(4), slow=True),
+    # Swin applies its attention weights with F.linear, never calling their Linear modules
+    Case("torchvision:swin_t", _torchvision("swin_t"), lambda: images(4), slow=True),
+    Case("torchvision:vit", _torchvision_vit, lambda: images(4), unhooked=True),
     Case("timm:resnet10t", _timm("resnet10t"), lambda: images(4)),
     Case("timm:efficientnet_b0", _timm("efficientnet_b0"), lambda: images(4), slow=True),
     Case("timm:convnext_atto", _timm("convnext_atto"), lambda: images(4)),

@@ -115,7 +115,8 @@ class ActivationRecorder:
         self.diagnosis = diagnosis
         self._collector = ActivationCollector()
         self._unavailable = False
-        self._reported_missing = False
+        self._reported_blank = False
+        self._missing: dict[str, str] = {}
 
     @property
     def attached(self) -> bool:
@@ -126,12 +127,10 @@ class ActivationRecorder:
         """Attach the hooks for a measured step (once for all its micro-batches)."""
         if self._unavailable or self._collector.attached:
             return
-        sources, missing = activation_sources(((y.name, y.module) for y in layers), root)
-        if missing and not self._reported_missing and trainer.is_global_zero:
-            self._reported_missing = True
-            warnings.warn(_missing_message(missing), GradientFlowWarning, stacklevel=2)
+        layers = list(layers)
+        sources, self._missing = activation_sources(((y.name, y.module) for y in layers), root)
         try:
-            self._collector.attach(root, sources)
+            self._collector.attach(root, sources, {y.name: y.param for y in layers})
         except ActivationsUnavailableError as err:
             self._unavailable = True  # said once, then the gradients go on alone
             if trainer.is_global_zero:
@@ -163,17 +162,28 @@ class ActivationRecorder:
         """Remove any hook left by a measured batch that never stepped."""
         self._collector.detach()
 
+    def report_blank(self, trainer: pl.Trainer, layers: Iterable[str]) -> None:
+        """Say once (global rank 0) which recorded layers got no activation statistics, and
+        why (biases never do: their module's output is their weight's)."""
+        blank = [name for name in layers if "bias" not in name.rsplit(".", 1)[-1]]
+        if not blank or self._reported_blank or not trainer.is_global_zero:
+            return
+        self._reported_blank = True
+        unseen = "its module never ran and no linear/convolution/embedding function applied it"
+        reasons = {name: self._missing.get(name, unseen) for name in dict.fromkeys(blank)}
+        warnings.warn(_missing_message(reasons), GradientFlowWarning, stacklevel=2)
+
     def diagnose(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
         """Warn about layers that became dead or saturated (call on global rank 0)."""
         for message in self.diagnosis.update(step, stats):
             warnings.warn(message, GradientFlowWarning, stacklevel=2)
 
 
-def _missing_message(missing: Mapping[str, str], shown: int = 4) -> str:
-    listed = "; ".join(f"{name!r} ({why})" for name, why in list(missing.items())[:shown])
-    more = f"; and {len(missing) - shown} more" if len(missing) > shown else ""
+def _missing_message(reasons: Mapping[str, str], shown: int = 4) -> str:
+    listed = "; ".join(f"{name!r} ({why})" for name, why in list(reasons.items())[:shown])
+    more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
     return (
-        f"GradientFlow(activations=True): no activation statistics for {len(missing)} "
-        f"recorded layer(s) whose output no module hook can see: {listed}{more}. Their "
-        "gradient statistics are recorded as usual (docs/activations.md)."
+        f"GradientFlow(activations=True): no activation statistics for {len(reasons)} "
+        f"recorded layer(s) whose output no hook can see: {listed}{more}. Their gradient "
+        "statistics are recorded as usual (docs/activations.md)."
     )

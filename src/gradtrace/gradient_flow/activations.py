@@ -178,6 +178,27 @@ _PASS_THROUGH_FUNCTIONS = frozenset(
         "type_as",
     )
 )
+# Functions that apply a weight: with a layer's weight, their output is that layer's output
+# (``nn.MultiheadAttention`` is opaque, but torchvision's Swin, LoRA's ``x @ A``, a tied head's
+# ``F.linear(h, embedding.weight)`` call these with weights whose module never runs).
+_WEIGHT_FUNCTIONS = frozenset(
+    _functions(
+        "linear",
+        "bilinear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "embedding",
+        "embedding_bag",
+        "matmul",
+        "__matmul__",
+        "mm",
+        "bmm",
+    )
+)
 # Reading a tensor without consuming it.
 _NEUTRAL_FUNCTIONS = frozenset(
     _functions("detach", "register_hook", "requires_grad_", "retain_grad")
@@ -227,8 +248,10 @@ def activation_sources(
     layers whose output no module hook sees: ``nn.MultiheadAttention``'s input projection
     (computed inside its fused function; its output projection's output is the module's
     output), the inner weights of a recurrent layer (only the last layer's hidden states leave
-    ``nn.LSTM``/``nn.GRU``/``nn.RNN``), and bare parameters of a module that has children (a
-    class token, a temperature). A bias is never in the second: its output is its weight's.
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN``), bare parameters of a module that has children (a
+    class token, a temperature; a function applying them may still give their output, see
+    :meth:`ActivationCollector.attach`), and a second weight of one module. A bias is never in
+    the second: its output is its weight's.
     """
     parent = {id(child): mod for mod in root.modules() for child in mod.children()}
     sources: dict[str, nn.Module] = {}
@@ -258,7 +281,7 @@ def activation_sources(
             continue  # a bias has no output apart from its weight's
         elif source is None:
             missing[name] = reason
-        elif isinstance(source, (nn.RNNBase, nn.RNNCellBase)):
+        else:
             missing[name] = f"shares its module's output with {used[id(source)]!r}"
     return sources, missing
 
@@ -278,7 +301,9 @@ def loss_scale(precision_plugin: Any) -> float:
 class _LayerCall:
     """One call of a measured layer: zeros of its own output, until an activation decides."""
 
-    layer: int
+    part: list[Any]
+    """The partial sums it adds to (of the layer's module outputs, or of its weight's
+    functional uses)."""
     own_zeros: torch.Tensor
     size: int
     resolved: bool = False
@@ -295,7 +320,9 @@ class _ConsumerMode(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         collector = self.collector
-        if collector.waiting and args and not collector.busy and not collector.inside_module:
+        if not args or collector.busy or collector.inside_module:
+            return out
+        if collector.waiting or (func in _WEIGHT_FUNCTIONS and collector.weight_layers):
             collector.guarded(None, collector.function_called, func, args, kwargs, out)
         return out
 
@@ -333,9 +360,13 @@ class ActivationCollector:
         self.paused = False
         self.fault: tuple[str | None, BaseException] | None = None
         """The first error inside a hook: (layer, error)."""
+        self.weight_layers: dict[int, int] = {}
+        """``id`` of a layer's weight -> the layer's index, for functions that apply it."""
         self._names: list[str] = []
         self._hooks = EagerHooks()
         self._parts: list[list[Any]] = []
+        self._function_parts: list[list[Any]] = []
+        self._running: set[int] = set()  # layers whose own module is running
         self._calls: list[_LayerCall] = []
         self._mode = _ConsumerMode(self)
         self._mode_active = False
@@ -346,9 +377,19 @@ class ActivationCollector:
         """Whether hooks are registered now."""
         return self._hooks.active
 
-    def attach(self, root: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+    def attach(
+        self,
+        root: nn.Module,
+        layers: Mapping[str, nn.Module],
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Register the hooks on ``layers`` (``{name: module whose output is the layer's}``)
         and on the modules of ``root``.
+
+        ``weights`` (``{name: the layer's weight}``, names of ``layers`` or others) adds the
+        outputs of functions that apply a weight (``F.linear``, convolutions, ``F.embedding``,
+        ``matmul``) outside its own module: they are a layer's outputs when its module never
+        runs in the step (torchvision's Swin applies its ``qkv`` weights with ``F.linear``).
 
         Raises:
             ActivationsUnavailableError: ``root`` holds ``torch.compile``d code and this torch
@@ -362,20 +403,24 @@ class ActivationCollector:
                 f"torch.compiler.set_stance (torch >= 2.6; this is {torch.__version__}); "
                 "train without torch.compile or switch activations off"
             )
-        self._names = list(layers)
+        weights = weights or {}
+        self._names = list(dict.fromkeys([*layers, *weights]))
         self._reset_counts()
         self.fault = None
         self.paused = False
         self._depth = self.inside_module = 0
-        index = {id(module): i for i, module in enumerate(layers.values())}
+        self._running = set()
+        position = {name: i for i, name in enumerate(self._names)}
+        self.weight_layers = {id(weight): position[name] for name, weight in weights.items()}
+        index = {id(module): position[name] for name, module in layers.items()}
         for module in root.modules():
             deciding = isinstance(module, (*_ACTIVATION_MODULES, *_PASS_THROUGH_MODULES))
-            self._hooks.add(module.register_forward_pre_hook(self._enter_hook(deciding)))
             i = index.get(id(module))
+            self._hooks.add(module.register_forward_pre_hook(self._enter_hook(deciding, i)))
             if i is not None:
                 self._hooks.add(module.register_forward_hook(self._layer_hook(i)))
             self._hooks.add(
-                module.register_forward_hook(self._leave_hook(deciding), always_call=True)
+                module.register_forward_hook(self._leave_hook(deciding, i), always_call=True)
             )
 
     def pause(self) -> None:
@@ -428,6 +473,10 @@ class ActivationCollector:
             raise ActivationFault(f"{type(err).__name__}{where}: {err}", layer, err) from err
         if faults:
             raise ActivationFault(f"a hook failed on {int(faults)} other rank(s)")
+        modules, functions = rows[: len(self._names)], rows[len(self._names) :]
+        # A layer's module outputs when it ran (every rank agrees after the reduction), else
+        # the outputs of functions that applied its weight.
+        rows = [own if own[_N] else used for own, used in zip(modules, functions)]
         out: dict[str, dict[str, float]] = {}
         for name, row in zip(self._names, rows):
             n = row[_N]
@@ -450,18 +499,21 @@ class ActivationCollector:
 
     def _reset_counts(self) -> None:
         self._parts = [[0, None, None, None, 0, None, 0, None, 0] for _ in self._names]
+        self._function_parts = [[0, None, None, None, 0, None, 0, None, 0] for _ in self._names]
         self._calls = []
         self.waiting = WeakIdKeyDictionary()
 
     def _table(self) -> torch.Tensor:
-        """``[layers + 1 x 9]`` float64 partial sums; the last row's first entry is 1 when a
-        hook failed here."""
-        counts = torch.zeros(len(self._parts) + 1, _COLUMNS, dtype=torch.float64)
+        """``[2 layers + 1 x 9]`` float64 partial sums of the layers' module outputs, then of
+        their weights' functional uses; the last row's first entry is 1 when a hook failed
+        here."""
+        parts = [*self._parts, *self._function_parts]
+        counts = torch.zeros(len(parts) + 1, _COLUMNS, dtype=torch.float64)
         counts[-1, 0] = float(self.fault is not None)
         slots: list[int] = []
         sums: list[torch.Tensor] = []
         if self.fault is None:
-            for r, part in enumerate(self._parts):
+            for r, part in enumerate(parts):
                 for c, value in enumerate(part):
                     if isinstance(value, torch.Tensor):
                         slots.append(r * _COLUMNS + c)
@@ -493,18 +545,22 @@ class ActivationCollector:
 
     # ------------------------------------------------------------------ hooks
 
-    def _enter_hook(self, deciding: bool) -> Any:
+    def _enter_hook(self, deciding: bool, layer: int | None) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
             self._depth += 1
             if deciding:
                 self.inside_module += 1
+            if layer is not None:
+                self._running.add(layer)
             if self._depth == 1:
                 self.guarded(None, self._enter_mode)
 
         return hook
 
-    def _leave_hook(self, deciding: bool) -> Any:
+    def _leave_hook(self, deciding: bool, layer: int | None) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if layer is not None:
+                self._running.discard(layer)
             if deciding:
                 self.inside_module -= 1
                 if self.waiting and not self.paused:
@@ -537,29 +593,29 @@ class ActivationCollector:
 
         return hook
 
-    def _layer_called(self, i: int, output: Any) -> None:
+    def _layer_called(self, i: int, output: Any, part: list[Any] | None = None) -> None:
+        """Layer ``i`` produced ``output``: add it to ``part`` (its module outputs' sums)."""
         output = primary_output(output)
         if output is None or not output.is_floating_point():
             return
+        part = self._parts[i] if part is None else part
         z = output.detach()
-        part = self._parts[i]
         part[_N] += z.numel()
         self._add(part, _SUM, torch.sum(z, dtype=torch.float64))
         self._add(part, _SUMSQ, torch.linalg.vector_norm(z, 2, dtype=torch.float64).square())
         if output.requires_grad:
-            output.register_hook(self._grad_hook(i))
-        call = _LayerCall(i, (z == 0).sum(), z.numel())
+            output.register_hook(self._grad_hook(i, part))
+        call = _LayerCall(part, (z == 0).sum(), z.numel())
         self._calls.append(call)
         self.waiting[output] = [*self.waiting.get(output, []), call]
 
-    def _grad_hook(self, i: int) -> Any:
+    def _grad_hook(self, i: int, part: list[Any]) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            self.guarded(self._names[i], self._grad_arrived, i, grad)
+            self.guarded(self._names[i], self._grad_arrived, part, grad)
 
         return hook
 
-    def _grad_arrived(self, i: int, grad: torch.Tensor) -> None:
-        part = self._parts[i]
+    def _grad_arrived(self, part: list[Any], grad: torch.Tensor) -> None:
         part[_N_GRAD] += grad.numel()
         self._add(part, _GRAD, torch.linalg.vector_norm(grad.detach(), 1, dtype=torch.float64))
 
@@ -575,22 +631,28 @@ class ActivationCollector:
             self._resolve(calls, output.detach(), _module_bounds(module))
 
     def function_called(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        """A torch function ran (inside a module call) with a waiting layer output first."""
-        source = args[0]
-        if not isinstance(source, torch.Tensor) or func in _NEUTRAL_FUNCTIONS:
-            return
+        """A torch function ran inside a module call: it may take a waiting layer output
+        first, and it may apply a layer's weight outside that layer's module."""
         if not isinstance(out, torch.Tensor) or getattr(func, "__name__", "") == "__get__":
             return  # .shape, .size(), .dim(): a look, not a use
-        calls = self.waiting.pop(source, None)
-        if not calls:
-            return
-        bounds_of = _ACTIVATION_FUNCTIONS.get(func)
-        if bounds_of is not None:
-            self._resolve(calls, out.detach(), bounds_of(args, kwargs))
-        elif func in _PASS_THROUGH_FUNCTIONS:
-            self.waiting[out] = [*self.waiting.get(out, []), *calls]
-        else:
-            self._resolve(calls)
+        source = args[0]
+        calls = None
+        if isinstance(source, torch.Tensor) and func not in _NEUTRAL_FUNCTIONS and self.waiting:
+            calls = self.waiting.pop(source, None)
+        if calls:
+            bounds_of = _ACTIVATION_FUNCTIONS.get(func)
+            if bounds_of is not None:
+                self._resolve(calls, out.detach(), bounds_of(args, kwargs))
+            elif func in _PASS_THROUGH_FUNCTIONS:
+                self.waiting[out] = [*self.waiting.get(out, []), *calls]
+            else:
+                self._resolve(calls)
+        if func in _WEIGHT_FUNCTIONS and self.weight_layers and not self.paused:
+            for value in (*args, *kwargs.values()):
+                i = self.weight_layers.get(id(value)) if isinstance(value, torch.Tensor) else None
+                if i is not None and i not in self._running:
+                    self._layer_called(i, out, self._function_parts[i])
+                    return
 
     def _resolve_all(self) -> None:
         """Layer calls no activation decided: count the zeros of their own output."""
@@ -612,7 +674,7 @@ class ActivationCollector:
             if call.resolved:
                 continue
             call.resolved = True
-            part = self._parts[call.layer]
+            part = call.part
             if activated is None:
                 self._add(part, _ZEROS, call.own_zeros)
                 part[_N_ZERO] += call.size

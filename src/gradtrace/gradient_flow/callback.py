@@ -498,6 +498,9 @@ class GradientFlow(Callback):
         for entry in self._batch:
             for record in entry.records:
                 record.update(stats.get(record["layer"], {}))
+        if stats:
+            blank = (r["layer"] for e in self._batch for r in e.records if "act_mean" not in r)
+            self._activations.report_blank(trainer, blank)
         if stats and trainer.is_global_zero and self._faults.active("diagnosis"):
             with self._faults.guard("diagnosis"):
                 self._activations.diagnose(logging_step(trainer), stats)
