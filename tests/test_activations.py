@@ -586,7 +586,7 @@ def test_a_checkpointed_block_is_counted_once() -> None:
 
 
 def test_attention_output_belongs_to_its_output_projection() -> None:
-    from gradtrace.gradient_flow.activations import activation_sources
+    from gradtrace.gradient_flow.activation_catalog import activation_sources
     from gradtrace.gradient_flow.selection import select_layers
 
     torch.manual_seed(7)
@@ -609,7 +609,7 @@ def test_attention_output_belongs_to_its_output_projection() -> None:
 
 
 def test_recurrent_layers_say_which_weights_have_no_output_of_their_own() -> None:
-    from gradtrace.gradient_flow.activations import activation_sources
+    from gradtrace.gradient_flow.activation_catalog import activation_sources
     from gradtrace.gradient_flow.selection import select_layers
 
     lstm = nn.LSTM(4, 4, num_layers=2, bidirectional=True)
@@ -653,3 +653,38 @@ def test_a_weight_applied_by_a_function_gives_its_layer_output_when_its_module_n
     assert got["proj.weight"]["act_zero_frac"] == pytest.approx((z.relu() == 0).double().mean())
     # the embedding's module ran: its rows hold the lookups, not the tied head's logits
     assert got["embed.weight"]["act_mean"] == pytest.approx(e.mean().item(), rel=1e-6)
+
+
+class Validated(MLP):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self.net(x * 5.0), y))
+
+
+def test_validation_between_accumulated_micro_batches_is_not_counted(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,)))
+    records = {}
+    for validate in (False, True):
+        flow = GradientFlow(plot=False, activations=True, every_n_steps=1)
+        trainer = pl.Trainer(
+            max_steps=2,
+            accelerator="cpu",
+            accumulate_grad_batches=2,
+            val_check_interval=1 if validate else 1.0,  # after every micro-batch
+            limit_val_batches=1 if validate else 0,
+            num_sanity_val_steps=0,
+            logger=False,
+            callbacks=[flow],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path / str(validate),
+        )
+        loader = DataLoader(data, batch_size=4)
+        trainer.fit(Validated(), loader, loader if validate else None)
+        records[validate] = flow.history
+    assert len(records[True]) == len(records[False]) > 0
+    for got, want in zip(records[True], records[False]):
+        assert got["act_mean"] == pytest.approx(want["act_mean"], rel=1e-6)
+        assert got["act_zero_frac"] == want["act_zero_frac"]

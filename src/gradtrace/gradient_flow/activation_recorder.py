@@ -17,10 +17,10 @@ import lightning.pytorch as pl
 from torch import nn
 
 from gradtrace.checks import check_int, check_range
+from gradtrace.gradient_flow.activation_catalog import activation_sources
 from gradtrace.gradient_flow.activations import (
     ActivationCollector,
     ActivationsUnavailableError,
-    activation_sources,
     loss_scale,
 )
 from gradtrace.gradient_flow.diagnosis import GradientFlowWarning

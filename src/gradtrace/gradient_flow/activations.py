@@ -31,26 +31,35 @@ model: the collector stops counting and :meth:`ActivationCollector.compute` rais
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from gradtrace.gradient_flow.activation_catalog import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_MODULES,
+    NEUTRAL_FUNCTIONS,
+    PASS_THROUGH_FUNCTIONS,
+    PASS_THROUGH_MODULES,
+    WEIGHT_FUNCTIONS,
+    Bounds,
+    module_bounds,
+)
 from gradtrace.gradient_flow.eager_hooks import EagerHooks, can_force_eager, contains_compiled
 from gradtrace.gradient_flow.order import primary_output
 
 __all__ = [
     "ACTIVATION_STATS",
+    "SATURATION_TOLERANCE",
     "ActivationCollector",
     "ActivationFault",
     "ActivationsUnavailableError",
-    "activation_sources",
     "loss_scale",
 ]
 
@@ -65,144 +74,6 @@ ACTIVATION_STATS: tuple[str, ...] = (
 
 SATURATION_TOLERANCE = 0.01
 """An output within this fraction of the activation's range from a bound counts as saturated."""
-
-_ACTIVATION_MODULES = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,  # ReLU6 is a subclass
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Threshold,
-)
-# Skipped when looking for a layer's activation: they rescale, they do not decide.
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-"""Normalization layers (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, LocalResponseNorm,
-RMSNorm)."""
-_PASS_THROUGH_MODULES = (*NORM_TYPES, nn.Identity)
-
-Bounds = tuple[float, float] | None
-
-
-def _hardtanh_bounds(args: tuple, kwargs: dict) -> Bounds:
-    low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-    high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-    return float(low), float(high)
-
-
-def _functions(*names: str, owners: tuple[Any, ...] = (F, torch, torch.Tensor)) -> list[Any]:
-    return [getattr(o, n) for n in names for o in owners if hasattr(o, n)]
-
-
-def _fixed(bounds: Bounds) -> Callable[[tuple, dict], Bounds]:
-    return lambda args, kwargs: bounds
-
-
-# Activation functions, with how to read their saturation bounds from the call (modules call
-# these too: nn.ReLU calls F.relu, nn.ReLU6 calls F.hardtanh).
-_ACTIVATION_FUNCTIONS: dict[Any, Callable[[tuple, dict], Bounds]] = {
-    **dict.fromkeys(
-        _functions(
-            "relu",
-            "relu_",
-            "gelu",
-            "silu",
-            "mish",
-            "elu",
-            "elu_",
-            "selu",
-            "selu_",
-            "celu",
-            "celu_",
-            "leaky_relu",
-            "leaky_relu_",
-            "softplus",
-            "hardswish",
-            "softsign",
-            "threshold",
-            "threshold_",
-            "prelu",
-            "rrelu",
-            "rrelu_",
-            "logsigmoid",
-        ),
-        _fixed(None),
-    ),
-    **dict.fromkeys(_functions("sigmoid", "sigmoid_", "hardsigmoid"), _fixed((0.0, 1.0))),
-    **dict.fromkeys(_functions("tanh", "tanh_"), _fixed((-1.0, 1.0))),
-    **dict.fromkeys(_functions("relu6"), _fixed((0.0, 6.0))),
-    **dict.fromkeys(_functions("hardtanh", "hardtanh_"), _hardtanh_bounds),
-}
-# Functions whose output stands for their input: normalizations and reshapes.
-_PASS_THROUGH_FUNCTIONS = frozenset(
-    _functions(
-        "batch_norm",
-        "layer_norm",
-        "group_norm",
-        "instance_norm",
-        "local_response_norm",
-        "rms_norm",
-        "view",
-        "view_as",
-        "reshape",
-        "reshape_as",
-        "flatten",
-        "unflatten",
-        "permute",
-        "transpose",
-        "movedim",
-        "contiguous",
-        "squeeze",
-        "unsqueeze",
-        "to",
-        "float",
-        "half",
-        "bfloat16",
-        "type_as",
-    )
-)
-# Functions that apply a weight: with a layer's weight, their output is that layer's output
-# (``nn.MultiheadAttention`` is opaque, but torchvision's Swin, LoRA's ``x @ A``, a tied head's
-# ``F.linear(h, embedding.weight)`` call these with weights whose module never runs).
-_WEIGHT_FUNCTIONS = frozenset(
-    _functions(
-        "linear",
-        "bilinear",
-        "conv1d",
-        "conv2d",
-        "conv3d",
-        "conv_transpose1d",
-        "conv_transpose2d",
-        "conv_transpose3d",
-        "embedding",
-        "embedding_bag",
-        "matmul",
-        "__matmul__",
-        "mm",
-        "bmm",
-    )
-)
-# Reading a tensor without consuming it.
-_NEUTRAL_FUNCTIONS = frozenset(
-    _functions("detach", "register_hook", "requires_grad_", "retain_grad")
-)
 
 # Columns of the partial-sum table, one row per layer; one more row holds the fault flag.
 _N, _SUM, _SUMSQ, _ZEROS, _N_ZERO, _SAT, _N_SAT, _GRAD, _N_GRAD = range(9)
@@ -224,66 +95,6 @@ class ActivationFault(RuntimeError):
         """The layer whose hook failed, where known (on the rank where it failed)."""
         self.error = error
         """The error itself (on the rank where it failed)."""
-
-
-def _module_bounds(module: nn.Module) -> Bounds:
-    """The output bounds of a saturating activation module, else ``None``."""
-    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)):
-        return 0.0, 1.0
-    if isinstance(module, nn.Tanh):
-        return -1.0, 1.0
-    if isinstance(module, nn.Hardtanh):
-        return float(module.min_val), float(module.max_val)
-    return None
-
-
-def activation_sources(
-    layers: Iterable[tuple[str, nn.Module]], root: nn.Module
-) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Which module's output is each layer's output.
-
-    ``layers`` are (parameter name, owning module) pairs in the gradient side's selection.
-    Returns ``{layer: module}`` (each module once, under the first layer given for it: a
-    ``weight`` before its ``bias``) and ``{layer: why it has no output of its own}`` for the
-    layers whose output no module hook sees: ``nn.MultiheadAttention``'s input projection
-    (computed inside its fused function; its output projection's output is the module's
-    output), the inner weights of a recurrent layer (only the last layer's hidden states leave
-    ``nn.LSTM``/``nn.GRU``/``nn.RNN``), bare parameters of a module that has children (a
-    class token, a temperature; a function applying them may still give their output, see
-    :meth:`ActivationCollector.attach`), and a second weight of one module. A bias is never in
-    the second: its output is its weight's.
-    """
-    parent = {id(child): mod for mod in root.modules() for child in mod.children()}
-    sources: dict[str, nn.Module] = {}
-    missing: dict[str, str] = {}
-    used: dict[int, str] = {}
-    for name, module in layers:
-        attribute = name.rsplit(".", 1)[-1]
-        source: nn.Module | None = module
-        up = parent.get(id(module))
-        if isinstance(module, nn.MultiheadAttention):
-            source = None
-            reason = "computed inside nn.MultiheadAttention's fused attention"
-        elif isinstance(up, nn.MultiheadAttention) and module is up.out_proj:
-            source = up  # out_proj is applied with F.linear: the attention's output is its
-        elif isinstance(module, nn.RNNBase):
-            last = f"_l{module.num_layers - 1}"
-            if not (attribute.endswith(last) or attribute.endswith(f"{last}_reverse")):
-                source = None
-                reason = f"inside {type(module).__name__}: only its last layer's output leaves it"
-        elif any(True for _ in module.children()):
-            source = None
-            reason = f"a parameter of {type(module).__name__}, whose output is not one layer's"
-        if source is not None and id(source) not in used:
-            used[id(source)] = name
-            sources[name] = source
-        elif "bias" in attribute:
-            continue  # a bias has no output apart from its weight's
-        elif source is None:
-            missing[name] = reason
-        else:
-            missing[name] = f"shares its module's output with {used[id(source)]!r}"
-    return sources, missing
 
 
 def loss_scale(precision_plugin: Any) -> float:
@@ -322,7 +133,7 @@ class _ConsumerMode(TorchFunctionMode):
         collector = self.collector
         if not args or collector.busy or collector.inside_module:
             return out
-        if collector.waiting or (func in _WEIGHT_FUNCTIONS and collector.weight_layers):
+        if collector.waiting or (func in WEIGHT_FUNCTIONS and collector.weight_layers):
             collector.guarded(None, collector.function_called, func, args, kwargs, out)
         return out
 
@@ -414,7 +225,7 @@ class ActivationCollector:
         self.weight_layers = {id(weight): position[name] for name, weight in weights.items()}
         index = {id(module): position[name] for name, module in layers.items()}
         for module in root.modules():
-            deciding = isinstance(module, (*_ACTIVATION_MODULES, *_PASS_THROUGH_MODULES))
+            deciding = isinstance(module, (*ACTIVATION_MODULES, *PASS_THROUGH_MODULES))
             i = index.get(id(module))
             self._hooks.add(module.register_forward_pre_hook(self._enter_hook(deciding, i)))
             if i is not None:
@@ -625,10 +436,10 @@ class ActivationCollector:
         calls = self.waiting.pop(source, None) if source is not None else None
         if not calls or not isinstance(output, torch.Tensor):
             return
-        if isinstance(module, _PASS_THROUGH_MODULES):
+        if isinstance(module, PASS_THROUGH_MODULES):
             self.waiting[output] = [*self.waiting.get(output, []), *calls]
         else:
-            self._resolve(calls, output.detach(), _module_bounds(module))
+            self._resolve(calls, output.detach(), module_bounds(module))
 
     def function_called(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """A torch function ran inside a module call: it may take a waiting layer output
@@ -637,17 +448,17 @@ class ActivationCollector:
             return  # .shape, .size(), .dim(): a look, not a use
         source = args[0]
         calls = None
-        if isinstance(source, torch.Tensor) and func not in _NEUTRAL_FUNCTIONS and self.waiting:
+        if isinstance(source, torch.Tensor) and func not in NEUTRAL_FUNCTIONS and self.waiting:
             calls = self.waiting.pop(source, None)
         if calls:
-            bounds_of = _ACTIVATION_FUNCTIONS.get(func)
+            bounds_of = ACTIVATION_FUNCTIONS.get(func)
             if bounds_of is not None:
                 self._resolve(calls, out.detach(), bounds_of(args, kwargs))
-            elif func in _PASS_THROUGH_FUNCTIONS:
+            elif func in PASS_THROUGH_FUNCTIONS:
                 self.waiting[out] = [*self.waiting.get(out, []), *calls]
             else:
                 self._resolve(calls)
-        if func in _WEIGHT_FUNCTIONS and self.weight_layers and not self.paused:
+        if func in WEIGHT_FUNCTIONS and self.weight_layers and not self.paused:
             for value in (*args, *kwargs.values()):
                 i = self.weight_layers.get(id(value)) if isinstance(value, torch.Tensor) else None
                 if i is not None and i not in self._running:
