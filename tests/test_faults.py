@@ -187,3 +187,45 @@ def test_a_hook_failing_on_one_rank_switches_activations_off_on_every_rank(
     # both went on, and the next step (hooks working again) is measured on both alike
     assert rank0["second"]["stats"] == rank1["second"]["stats"]
     assert set(rank0["second"]["stats"]) == {"0.weight", "2.weight"}
+
+
+@pytest.mark.parametrize(
+    ("target", "feature"),
+    [
+        ("gradtrace.gradient_flow.activations.ActivationCollector._layer_hook", "activations"),
+        ("gradtrace.gradient_flow.order.ForwardProbe._record", "order"),
+    ],
+)
+def test_hooks_set_up_halfway_are_removed_and_compiled_code_runs_compiled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, feature: str
+) -> None:
+    module_path, cls_name, method = target.rsplit(".", 2)
+    cls = getattr(__import__(module_path, fromlist=[cls_name]), cls_name)
+    if method == "_record":  # the probe registers its hooks, then fails when they fire
+        monkeypatch.setattr(cls, "__init__", _failing_after_some_hooks(cls.__init__))
+    else:
+        monkeypatch.setattr(cls, method, injected)
+    flow, trainer, messages = fit(tmp_path, activations=True)
+    assert trainer.global_step == STEPS
+    assert list(flow.faults) == [feature]
+    assert len(messages) == 1
+    model = trainer.lightning_module
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+
+
+def _failing_after_some_hooks(init):
+    def broken(self, root, names):
+        original = root.register_forward_pre_hook
+
+        def fail_on_the_root(*args, **kwargs):
+            raise RuntimeError("injected fault")
+
+        root.register_forward_pre_hook = fail_on_the_root  # the outer hooks come last
+        try:
+            init(self, root, names)
+        finally:
+            del root.register_forward_pre_hook
+            assert root.register_forward_pre_hook == original
+
+    return broken

@@ -224,15 +224,18 @@ class ActivationCollector:
         position = {name: i for i, name in enumerate(self._names)}
         self.weight_layers = {id(weight): position[name] for name, weight in weights.items()}
         index = {id(module): position[name] for name, module in layers.items()}
-        for module in root.modules():
-            deciding = isinstance(module, (*ACTIVATION_MODULES, *PASS_THROUGH_MODULES))
-            i = index.get(id(module))
-            self._hooks.add(module.register_forward_pre_hook(self._enter_hook(deciding, i)))
-            if i is not None:
-                self._hooks.add(module.register_forward_hook(self._layer_hook(i)))
-            self._hooks.add(
-                module.register_forward_hook(self._leave_hook(deciding, i), always_call=True)
-            )
+        try:
+            for module in root.modules():
+                deciding = isinstance(module, (*ACTIVATION_MODULES, *PASS_THROUGH_MODULES))
+                i = index.get(id(module))
+                self._hooks.add(module.register_forward_pre_hook(self._enter_hook(deciding, i)))
+                if i is not None:
+                    self._hooks.add(module.register_forward_hook(self._layer_hook(i)))
+                leave = self._leave_hook(deciding, i)
+                self._hooks.add(module.register_forward_hook(leave, always_call=True))
+        except BaseException:
+            self._hooks.close()  # no hook of a half-done attach stays behind
+            raise
 
     def pause(self) -> None:
         """Stop counting forward passes until :meth:`resume` (call before ``backward``: a

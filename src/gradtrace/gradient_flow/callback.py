@@ -319,7 +319,6 @@ class GradientFlow(Callback):
         if self._faults.active("order"):
             with self._faults.guard("order"):
                 self._order.watch(pl_module)
-        # After the order probe: compiler stances must be left in the reverse order.
         if self.activations and self._faults.active("activations") and self._measured(trainer):
             with self._faults.guard("activations"):
                 self._activations.start(trainer, pl_module, self._layers)

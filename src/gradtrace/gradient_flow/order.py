@@ -125,13 +125,17 @@ class ForwardProbe:
             attribute = layer.name.rsplit(".", 1)[-1]
             owned.setdefault(id(layer.module), []).append((attribute, layer.name))
         self._owned = owned
-        for mod in root.modules():
-            if id(mod) in owned:
-                self._hooks.add(mod.register_forward_pre_hook(self._record))
         outer = [root, *(c for c in root.children() if any(True for _ in c.parameters()))]
-        for mod in outer:
-            self._hooks.add(mod.register_forward_pre_hook(self._enter))
-            self._hooks.add(mod.register_forward_hook(self._leave, always_call=True))
+        try:
+            for mod in root.modules():
+                if id(mod) in owned:
+                    self._hooks.add(mod.register_forward_pre_hook(self._record))
+            for mod in outer:
+                self._hooks.add(mod.register_forward_pre_hook(self._enter))
+                self._hooks.add(mod.register_forward_hook(self._leave, always_call=True))
+        except BaseException:
+            self._hooks.close()  # no hook of a half-done probe stays behind
+            raise
 
     def _guarded(self, fn: Any, *args: Any) -> None:
         if self.error is not None:
