@@ -20,7 +20,6 @@ import re
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,6 +28,7 @@ from gradtrace import GradientFlow, GradientFlowWarning
 from gradtrace.models import list_models
 from helpers.capture import IndependentCapture
 from helpers.corpus import CASES, Case, zoo_case
+from helpers.fits import quiet_trainer
 
 GRADTRACE_SOURCE = str(Path(__import__("gradtrace").__file__).parent)
 STEPS = 2
@@ -40,19 +40,8 @@ def fit(
     module = case.build()
     flow = GradientFlow(**flow_options)
     capture = IndependentCapture(window=case.window)
-    options = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": STEPS,
-        "log_every_n_steps": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "callbacks": [flow, capture],
-    }
-    trainer = pl.Trainer(**{**options, **case.trainer})
+    options = {"max_steps": STEPS, "log_every_n_steps": 1, **case.trainer}
+    trainer = quiet_trainer(tmp_path, [flow, capture], **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, DataLoader(case.data(), batch_size=case.batch_size))

@@ -24,6 +24,7 @@ from gradtrace.gradient_flow.activations import ActivationCollector
 from gradtrace.gradient_flow.diagnosis import Diagnosis
 from gradtrace.gradient_flow.records import CsvRecords
 from gradtrace.gradient_flow.update_ratio import PendingUpdate
+from helpers.fits import quiet_trainer
 
 SCRIPTS = Path(__file__).parent / "scripts"
 STEPS = 4
@@ -59,16 +60,7 @@ def fit(tmp_path: Path, logger=False, **options) -> tuple[GradientFlow, pl.Train
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(4 * STEPS, 6, generator=g), torch.randint(0, 3, (4 * STEPS,)))
     flow = GradientFlow(every_n_steps=1, **options)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=STEPS,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[flow],
-    )
+    trainer = quiet_trainer(tmp_path, [flow], max_steps=STEPS, logger=logger)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(MLP(), DataLoader(data, batch_size=4))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import logging
 import math
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning, NonFiniteGradientError
 from gradtrace.gradient_flow import parameter_names, read_history
+from helpers.logs import rank_zero_lines
 
 IN, HIDDEN, CLASSES = 6, 8, 3
 
@@ -693,16 +693,9 @@ def test_plots_are_skipped_with_one_info_line_without_matplotlib(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    rank_zero_logger.addHandler(handler)
-    try:
-        cb = GradientFlow(every_n_steps=1)
+    cb = GradientFlow(every_n_steps=1)
+    with rank_zero_lines() as lines:
         fit(tmp_path, Classifier(TinyNet()), cb, max_epochs=2)
-    finally:
-        rank_zero_logger.removeHandler(handler)
     ours = [line for line in lines if "GradientFlow" in line]
     assert len(ours) == 1
     assert "no gradient-flow plots" in ours[0]

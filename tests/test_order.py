@@ -17,21 +17,12 @@ from gradtrace import GradientFlow
 from gradtrace.gradient_flow import parameter_names
 from gradtrace.gradient_flow.order import LayerOrder, backward_depths
 from helpers.corpus import GAN
+from helpers.fits import quiet_trainer
 
 
 def fit(module: pl.LightningModule, data: TensorDataset, tmp_path: Path, steps: int, **options):
     flow = GradientFlow(every_n_steps=1, plot=False, **options)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[flow],
-    )
-    trainer.fit(module, DataLoader(data, batch_size=2))
+    quiet_trainer(tmp_path, [flow], max_steps=steps).fit(module, DataLoader(data, batch_size=2))
     return flow
 
 

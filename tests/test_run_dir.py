@@ -4,7 +4,6 @@ never over an earlier fit's records, never under another instance's metric names
 from __future__ import annotations
 
 import csv
-import logging
 import os
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, read_history
+from helpers.fits import quiet_trainer
+from helpers.logs import rank_zero_lines
 
 
 class Net(pl.LightningModule):
@@ -39,15 +40,7 @@ def loader() -> DataLoader:
 
 
 def trainer(callbacks: list[pl.Callback], **options) -> pl.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "max_steps": 2,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": callbacks,
-    }
-    return pl.Trainer(**{**settings, **options})
+    return quiet_trainer(None, callbacks, **{"max_steps": 2, **options})
 
 
 @pytest.mark.parametrize("options", [{"logger": False}, {"fast_dev_run": True}])
@@ -63,17 +56,10 @@ def test_without_a_logger_the_files_go_under_default_root_dir_not_the_working_di
 
 
 def test_an_earlier_fit_in_the_same_directory_is_kept_and_said_once(tmp_path: Path) -> None:
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    rank_zero.addHandler(handler)
-    try:
-        flows = [GradientFlow(every_n_steps=1, plot=False) for _ in range(3)]
+    flows = [GradientFlow(every_n_steps=1, plot=False) for _ in range(3)]
+    with rank_zero_lines() as lines:
         for flow in flows:
             trainer([flow], logger=False, default_root_dir=tmp_path).fit(Net(), loader())
-    finally:
-        rank_zero.removeHandler(handler)
     folder = tmp_path / "gradient_flow"
     assert [f.csv_path for f in flows] == [
         folder / "gradient_flow.csv",

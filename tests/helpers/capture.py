@@ -22,7 +22,9 @@ import pytest
 import torch
 from torch import nn
 
-__all__ = ["IndependentCapture", "clean_name", "expected_stats", "first_tensor"]
+from gradtrace.gradient_flow.order import primary_output  # which tensor is "the output"
+
+__all__ = ["IndependentCapture", "clean_name", "expected_stats"]
 
 _WRAPPERS = ("_orig_mod.",)
 
@@ -32,19 +34,6 @@ def clean_name(name: str) -> str:
     for wrapper in _WRAPPERS:
         name = name.replace(wrapper, "")
     return name
-
-
-def first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 def expected_stats(grad: torch.Tensor) -> dict[str, float]:
@@ -97,7 +86,7 @@ class IndependentCapture(pl.Callback):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             entry = self.called.setdefault(name, [0.0, 0.0, 0.0])
             entry[2] += 1
-            tensor = first_tensor(output)
+            tensor = primary_output(output)
             if tensor is not None and tensor.is_floating_point():
                 entry[0] += tensor.detach().double().sum().item()
                 entry[1] += tensor.numel()
