@@ -38,7 +38,6 @@ __all__ = [
     "ForwardProbe",
     "LayerOrder",
     "backward_depths",
-    "data_flow_order",
     "primary_output",
 ]
 
@@ -113,6 +112,7 @@ class ForwardProbe:
         self.error: BaseException | None = None
         """The first error inside one of the probe's hooks."""
         self._names = names
+        self._owned: dict[int, list[tuple[str, str]]] = {}  # module -> (attribute, name)
         self._kept: list[torch.Tensor] = []  # stand-ins stay alive while their ids are keys
         self._seen: set[int] = set()
         self._depth = 0
@@ -120,11 +120,10 @@ class ForwardProbe:
         if not can_force_eager() and contains_compiled(root):
             # Old torch: hooks would be compiled into the graph and fire forever after.
             return
-        owned: dict[int, list[tuple[str, str]]] = {}
+        owned = self._owned
         for layer in select_layers(root, include=["*"]):
             attribute = layer.name.rsplit(".", 1)[-1]
             owned.setdefault(id(layer.module), []).append((attribute, layer.name))
-        self._owned = owned
         outer = [root, *(c for c in root.children() if any(True for _ in c.parameters()))]
         try:
             for mod in root.modules():
@@ -190,24 +189,18 @@ class ForwardProbe:
                 found[name] = depth
         return found
 
+    def call_order(self) -> list[str]:
+        """Parameter names in call order: those of the called modules in the order they were
+        first called (registration order within a module; a container's own parameters take
+        its place, before its children), then every other name in registration order."""
+        called = [name for mod in self.called for _, name in self._owned[id(mod)]]
+        ordered = list(dict.fromkeys(called))
+        placed = set(ordered)
+        return ordered + [name for name in self._names.values() if name not in placed]
+
     def close(self) -> None:
         self._hooks.close()
         self._kept = []
-
-
-def data_flow_order(called: Iterable[nn.Module], names: Mapping[int, str]) -> list[str]:
-    """Parameter names in call order: those of the ``called`` modules in call order
-    (registration order within a module; a container's own parameters take its place, before
-    its children), then every other name of ``names`` in registration order."""
-    ordered: list[str] = []
-    placed: set[str] = set()
-    for mod in called:
-        for param in mod._parameters.values():
-            name = names.get(id(param)) if param is not None else None
-            if name is not None and name not in placed:
-                ordered.append(name)
-                placed.add(name)
-    return ordered + [name for name in names.values() if name not in placed]
 
 
 def _merge(depths: Mapping[str, int], sequence: list[str]) -> list[str]:
@@ -299,7 +292,7 @@ class LayerOrder:
             self.close()
             raise probe.error
         if probe.called:
-            self._sequence = data_flow_order(probe.called, self._names)
+            self._sequence = probe.call_order()
         self.main_path |= probe.main_path
         self._set(_merge(self.depths, self._sequence))
 
