@@ -29,6 +29,7 @@ __all__ = [
     "WEIGHT_FUNCTIONS",
     "Bounds",
     "activation_sources",
+    "is_bias",
     "module_bounds",
 ]
 
@@ -183,6 +184,11 @@ def module_bounds(module: nn.Module) -> Bounds:
     return None
 
 
+def is_bias(name: str) -> bool:
+    """Whether the parameter ``name`` is a bias: it has no output apart from its weight's."""
+    return "bias" in name.rsplit(".", 1)[-1]
+
+
 def activation_sources(
     layers: Iterable[tuple[str, nn.Module]], root: nn.Module
 ) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -223,8 +229,8 @@ def activation_sources(
         if source is not None and id(source) not in used:
             used[id(source)] = name
             sources[name] = source
-        elif "bias" in attribute:
-            continue  # a bias has no output apart from its weight's
+        elif is_bias(name):
+            continue
         elif source is None:
             missing[name] = reason
         else:

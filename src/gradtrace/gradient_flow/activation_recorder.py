@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from gradtrace.checks import check_int, check_range
-from gradtrace.gradient_flow.activation_catalog import activation_sources
+from gradtrace.gradient_flow.activation_catalog import activation_sources, is_bias
 from gradtrace.gradient_flow.activations import (
     ActivationCollector,
     ActivationsUnavailableError,
@@ -165,7 +165,7 @@ class ActivationRecorder:
     def report_blank(self, trainer: pl.Trainer, layers: Iterable[str]) -> None:
         """Say once (global rank 0) which recorded layers got no activation statistics, and
         why (biases never do: their module's output is their weight's)."""
-        blank = [name for name in layers if "bias" not in name.rsplit(".", 1)[-1]]
+        blank = [name for name in layers if not is_bias(name)]
         if not blank or self._reported_blank or not trainer.is_global_zero:
             return
         self._reported_blank = True
