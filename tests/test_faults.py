@@ -221,3 +221,19 @@ def _failing_after_some_hooks(init):
             assert root.register_forward_pre_hook == original
 
     return broken
+
+
+def test_a_feature_switched_off_is_not_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr("gradtrace.gradient_flow.histograms.send_histograms", failing)
+    flow, trainer, _ = fit(tmp_path, histogram_every_n_steps=1)
+    assert trainer.global_step == STEPS
+    assert list(flow.faults) == ["histograms"]
+    assert len(calls) == 1  # not once per measured step

@@ -316,19 +316,17 @@ class GradientFlow(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._stepped = False
-        if self._faults.active("order"):
-            with self._faults.guard("order"):
-                self._order.watch(pl_module)
+        self._faults.run("order", self._order.watch, pl_module)
         if self.activations and self._faults.active("activations") and self._measured(trainer):
-            with self._faults.guard("activations"):
-                self._activations.start(trainer, pl_module, self._layers)
+            self._faults.run(
+                "activations", self._activations.start, trainer, pl_module, self._layers
+            )
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        if self._order.watching and self._faults.active("order"):
-            with self._faults.guard("order"):
-                self._order.backward(loss)
+        if self._order.watching:
+            self._faults.run("order", self._order.backward, loss)
         self._activations.pause()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -446,8 +444,7 @@ class GradientFlow(Callback):
         """Measure ``optimizer``'s layers (every rank); hold the records until the batch ends."""
         step = logging_step(trainer)
         if self._order.watching:
-            with self._faults.guard("order"):
-                self._order.update()
+            self._faults.run("order", self._order.update)
         plan = self._plan(optimizer)
         measured = measure(plan, optimizer, trainer.precision_plugin)  # every rank
         if measured is None:
@@ -455,7 +452,8 @@ class GradientFlow(Callback):
         self._order.note_gradients(plan.names[i] for i in measured.present)
         index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
         suffix = f"/optimizer_{index}" if index else ""
-        for key, value in measured.summary_scalars(self.namespace, suffix).items():
+        summary = measured.summary_values(self.namespace, suffix)
+        for key, value in summary.items():
             # The loggers get them with the per-layer values (step 0 included); this is for
             # EarlyStopping, ModelCheckpoint and the progress bar.
             pl_module.log(key, value, on_step=True, on_epoch=False, logger=False)
@@ -465,19 +463,19 @@ class GradientFlow(Callback):
         if self._scaler_in_use:
             for record in records:
                 record["scaler_skipped"] = int(skipped)
-        entry = _StepRecords(records, measured.summary_values(self.namespace, suffix))
+        entry = _StepRecords(records, summary)
         self._batch.append(entry)
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
-            with self._faults.guard("histograms"):
-                self._send_histograms(trainer, plan, measured.layer_rows, step)
+            self._faults.run(
+                "histograms", self._send_histograms, trainer, plan, measured.layer_rows, step
+            )
         if trainer.is_global_zero:
-            if self.update_ratio and self._faults.active("update_ratio"):
-                with self._faults.guard("update_ratio"):
-                    params = [plan.params[i] for i in measured.layer_rows]
-                    entry.update = PendingUpdate.snapshot(records, params)
-            if self._faults.active("diagnosis"):
-                with self._faults.guard("diagnosis"):
-                    self.diagnosis.check_path(step, measured.path_means())
+            if self.update_ratio:
+                params = [plan.params[i] for i in measured.layer_rows]
+                entry.update = self._faults.run(
+                    "update_ratio", PendingUpdate.snapshot, records, params
+                )
+            self._faults.run("diagnosis", self.diagnosis.check_path, step, measured.path_means())
         if not skipped:  # a GradScaler skips such steps: expected in fp16
             self.diagnosis.nonfinite(
                 step, measured.nonfinite_layers(), report=trainer.is_global_zero
@@ -506,9 +504,8 @@ class GradientFlow(Callback):
         if stats:
             blank = (r["layer"] for e in self._batch for r in e.records if "act_mean" not in r)
             self._activations.report_blank(trainer, blank)
-        if stats and trainer.is_global_zero and self._faults.active("diagnosis"):
-            with self._faults.guard("diagnosis"):
-                self._activations.diagnose(logging_step(trainer), stats)
+        if stats and trainer.is_global_zero:
+            self._faults.run("diagnosis", self._activations.diagnose, logging_step(trainer), stats)
 
     def _finish_batch(self, trainer: pl.Trainer) -> None:
         """The batch is over: fill in update ratios and emit its records (global rank 0)."""
@@ -517,8 +514,7 @@ class GradientFlow(Callback):
             return
         for entry in batch:
             if entry.update is not None:
-                with self._faults.guard("update_ratio"):
-                    entry.update.finish()
+                self._faults.run("update_ratio", entry.update.finish)
             self._emit(trainer, entry.records, entry.summary)
 
     # ---------------------------------------------------------------- reporting
@@ -548,22 +544,24 @@ class GradientFlow(Callback):
         if not records:
             return
         self._history.extend(records)
-        if self._csv is not None and self._faults.active("files"):
-            with self._faults.guard("files"):
-                self._csv.add(records)
-        if self._faults.active("loggers"):
-            with self._faults.guard("loggers"):
-                metrics = {
-                    f"{self.namespace}/{key}/{r['layer']}": r[key]
-                    for r in records
-                    for key in self.columns[2:]
-                    if key in r
-                }
-                metrics.update(summary)
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=records[0]["step"])
+        if self._csv is not None:
+            self._faults.run("files", self._csv.add, records)
+        self._faults.run("loggers", self._log_metrics, trainer, records, summary)
         if time.monotonic() - self._last_flush > _FLUSH_INTERVAL_S:
             self._flush_csv()
+
+    def _log_metrics(
+        self, trainer: pl.Trainer, records: list[dict[str, Any]], summary: dict[str, float]
+    ) -> None:
+        metrics = {
+            f"{self.namespace}/{key}/{r['layer']}": r[key]
+            for r in records
+            for key in self.columns[2:]
+            if key in r
+        }
+        metrics.update(summary)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=records[0]["step"])
 
     def _send_histograms(
         self, trainer: pl.Trainer, plan: OptimizerLayers, rows: list[int], step: int
@@ -576,9 +574,8 @@ class GradientFlow(Callback):
 
     def _flush_csv(self) -> None:
         self._last_flush = time.monotonic()
-        if self._csv is not None and self._faults.active("files"):
-            with self._faults.guard("files"):
-                self._csv.flush()
+        if self._csv is not None:
+            self._faults.run("files", self._csv.flush)
 
     def _plot(
         self, trainer: pl.Trainer, kind: str, records: list[dict[str, Any]], stem: str
@@ -596,8 +593,10 @@ class GradientFlow(Callback):
             return
         order = sorted({r["layer"] for r in records}, key=self._order.rank_of)
         path = self.csv_path.parent / self.csv_path.stem / f"{stem}.png"
-        with self._faults.guard("plots"):
-            draw_figure(trainer, kind, records, order, path, logging_step(trainer), self.log_scale)
+        step = logging_step(trainer)
+        self._faults.run(
+            "plots", draw_figure, trainer, kind, records, order, path, step, self.log_scale
+        )
 
 
 def _local(grad: torch.Tensor | None) -> torch.Tensor | None:

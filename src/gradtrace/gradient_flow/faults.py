@@ -10,13 +10,16 @@ fit and training goes on. :class:`~gradtrace.gradient_flow.diagnosis.NonFiniteGr
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from gradtrace.gradient_flow.activations import ActivationFault
 from gradtrace.gradient_flow.diagnosis import GradientFlowWarning, NonFiniteGradientError
 
 __all__ = ["FEATURES", "Faults"]
+
+T = TypeVar("T")
 
 FEATURES: dict[str, str] = {
     "gradients": "gradient statistics",
@@ -72,3 +75,11 @@ class Faults:
             raise
         except Exception as err:
             self.fail(feature, err, layer)
+
+    def run(self, feature: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)`` as part of ``feature``, unless it is switched off; ``None`` when it is
+        off or fails (and is switched off by that)."""
+        if feature not in self.failed:
+            with self.guard(feature):
+                return fn(*args)
+        return None

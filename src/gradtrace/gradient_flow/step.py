@@ -67,10 +67,8 @@ class Measurement:
     plan: OptimizerLayers
     present: list[int]
     """Rows of ``plan`` measured (those with a gradient on some rank)."""
-    table: torch.Tensor
-    """``[len(present) x 4]`` :data:`STATS` on the device."""
     values: list[list[float]]
-    """``table`` on the host."""
+    """``[len(present) x 4]`` :data:`STATS`, on the host."""
 
     def _row(self) -> dict[int, int]:
         return {i: k for k, i in enumerate(self.present)}
@@ -112,18 +110,9 @@ class Measurement:
         ]
         return [(name, value) for name, value in path if math.isfinite(value)]
 
-    def summary_scalars(self, prefix: str, suffix: str = "") -> dict[str, torch.Tensor]:
-        """Global gradient norm, non-finite count and main-path input/output ratio, as device
-        tensors (no host sync), named ``<prefix>/<scalar><suffix>``."""
-        l2 = torch.nan_to_num(self.table[:, 1], nan=math.inf)
-        scalars = {"grad_norm": l2.square().sum().sqrt(), "nonfinite": self.table[:, 3].sum()}
-        ends = self._path_ends()
-        if ends is not None:
-            scalars["input_output_ratio"] = self.table[ends[0], 0] / self.table[ends[1], 0]
-        return {f"{prefix}/{key}{suffix}": value.float() for key, value in scalars.items()}
-
     def summary_values(self, prefix: str, suffix: str = "") -> dict[str, float]:
-        """:meth:`summary_scalars` computed from the host copy, for the loggers."""
+        """Global gradient norm, non-finite count and main-path input/output ratio, named
+        ``<prefix>/<scalar><suffix>``, from the host copy of the table (no further sync)."""
         l2 = [math.inf if math.isnan(v[1]) else v[1] for v in self.values]
         values = {
             "grad_norm": math.sqrt(sum(v * v for v in l2)),
@@ -165,10 +154,8 @@ def measure(
     canonical = sorted(range(len(present)), key=lambda k: plan.positions[present[k]])
     named = [(plan.names[present[k]], plan.params[present[k]]) for k in canonical]
     _, table = grad_stats_table(named, STATS, scale=scale)
-    if canonical != sorted(canonical):
-        back = [0] * len(canonical)
-        for row, k in enumerate(canonical):
-            back[k] = row
-        table = table[torch.tensor(back, device=table.device)]
-    values = table.cpu().tolist()  # the one device-to-host copy of a measured step
-    return Measurement(plan, present, table, values)
+    rows = table.cpu().tolist()  # the one device-to-host copy of a measured step
+    values: list[list[float]] = [[] for _ in present]
+    for row, k in zip(rows, canonical):  # back to the plan's (data-flow) order
+        values[k] = row
+    return Measurement(plan, present, values)
