@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CollectiveCounter", "bench_collectives"]
+__all__ = ["CollectiveCounter", "bench_collectives", "sharded_model"]
 
 _NAMESPACES = frozenset({"c10d", "_c10d_functional"})
 # ops in those namespaces that move no data between ranks
@@ -48,10 +48,15 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _sharded_model() -> nn.Module:
-    """A small conv net with FSDP2 (``fully_shard``) on each weight-bearing layer and the root."""
+def sharded_model() -> nn.Module:
+    """A small conv net with FSDP2 (``fully_shard``) on each weight-bearing layer and the root,
+    sharded over every process of the default group on a CPU mesh (FSDP2's default mesh is the
+    accelerator's: on a GPU machine the parameters would move to CUDA and the CPU batch would
+    not reach them)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
@@ -64,8 +69,8 @@ def _sharded_model() -> nn.Module:
     )
     for layer in net:
         if isinstance(layer, nn.Conv2d | nn.Linear):
-            fully_shard(layer)
-    return fully_shard(net)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
 
 
 def _rank(rank: int, world_size: int, port: int, out: str) -> None:
@@ -74,7 +79,7 @@ def _rank(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        net = _sharded_model()
+        net = sharded_model()
         generator = torch.Generator().manual_seed(rank)
         images = torch.randn(4, 3, 16, 16, generator=generator)
         nn.functional.cross_entropy(net(images), torch.arange(4)).backward()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import child  # noqa: E402
 from benchmarks.callbacks import TimedCallback, keyed_gradient_flow  # noqa: E402
-from benchmarks.collectives import CollectiveCounter  # noqa: E402
+from benchmarks.collectives import CollectiveCounter, sharded_model  # noqa: E402
 from benchmarks.config import BenchConfig  # noqa: E402
 from benchmarks.figures import FIGURES, Goal  # noqa: E402
 from benchmarks.gpu import epoch_time, table1_rows  # noqa: E402
@@ -282,6 +282,35 @@ def test_collective_counter_counts_c10d_and_functional_collectives(tmp_path: Pat
             funcol.all_reduce(x, "sum", dist.group.WORLD).wait()
             x * 2  # not a collective
         assert counter.ops == ["c10d.allreduce_", "_c10d_functional.all_reduce"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_model_of_the_collectives_bench_is_on_a_cpu_mesh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.distributed.fsdp._fully_shard import _fully_shard
+    from torch.distributed.tensor import DTensor
+
+    # FSDP2's default mesh is the accelerator's (CUDA on a GPU machine, where the bench's CPU
+    # batch would then not reach the parameters): the bench must never fall back on it
+    def no_default_mesh() -> None:
+        raise AssertionError("fully_shard was called without a mesh")
+
+    monkeypatch.setattr(_fully_shard, "_init_default_mesh", no_default_mesh)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        net = sharded_model()
+        params = list(net.parameters())
+        assert len(params) == 6  # 2 convolutions and a linear layer, weight and bias each
+        assert all(isinstance(p, DTensor) for p in params)
+        assert {p.device_mesh.device_type for p in params} == {"cpu"}
+        assert {p.device.type for p in params} == {"cpu"}
+        images = torch.randn(2, 3, 16, 16)
+        torch.nn.functional.cross_entropy(net(images), torch.arange(2)).backward()
+        assert all(p.grad is not None for p in params)
     finally:
         dist.destroy_process_group()
 
