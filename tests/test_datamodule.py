@@ -7,6 +7,7 @@ import itertools
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import pytest
@@ -622,6 +623,91 @@ def test_resumed_run_replays_the_uninterrupted_batches(
     # step 15 (epoch 1, after batch 4) and the run continues at batch 5
     assert first == ((1, 0) if every_n_steps is None else (1, 5))
     assert resumed.seen == [s for s in uninterrupted[0].seen if s[:2] >= first]
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the splits live
+
+
+def gpu_trainer(rank: int = 0) -> SimpleNamespace:
+    """A Trainer on ``cuda:0`` as the data module sees it (nothing touches a GPU: the tests
+    answer the memory query and record the copies)."""
+    trainer = fake_trainer(world_size=2, rank=rank)
+    trainer.strategy.root_device = torch.device("cuda", 0)
+    return trainer
+
+
+# SMALL's splits: 500 + 100 + 100 uint8 images of 3x32x32 and as many int64 labels
+SMALL_SPLIT_BYTES = 700 * 3 * 32 * 32 + 700 * 8
+
+
+def record_copies(monkeypatch: pytest.MonkeyPatch) -> list[torch.device]:
+    """The CUDA devices tensors are copied to with ``.to(device)`` (those copies skipped)."""
+    copies: list[torch.device] = []
+    to_ = torch.Tensor.to
+
+    def to(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        device = args[0] if args else kwargs.get("device")
+        if isinstance(device, torch.device) and device.type == "cuda":
+            copies.append(device)
+            return tensor
+        return to_(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return copies
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_splits_stay_on_the_host_when_they_need_over_half_the_free_gpu_memory(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, rank: int
+) -> None:
+    free = 2 * SMALL_SPLIT_BYTES - 1  # half of it is one byte short
+    queried: list[torch.device] = []
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device: queried.append(device) or (free, 8 * free)
+    )
+    dm = ImageDataModule(**SMALL)
+    dm.trainer = gpu_trainer(rank)
+    with caplog.at_level("INFO", logger="gradtrace.datamodule"):
+        dm.setup("fit")
+        copies = record_copies(monkeypatch)
+        dm.setup("validate")  # said once
+    assert queried == [torch.device("cuda", 0)] * 2
+    assert copies == []
+    assert dm.split("train")[0].device.type == "cpu"
+    said = [m for m in caplog.messages if "host memory" in m]
+    assert said == (
+        []
+        if rank
+        else [
+            "Data: the splits stay in host memory and each batch is copied to cuda:0: they take "
+            f"{SMALL_SPLIT_BYTES / 2**30:.3g} GiB, more than 50% of the {free / 2**30:.3g} GiB "
+            "free there (device_resident=true puts them on the GPU anyway)"
+        ]
+    )
+
+
+def test_splits_go_to_the_gpu_when_they_fit_or_when_asked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    free = 2 * SMALL_SPLIT_BYTES  # exactly half
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 8 * free))
+    dm = ImageDataModule(**SMALL)
+    dm.setup("fit")  # loaded without a trainer: on the host
+    dm.trainer = gpu_trainer()
+    copies = record_copies(monkeypatch)
+    with caplog.at_level("INFO", logger="gradtrace.datamodule"):
+        dm.setup("fit")
+    assert copies == [torch.device("cuda", 0)] * 6  # images and labels of three splits
+    assert not [m for m in caplog.messages if "host memory" in m]
+    # device_resident=True: whatever the free memory (not even asked)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 0))
+    forced = ImageDataModule(**SMALL, device_resident=True)
+    forced.setup("fit")
+    forced.trainer = gpu_trainer()
+    copies.clear()
+    forced.setup("fit")
+    assert copies == [torch.device("cuda", 0)] * 6
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """``ImageDataModule``: whole splits in memory, batches cut by index, augmentation on the device.
 
 The speed recipe is airbench's: each split is one uint8 tensor (moved to the GPU once when
-training on CUDA), a batch is ``images[indices]``, and the random crop (+ flip) and the
-normalisation run on the whole batch on the training device in ``on_after_batch_transfer``, as
-one gather. No per-sample Python, no worker processes. The batches are
-:mod:`gradtrace.batches`' (seeded, sharded, resumable: see there for the determinism and DDP
-guarantees); the augmentation and normalisation are :mod:`gradtrace.augmentation`'s. The
-validation split and the subset are pure functions of ``seed``. On its first ``setup`` it logs
-one line (:meth:`ImageDataModule.describe`) with the settings a run actually uses.
+training on CUDA, if the splits take at most half of its free memory), a batch is
+``images[indices]``, and the random crop (+ flip) and the normalisation run on the whole batch
+on the training device in ``on_after_batch_transfer``, as one gather. No per-sample Python, no
+worker processes. The batches are :mod:`gradtrace.batches`' (seeded, sharded, resumable: see
+there for the determinism and DDP guarantees); the augmentation and normalisation are
+:mod:`gradtrace.augmentation`'s. The validation split and the subset are pure functions of
+``seed``. On its first ``setup`` it logs one line (:meth:`ImageDataModule.describe`) with the
+settings a run actually uses.
 
 This module is one class, over ~400 lines because each of its 18 options is checked in the
 constructor with a message saying what is valid; what stands alone (reading the sources,
@@ -61,6 +62,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CIFAR_TRAIN_SIZE = 50_000  # images in the official CIFAR-10 and CIFAR-100 training archives
+# By default the splits go to a CUDA device only if they take at most this share of its free
+# memory: the rest is the training's (activations, optimizer state, the compiler's buffers).
+RESIDENT_SHARE = 0.5
 
 
 def _default_augment(kind: str) -> str:
@@ -104,8 +108,10 @@ class ImageDataModule(L.LightningDataModule):
             their own, and a different value is an error.
         synthetic_sizes: ``(training pool, test)`` image counts of ``synthetic`` data.
         md5: expected MD5 of the CIFAR archive (default: the published one).
-        device_resident: keep the uint8 splits on the training device (default: on for
-            CUDA, off for CPU) so batches never cross PCIe.
+        device_resident: keep the uint8 splits on the training device so batches never cross
+            PCIe. Default (``None``): on a CUDA device when they take at most half of its free
+            memory (one line says when they do not), never on a CPU; ``True``: always;
+            ``False``: never.
     """
 
     def __init__(
@@ -182,6 +188,7 @@ class ImageDataModule(L.LightningDataModule):
         if pool is not None:
             self._check_sizes(pool, world_size=1)
         self._splits: dict[str, ds.Split] | None = None
+        self._said_not_resident = False
         self._mean: torch.Tensor | None = None
         self._std: torch.Tensor | None = None
         self._stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -347,12 +354,39 @@ class ImageDataModule(L.LightningDataModule):
         return self.trainer.world_size, self.trainer.global_rank
 
     def _target_device(self) -> torch.device | None:
+        """Where the splits live: the training device when asked (``device_resident``) or, by
+        default, a CUDA device with room for them; ``None``: where they were loaded."""
         if self.trainer is None or self.device_resident is False:
             return None
         device = self.trainer.strategy.root_device
-        if device.type == "cuda" or self.device_resident:
+        if self.device_resident:
             return device
-        return None
+        if device.type != "cuda" or self._splits is None:
+            return None
+        if self._splits["train"][0].device == device:
+            return device  # placed by an earlier setup
+        return device if self._fits_on(device) else None
+
+    def _fits_on(self, device: torch.device) -> bool:
+        """Whether the splits take at most :data:`RESIDENT_SHARE` of ``device``'s free memory
+        (every rank holds them whole on its own GPU); if not, says so once (rank zero)."""
+        assert self._splits is not None
+        needed = sum(t.nbytes for split in self._splits.values() for t in split)
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed <= RESIDENT_SHARE * free:
+            return True
+        if not self._said_not_resident and self._dist()[1] == 0:
+            log.info(
+                "Data: the splits stay in host memory and each batch is copied to %s: they take "
+                "%.3g GiB, more than %d%% of the %.3g GiB free there (device_resident=true puts "
+                "them on the GPU anyway)",
+                device,
+                needed / 2**30,
+                round(100 * RESIDENT_SHARE),
+                free / 2**30,
+            )
+        self._said_not_resident = True
+        return False
 
     def _eval_batches(self, name: str) -> EvalBatches:
         images, labels = self.split(name)
