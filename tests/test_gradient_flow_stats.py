@@ -69,12 +69,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _assert_equal_to_one_process(
+    values: dict[str, float], histograms: dict, reference: tuple[dict, dict], where: tuple
+) -> None:
+    """Statistics to float rounding; histograms of the whole gradients: same entry counts and
+    ranges, and bin counts off by at most the entries on a bin edge that rounding moves."""
+    stats, reference_histograms = reference
+    assert sorted(values) == sorted(stats), where
+    for key, want in stats.items():
+        assert values[key] == pytest.approx(want, rel=1e-5, abs=0), (*where, key)
+    assert sorted(histograms) == sorted(reference_histograms), where
+    for name, (num, low, high, counts) in reference_histograms.items():
+        got_num, got_low, got_high, got_counts = histograms[name]
+        assert got_num == sum(got_counts) == num, (*where, name)
+        assert (got_low, got_high) == pytest.approx((low, high), rel=1e-5), (*where, name)
+        assert sum(abs(a - b) for a, b in zip(got_counts, counts)) <= 2, (*where, name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_processes_equal_one_process(tmp_path: Path, world: int) -> None:
     """DDP, FSDP1 (use_orig_params; FULL_SHARD, NO_SHARD, HYBRID_SHARD, _HYBRID_SHARD_ZERO2),
-    FSDP2 fully_shard and DTensor Shard(0) weights on 2 and 4 processes vs 1 process. Hybrid
-    sharding is one replica of 2 shards with 2 processes, 2 replicas of 2 shards with 4."""
+    FSDP2 fully_shard (world; hybrid replicate x shard; the dp sub-mesh of dp x tp) and
+    DTensor Shard(0) weights on 2 and 4 processes vs 1 process, statistics and histograms.
+    Hybrid sharding is one replica of 2 shards with 2 processes, 2 replicas of 2 shards with
+    4; the dp sub-mesh has 1 rank (2 processes) or 2 (4 processes), next to tp = 2."""
     script = SCRIPTS / "grad_stats_distributed.py"
     port = str(_free_port())
     done = subprocess.run(
@@ -90,7 +109,8 @@ def test_gloo_processes_equal_one_process(tmp_path: Path, world: int) -> None:
     finally:
         sys.path.remove(str(SCRIPTS))
     reference = dist_script.single()
-    assert len(reference) == 6 * 4  # 3 weights + 3 biases, 4 stats
+    assert len(reference[0]) == 6 * 4  # 3 weights + 3 biases, 4 stats
+    assert len(reference[1]) == 3
     # collectives issued by one grad_stats call: none when nothing is sharded, exactly one else
     expected_calls = {
         "ddp": 0,
@@ -99,16 +119,16 @@ def test_gloo_processes_equal_one_process(tmp_path: Path, world: int) -> None:
         "fsdp1_hybrid": 1,
         "fsdp1_hybrid_zero2": 1,
         "fsdp2": 1,
+        "fsdp2_hybrid": 1,
+        "fsdp2_dp_submesh": 1,
         "dtensor": 1,
     }
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert sorted(results) == sorted(expected_calls)
-        for setup, (values, calls) in results.items():
+        for setup, (values, calls, histograms) in results.items():
             assert calls == expected_calls[setup], (setup, rank)
-            assert sorted(values) == sorted(reference), (setup, rank)
-            for key, want in reference.items():
-                assert values[key] == pytest.approx(want, rel=1e-5, abs=0), (setup, rank, key)
+            _assert_equal_to_one_process(values, histograms, reference, (setup, rank))
 
 
 @pytest.mark.slow
@@ -134,11 +154,9 @@ def test_deepspeed_zero_two_gloo_processes_equal_one_process(tmp_path: Path) -> 
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert sorted(results) == ["zero1", "zero2", "zero3"]
-        for setup, (values, calls) in results.items():
+        for setup, (values, calls, histograms) in results.items():
             assert calls == 1, (setup, rank)
-            assert sorted(values) == sorted(reference), (setup, rank)
-            for key, want in reference.items():
-                assert values[key] == pytest.approx(want, rel=1e-5, abs=0), (setup, rank, key)
+            _assert_equal_to_one_process(values, histograms, reference, (setup, rank))
 
 
 def test_default_selection_is_weights_of_weight_bearing_modules() -> None:

@@ -1,6 +1,8 @@
 """``grad_stats`` on ``--world`` gloo CPU processes: DDP, FSDP1 (``use_orig_params=True``;
-FULL_SHARD, NO_SHARD and hybrid sharding), FSDP2 ``fully_shard`` and a DTensor-sharded
-parameter set; each rank writes the stats and the collective count as JSON.
+FULL_SHARD, NO_SHARD and hybrid sharding), FSDP2 ``fully_shard`` (on the world, hybrid on a
+replicate x shard mesh, and on the ``dp`` sub-mesh of a dp x tp mesh) and a DTensor-sharded
+parameter set; each rank writes the stats, the collective count and the gradient histograms
+as JSON. Every mesh is a CPU mesh (FSDP2's default mesh is on CUDA when a GPU is visible).
 
 Used by tests/test_gradient_flow_stats.py, which compares the 2-process values with one
 process on the same model and batch. Every rank sees the full batch (the DDP/FSDP average of
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gradtrace.gradient_flow import grad_stats
+from gradtrace.gradient_flow.histograms import gradient_histograms
 
 
 def make_model() -> nn.Module:
@@ -50,29 +54,42 @@ class CountingAllGather:
         return self._wrapped(*args, **kwargs)
 
 
-def measure(model: nn.Module) -> tuple[dict[str, float], int]:
+Measured = tuple[dict[str, float], int, dict[str, Any]]
+
+
+def histograms(model: nn.Module) -> dict[str, Any]:
+    """Each weight's histogram (number of entries, range, counts) of the whole gradient."""
+    from gradtrace.gradient_flow import parameter_names
+
+    names = parameter_names(model)
+    weights = [(names[id(p)], p) for p in model.parameters() if names[id(p)].endswith("weight")]
+    found = gradient_histograms(weights, bins=8)
+    return {name: [h["num"], h["min"], h["max"], h["counts"]] for name, h in found.items()}
+
+
+def measure(model: nn.Module) -> Measured:
     counter = CountingAllGather()
     dist.all_gather = counter
     try:
         stats = grad_stats(model)
     finally:
         dist.all_gather = counter._wrapped
-    return {k: float(v) for k, v in stats.items()}, counter.calls
+    return {k: float(v) for k, v in stats.items()}, counter.calls, histograms(model)
 
 
-def single() -> dict[str, float]:
+def single() -> tuple[dict[str, float], dict[str, Any]]:
     model = make_model()
     backward(model)
-    return {k: float(v) for k, v in grad_stats(model).items()}
+    return {k: float(v) for k, v in grad_stats(model).items()}, histograms(model)
 
 
-def ddp() -> tuple[dict[str, float], int]:
+def ddp() -> Measured:
     model = nn.parallel.DistributedDataParallel(make_model())
     backward(model)
     return measure(model)
 
 
-def fsdp1(**kwargs) -> tuple[dict[str, float], int]:  # type: ignore[no-untyped-def]
+def fsdp1(**kwargs) -> Measured:  # type: ignore[no-untyped-def]
     """FSDP1 with ``use_orig_params=True`` (Lightning's default): each rank holds a slice of
     some gradients and ``None`` for the others (FULL_SHARD, the default)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -84,14 +101,14 @@ def fsdp1(**kwargs) -> tuple[dict[str, float], int]:  # type: ignore[no-untyped-
     return measure(model)
 
 
-def fsdp1_no_shard() -> tuple[dict[str, float], int]:
+def fsdp1_no_shard() -> Measured:
     """NO_SHARD: every rank holds the whole gradient, as under DDP."""
     from torch.distributed.fsdp import ShardingStrategy
 
     return fsdp1(sharding_strategy=ShardingStrategy.NO_SHARD)
 
 
-def fsdp1_hybrid(replicas: int, strategy: str = "HYBRID_SHARD") -> tuple[dict[str, float], int]:
+def fsdp1_hybrid(replicas: int, strategy: str = "HYBRID_SHARD") -> Measured:
     """Hybrid sharding on a ``(replicas, world // replicas)`` mesh: shards within a row of the
     mesh, replicas across rows."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -102,19 +119,43 @@ def fsdp1_hybrid(replicas: int, strategy: str = "HYBRID_SHARD") -> tuple[dict[st
     return fsdp1(sharding_strategy=ShardingStrategy[strategy], device_mesh=mesh)
 
 
-def fsdp2() -> tuple[dict[str, float], int]:
+def fsdp2(mesh: Any = None) -> Measured:
+    """``fully_shard`` on each Linear and the root: over the world by default; a 2-D mesh
+    is hybrid sharding (replicate x shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = mesh or init_device_mesh("cpu", (dist.get_world_size(),))
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     backward(model)
     return measure(model)
 
 
-def dtensor() -> tuple[dict[str, float], int]:
+def fsdp2_hybrid(replicas: int) -> Measured:
+    """HSDP: shards within a row of a ``(replicas, world // replicas)`` mesh, replicas across
+    rows; gradients ``(Replicate(), Shard(0))``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (replicas, dist.get_world_size() // replicas)
+    return fsdp2(init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")))
+
+
+def fsdp2_dp_submesh() -> Measured:
+    """``fully_shard`` on the ``dp`` sub-mesh of a ``(world // 2, 2)`` dp x tp mesh, as next
+    to tensor parallelism: each tp rank's dp group holds a whole copy of the gradient, so
+    summing over the world would count it twice."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (dist.get_world_size() // 2, 2)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+    return fsdp2(mesh["dp"])
+
+
+def dtensor() -> Measured:
     """Row-sharded weights, replicated biases: the gradients keep the parameters' placements."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
@@ -147,6 +188,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
             "fsdp1_hybrid": lambda: fsdp1_hybrid(replicas),
             "fsdp1_hybrid_zero2": lambda: fsdp1_hybrid(replicas, "_HYBRID_SHARD_ZERO2"),
             "fsdp2": fsdp2,
+            "fsdp2_hybrid": lambda: fsdp2_hybrid(replicas),
+            "fsdp2_dp_submesh": fsdp2_dp_submesh,
             "dtensor": dtensor,
         }
         results = {name: run() for name, run in setups.items()}

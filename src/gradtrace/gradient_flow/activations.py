@@ -51,6 +51,7 @@ from gradtrace.gradient_flow.activation_catalog import (
     Bounds,
     module_bounds,
 )
+from gradtrace.gradient_flow.collectives import all_reduce_sum
 from gradtrace.gradient_flow.eager_hooks import EagerHooks, can_force_eager, contains_compiled
 from gradtrace.gradient_flow.order import primary_output
 
@@ -275,9 +276,7 @@ class ActivationCollector:
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size(process_group)
             if world > 1:
-                if dist.get_backend(process_group) == "nccl" and table.device.type == "cpu":
-                    table = table.cuda()
-                dist.all_reduce(table, group=process_group)
+                table = all_reduce_sum(table, process_group)
         rows = table.cpu().tolist()  # one device-to-host copy
         self._reset_counts()
         faults = rows.pop()[0]

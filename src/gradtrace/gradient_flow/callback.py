@@ -568,9 +568,9 @@ class GradientFlow(Callback):
     ) -> None:
         from gradtrace.gradient_flow.histograms import send_histograms
 
-        grads = [(plan.names[i], _local(plan.params[i].grad)) for i in rows]
-        grads = [(name, grad) for name, grad in grads if grad is not None and grad.numel()]
-        send_histograms(trainer.loggers if trainer.is_global_zero else [], grads, step)
+        # Every rank: with sharded gradients each takes part in combining its shards.
+        named = [(plan.names[i], plan.params[i]) for i in rows]
+        send_histograms(trainer.loggers, named, step, write=trainer.is_global_zero)
 
     def _flush_csv(self) -> None:
         self._last_flush = time.monotonic()
@@ -597,8 +597,3 @@ class GradientFlow(Callback):
         self._faults.run(
             "plots", draw_figure, trainer, kind, records, order, path, step, self.log_scale
         )
-
-
-def _local(grad: torch.Tensor | None) -> torch.Tensor | None:
-    """The part of ``grad`` this rank holds (a DTensor's local tensor)."""
-    return grad.to_local() if grad is not None and hasattr(grad, "to_local") else grad

@@ -1,79 +1,173 @@
 """Gradient histograms for TensorBoard (``add_histogram_raw``) and W&B (``wandb.Histogram``).
 
-Counted on the device with ``torch.histc`` (non-finite entries left out); two small
-device-to-host copies per histogram step (the ranges, then the counts).
+Each histogram is of a parameter's whole gradient, also when ranks hold only shards of it
+(FSDP, DTensor, DeepSpeed ZeRO): ranges and counts are summed over the shard group the way
+:mod:`gradtrace.gradient_flow.stats` sums partial sums, with one collective for the ranges and
+one for the counts. Counted on the device with an integer ``scatter_add_``, which is
+deterministic (``torch.histc`` on CUDA raises under ``torch.use_deterministic_algorithms``);
+non-finite entries are left out. Two small device-to-host copies per histogram step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from gradtrace.gradient_flow.collectives import all_gather_stacked
+from gradtrace.gradient_flow.shards import Held, held_here, shard_mask
 
 __all__ = ["BINS", "gradient_histograms", "send_histograms"]
 
 BINS = 64
 
+# Columns of the per-layer range table: each combines over ranks with its own reduction.
+_MIN, _MAX, _NUM, _SUM, _SQUARES = range(5)
 
-def gradient_histograms(
-    grads: Sequence[tuple[str, torch.Tensor]], bins: int = BINS
-) -> dict[str, dict[str, Any]]:
-    """``{name: {"edges", "counts", "sum", "sum_squares", "num", "min", "max"}}`` (host lists
-    and floats) of each gradient's finite entries; gradients with none are left out."""
-    stats = []
-    for _, grad in grads:
-        g = grad.detach().float().flatten()
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` flattened, in float32 (float64 stays float64): half precision is binned in
+    float32 as ``histc`` did."""
+    flat = grad.detach().flatten()
+    return flat if flat.dtype == torch.float64 else flat.float()
+
+
+def _ranges(held: Sequence[Held], device: torch.device) -> torch.Tensor:
+    """``[layers x 5]`` float64: min, max, count, sum and sum of squares of the finite entries
+    this rank holds (``inf``, ``-inf``, 0, 0, 0 for none)."""
+    rows = []
+    for h in held:
+        if h.grad is None or h.grad.numel() == 0:
+            rows.append(torch.tensor([torch.inf, -torch.inf, 0.0, 0.0, 0.0], device=device))
+            continue
+        g = _values(h.grad)
         finite = torch.isfinite(g)
         clean = torch.where(finite, g, 0.0)
-        stats.append(
-            torch.stack(
-                [
-                    torch.where(finite, g, torch.inf).min(),
-                    torch.where(finite, g, -torch.inf).max(),
-                    finite.sum().float(),
-                    clean.sum(),
-                    clean.square().sum(),
-                ]
-            )
-        )
-    if not stats:
+        row = [
+            torch.where(finite, g, torch.inf).min(),
+            torch.where(finite, g, -torch.inf).max(),
+            finite.sum(),
+            clean.sum(dtype=torch.float64),
+            clean.square().sum(dtype=torch.float64),
+        ]
+        rows.append(torch.stack([value.to(device, torch.float64) for value in row]))
+    return torch.stack(rows)
+
+
+def _counts(
+    held: Sequence[Held], ranges: list[list[float]], bins: int, device: torch.device
+) -> torch.Tensor:
+    """``[layers x bins]`` int64 counts of this rank's finite entries in ``bins`` equal bins
+    of each layer's ``[min, max]`` (the maximum goes into the last bin, as with ``histc``)."""
+    counts = torch.zeros(len(held), bins + 1, dtype=torch.long, device=device)
+    for row, (h, (low, high, *_)) in enumerate(zip(held, ranges)):
+        if h.grad is None or h.grad.numel() == 0 or low > high:
+            continue
+        g = _values(h.grad)
+        index = ((g - low) * (bins / (high - low))).floor().clamp(0, bins - 1).long()
+        index = torch.where(torch.isfinite(g), index, bins)  # non-finite: the dropped last bin
+        ones = torch.ones(1, dtype=torch.long, device=g.device).expand_as(index)
+        counts[row].scatter_add_(0, index.to(device), ones.to(device))
+    return counts[:, :bins]
+
+
+def _combine(
+    gathered: torch.Tensor, mask: torch.Tensor | None, fill: float, reduce: str
+) -> torch.Tensor:
+    """Reduce ``[ranks x layers, ...]`` over the ranks ``mask`` (``[ranks x layers]``) keeps."""
+    if mask is not None:
+        keep = mask.reshape(*mask.shape, *[1] * (gathered.ndim - 2))
+        gathered = torch.where(keep, gathered, torch.full_like(gathered, fill))
+    return getattr(gathered, reduce)(dim=0)
+
+
+def gradient_histograms(
+    named_parameters: Sequence[tuple[str, torch.Tensor]], bins: int = BINS, *, group: Any = None
+) -> dict[str, dict[str, Any]]:
+    """``{name: {"edges", "counts", "sum", "sum_squares", "num", "min", "max"}}`` (host lists
+    and floats) of each parameter's whole gradient, finite entries only; parameters whose
+    gradient has none (or no gradient) are left out.
+
+    With sharded gradients, every rank of ``group`` must call it (same parameters, same
+    order): two ``all_gather`` collectives combine the shards.
+    """
+    if not named_parameters:
         return {}
-    ranges = torch.stack([s.to(stats[0].device) for s in stats]).cpu().tolist()
+    held = [held_here(p) for _, p in named_parameters]
+    grads = [h.grad for h in held if h.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    table = _ranges(held, device)
+    sharded = [h.shard_ranks is not None for h in held]
+    mask = None
+    combine = any(sharded) and dist.is_initialized() and dist.get_world_size(group) > 1
+    if combine:
+        gathered = all_gather_stacked(table, group)
+        device = gathered.device
+        mask = shard_mask([h.shard_ranks for h in held], group, device)
+        whole = torch.stack(
+            [
+                _combine(gathered[:, :, _MIN], mask, torch.inf, "amin"),
+                _combine(gathered[:, :, _MAX], mask, -torch.inf, "amax"),
+                *(_combine(gathered[:, :, c], mask, 0.0, "sum") for c in (_NUM, _SUM, _SQUARES)),
+            ],
+            dim=1,
+        )
+        rows = _to_device(sharded, device)[:, None]
+        table = torch.where(rows, whole, table.to(device))
+    ranges = table.cpu().tolist()
+    for values in ranges:
+        if values[_MIN] == values[_MAX]:  # one distinct value: a unit-wide bin range around it
+            values[_MIN], values[_MAX] = values[_MIN] - 0.5, values[_MAX] + 0.5
+    counts = _counts(held, ranges, bins, device)
+    if combine:
+        whole_counts = _combine(all_gather_stacked(counts, group), mask, 0, "sum")
+        counts = torch.where(_to_device(sharded, device)[:, None], whole_counts, counts)
     out: dict[str, dict[str, Any]] = {}
-    counts = []
-    for (name, grad), (low, high, num, total, squares) in zip(grads, ranges):
+    for (name, _), (low, high, num, total, squares), count in zip(
+        named_parameters, ranges, counts.cpu().tolist()
+    ):
         if num == 0:
             continue
-        if low == high:
-            low, high = low - 0.5, high + 0.5
-        g = grad.detach().float().flatten()
-        counts.append(torch.histc(torch.where(torch.isfinite(g), g, low - 1.0), bins, low, high))
         step = (high - low) / bins
         out[name] = {
             "edges": [low + k * step for k in range(bins + 1)],
+            "counts": count,
             "sum": total,
             "sum_squares": squares,
-            "num": num,
+            "num": int(num),
             "min": low,
             "max": high,
         }
-    for name, count in zip(out, torch.stack(counts).cpu().tolist() if counts else []):
-        out[name]["counts"] = count
     return out
 
 
+def _to_device(flags: list[bool], device: torch.device) -> torch.Tensor:
+    return torch.tensor(flags, dtype=torch.bool).to(device, non_blocking=True)
+
+
 def send_histograms(
-    loggers: Iterable[Any], grads: Sequence[tuple[str, torch.Tensor]], step: int
+    loggers: Sequence[Any],
+    named_parameters: Sequence[tuple[str, torch.Tensor]],
+    step: int,
+    *,
+    write: bool = True,
 ) -> int:
-    """Send ``grad_flow/histogram/<name>`` to TensorBoard and W&B loggers; return how many
-    loggers took them. Computes nothing when no logger takes histograms."""
+    """Send ``grad_flow/histogram/<name>`` to the TensorBoard and W&B loggers among
+    ``loggers``; return how many took them. Computes nothing when none takes histograms.
+
+    Every rank calls it with the same loggers (Lightning builds them on every rank): ranks
+    holding shards take part in the collectives; only the one with ``write`` logs.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     takers = [lg for lg in loggers if isinstance(lg, (TensorBoardLogger, WandbLogger))]
     if not takers:
         return 0
-    histograms = gradient_histograms(grads)
+    histograms = gradient_histograms(named_parameters)
+    if not write:
+        return 0
     for logger in takers:
         if isinstance(logger, TensorBoardLogger):
             for name, h in histograms.items():

@@ -17,7 +17,9 @@ reads them but without its per-parameter all_reduce of the whole tensor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,7 @@ __all__ = [
     "held_here",
     "is_sharded",
     "note_fsdp1",
+    "shard_mask",
 ]
 
 EVERY_RANK: tuple[int, ...] = ()
@@ -97,16 +100,24 @@ def _dtensor(grad: torch.Tensor) -> Held | None:
     local = grad.to_local()
     if not any(p.is_shard() for p in grad.placements):
         return Held(local, local.numel(), None)  # replicated: whole on every rank
-    coordinate = grad.device_mesh.get_coordinate()
-    # Sharded on some mesh dimensions, replicated on others: the all_gather over the whole
-    # group sees every shard once per replica, so only the ranks at coordinate 0 of every
-    # replicated dimension add theirs; the others add zeros.
-    counts = coordinate is not None and all(
-        coordinate[dim] == 0 for dim, p in enumerate(grad.placements) if p.is_replicate()
+    return Held(local, local.numel(), _shard_group(grad.device_mesh, grad.placements))
+
+
+def _shard_group(mesh: Any, placements: Sequence[Any]) -> tuple[int, ...] | None:
+    """Global ranks of the mesh whose shards, with this rank's, make one whole tensor: those
+    at this rank's coordinate on every replicated mesh dimension (hybrid sharding: this
+    replica's shard group). Ranks outside the mesh (a sub-mesh such as ``mesh["dp"]`` next to
+    tensor parallelism) hold another copy and are left out. ``None`` if this rank is not on
+    the mesh."""
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    ranks = mesh.mesh  # the global rank at each mesh coordinate
+    index = tuple(
+        coordinate[dim] if placement.is_replicate() else slice(None)
+        for dim, placement in enumerate(placements)
     )
-    if not counts:
-        return Held(None, 0, EVERY_RANK)
-    return Held(local, local.numel(), EVERY_RANK)
+    return tuple(int(r) for r in ranks[index].flatten().tolist())
 
 
 def _deepspeed_zero3(param: torch.Tensor) -> Held:
@@ -163,6 +174,25 @@ def held_here(param: torch.Tensor) -> Held:
         # dense size. Duplicate indices are summed first.
         return Held(grad.coalesce().values(), grad.numel(), shard_ranks)
     return Held(grad, grad.numel(), shard_ranks)
+
+
+def shard_mask(
+    shard_ranks: Sequence[tuple[int, ...] | None], group: Any, device: torch.device
+) -> torch.Tensor | None:
+    """``[ranks of group x layers]`` boolean mask of the ranks whose partial sums make each
+    layer's whole gradient (from each :attr:`Held.shard_ranks`), or ``None`` when every layer
+    takes all of them (FULL_SHARD, FSDP2 over the whole world)."""
+    if all(not ranks for ranks in shard_ranks):
+        return None
+    world = dist.get_world_size(group)
+    rows = []
+    for ranks in shard_ranks:
+        if not ranks:  # EVERY_RANK, or whole here (that row is not taken from the gather)
+            rows.append([True] * world)
+            continue
+        indices = {r if group is None else dist.get_group_rank(group, r) for r in ranks}
+        rows.append([i in indices for i in range(world)])
+    return torch.tensor(rows, dtype=torch.bool).T.to(device, non_blocking=True)
 
 
 def is_sharded(param: torch.Tensor) -> bool:

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from gradtrace.checks import check_choice
+from gradtrace.gradient_flow.collectives import all_gather_stacked
 from gradtrace.gradient_flow.selection import Layer, parameter_names
-from gradtrace.gradient_flow.shards import held_here, note_fsdp1
+from gradtrace.gradient_flow.shards import held_here, note_fsdp1, shard_mask
 
 __all__ = ["PARTIAL_COLUMNS", "STATS", "combine_partial_sums", "grad_stats", "grad_stats_table"]
 
@@ -103,31 +104,6 @@ def combine_partial_sums(gathered: torch.Tensor, ranks: torch.Tensor | None = No
     return combined
 
 
-def _rank_mask(
-    shard_ranks: Sequence[tuple[int, ...] | None], group: Any, device: torch.device
-) -> torch.Tensor | None:
-    """``[ranks of group x layers]`` mask of whose partial sums each layer adds, or ``None``
-    when every sharded layer adds all of them (FULL_SHARD, FSDP2, DTensor)."""
-    if all(not ranks for ranks in shard_ranks):
-        return None
-    world = dist.get_world_size(group)
-    rows = []
-    for ranks in shard_ranks:
-        if not ranks:  # EVERY_RANK, or whole here (that row is not taken from the gather)
-            rows.append([True] * world)
-            continue
-        indices = {r if group is None else dist.get_group_rank(group, r) for r in ranks}
-        rows.append([i in indices for i in range(world)])
-    return _to_device(rows, device, torch.bool).T
-
-
-def _gather(table: torch.Tensor, group: Any) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    parts = [torch.empty_like(table) for _ in range(world)]
-    dist.all_gather(parts, table, group=group)
-    return torch.stack(parts)
-
-
 def grad_stats_table(
     module_or_named_parameters: nn.Module | NamedParameters,
     stats: Sequence[str] = STATS,
@@ -151,8 +127,10 @@ def grad_stats_table(
     sharded = [h.shard_ranks is not None for h in held]
     distributed = dist.is_available() and dist.is_initialized()
     if any(sharded) and distributed and dist.get_world_size(group) > 1:
-        ranks = _rank_mask([h.shard_ranks for h in held], group, table.device)
-        combined = combine_partial_sums(_gather(table, group), ranks)
+        gathered = all_gather_stacked(table, group)  # on a device the backend serves
+        table = table.to(gathered.device)
+        ranks = shard_mask([h.shard_ranks for h in held], group, table.device)
+        combined = combine_partial_sums(gathered, ranks)
         mask = _to_device(sharded, table.device, torch.bool)[:, None]
         table = torch.where(mask, combined, table)
     sum_abs, sum_sq, max_abs, count, nonfinite = table.unbind(dim=1)
