@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import pytest
@@ -194,3 +195,113 @@ def test_channels_last_does_not_change_the_logits() -> None:
     x = torch.randn(4, 3, 32, 32)
     assert fast.net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# TF32
+
+
+def tf32_state() -> list[object]:
+    """The TF32 settings as every reader sees them: the legacy flags (``"unreadable"`` when
+    set through the per-operator API) and, on torch >= 2.9, the per-operator precisions."""
+    backends = torch.backends
+    state: list[object] = []
+    for owner in (backends.cuda.matmul, backends.cudnn):
+        try:
+            state.append(owner.allow_tf32)
+        except RuntimeError:
+            state.append("unreadable")
+    if hasattr(backends.cudnn, "conv"):
+        switches = (backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn)
+        state += [switch.fp32_precision for switch in switches]
+    return state
+
+
+@pytest.fixture
+def tf32_put_back() -> Iterator[None]:
+    """The test's TF32 settings undone: the legacy flags, then the per-operator precisions
+    (monkeypatch cannot: cuda.matmul's flag is no attribute it can put back)."""
+    backends = torch.backends
+    matmul, cudnn = backends.cuda.matmul, backends.cudnn
+    flags = matmul.allow_tf32, cudnn.allow_tf32
+    switches = (matmul, cudnn.conv, cudnn.rnn) if hasattr(cudnn, "conv") else ()
+    precisions = [switch.fp32_precision for switch in switches]
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = flags
+    for switch, precision in zip(switches, precisions):
+        switch.fp32_precision = precision
+
+
+class RecordTF32(pl.Callback):
+    """The legacy TF32 flags at each training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+
+def small_vgg(**kwargs: object) -> ImageClassifier:
+    return ImageClassifier("coursework_vgg", num_classes=10, arch_kwargs={"width": 4}, **kwargs)
+
+
+@pytest.mark.usefixtures("tf32_put_back")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_setting_holds_during_the_fit_and_is_put_back_after(tmp_path, tf32: bool) -> None:
+    # the process starts with the opposite setting
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    before = tf32_state()
+    module, record = small_vgg(tf32=tf32), RecordTF32()
+    train, val = loaders()
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=1, callbacks=[record])
+    t.fit(module, train, val)
+    assert record.seen == [(tf32, tf32)] * 2
+    assert tf32_state() == before
+    assert module.hparams.tf32 is tf32
+
+
+@pytest.mark.usefixtures("tf32_put_back")
+def test_tf32_setting_is_put_back_when_the_fit_fails(tmp_path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    before = tf32_state()
+
+    class Failing(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            assert torch.backends.cudnn.allow_tf32 is False  # TF32 off by default
+            raise RuntimeError("a failing step")
+
+    module = Failing("coursework_vgg", num_classes=10, arch_kwargs={"width": 4})
+    with pytest.raises(RuntimeError, match="a failing step"):
+        trainer(tmp_path, max_steps=1).fit(module, loaders()[0])
+    assert tf32_state() == before
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cudnn, "conv"), reason="the per-operator API: torch >= 2.9"
+)
+@pytest.mark.usefixtures("tf32_put_back")
+def test_tf32_set_through_the_per_operator_api_is_put_back(tmp_path) -> None:
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    before = tf32_state()
+    assert before[1] == "unreadable"  # the legacy cuDNN flag cannot say what was set
+    record = RecordTF32()
+    trainer(tmp_path, max_steps=1, callbacks=[record]).fit(small_vgg(tf32=True), loaders()[0])
+    assert record.seen == [(True, True)]
+    assert tf32_state() == before
+
+
+def test_table1_configs_resolve_with_tf32_off(capsys) -> None:
+    import yaml
+
+    from gradtrace.cli import GradtraceCLI, list_configs
+
+    for name in [n for n in list_configs() if n.startswith("table1/")]:
+        with pytest.raises(SystemExit):
+            GradtraceCLI(args=["--config", name, "--print_config"], run=False)
+        assert yaml.safe_load(capsys.readouterr().out)["model"]["tf32"] is False, name
+    with pytest.raises(SystemExit):
+        GradtraceCLI(
+            args=["--config", "table1/vgg08", "--model.tf32=true", "--print_config"], run=False
+        )
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["tf32"] is True

@@ -125,12 +125,8 @@ def test_compile_keeps_the_gradient_flow(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_fast_path_keeps_the_gradient_flow_on_a_gpu(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # fp32 reference in true fp32: no TF32 convolutions or matmuls
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_fast_path_keeps_the_gradient_flow_on_a_gpu(tmp_path: Path) -> None:
+    # fp32 runs in true fp32: ImageClassifier(tf32=False), the default, keeps TF32 off
     run = {"accelerator": "cuda", "batch_norm": True}
     reference = gradient_flow(tmp_path / "ref", channels_last=False, **run)
     assert_same_flow(reference, gradient_flow(tmp_path / "cl", channels_last=True, **run), 1e-4)

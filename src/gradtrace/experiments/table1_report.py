@@ -130,7 +130,9 @@ def format_report(
         f"- Budget: **{budget}**; {length}.",
         f"- Data: {data}.",
         f"- Optimiser: {_schedule(rows)}.",
-        "- Precision: fp32 (`32-true`, as the original and the shipped configs). "
+        "- Precision: fp32 (`32-true`, as the original and the shipped configs), TF32 off on "
+        "GPUs (`model.tf32: false`, the default: PyTorch would otherwise run convolutions in "
+        "TF32 on Ampere and newer GPUs, ~1e-3 from fp32). "
         "`--trainer.precision bf16-mixed` is faster on GPUs but not the same experiment: at "
         "initialisation it moves plain VGG38's per-layer mean |grad| by a median of ~10% "
         "(up to 49%).",
