@@ -28,6 +28,7 @@ from gradtrace.gradient_flow.activations import (
     ActivationsUnavailableError,
     loss_scale,
 )
+from helpers.distributed import free_port, needs_gpus
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -210,13 +211,24 @@ def test_compiled_model_without_set_stance_is_refused_in_one_line(monkeypatch) -
     assert hook_count(net) == 0
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.slow),
+        pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpus(2)]),
+    ],
+)
+def test_two_ddp_processes_match_one_process(tmp_path: Path, device: str) -> None:
+    """gloo on the CPU; NCCL on two GPUs (the collector's host-side counts must reach NCCL
+    on the GPU)."""
     import json
 
     script = SCRIPTS / "ddp_activations.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(tmp_path), device, str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning, NonFiniteGradientError
 from gradtrace.gradient_flow import parameter_names, read_history
+from helpers.distributed import needs_gpus
 from helpers.logs import rank_zero_lines
 
 IN, HIDDEN, CLASSES = 6, 8, 3
@@ -788,10 +789,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
         pytest.param("cpu", marks=pytest.mark.slow),
         pytest.param(
             "gpu",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
-            ],
+            marks=[pytest.mark.gpu, needs_gpus(2)],
         ),
     ],
 )
@@ -836,6 +834,46 @@ def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
         assert got["nonfinite"] == want["nonfinite"] == 0
         for stat in ("mean_abs", "l2", "max_abs"):
             assert got[stat] == pytest.approx(want[stat], rel=1e-5), (got["layer"], stat)
+
+
+@pytest.mark.gpu
+@needs_gpus(2)
+@pytest.mark.parametrize(
+    ("strategy", "precision"), [("fsdp_cpu_offload", "32-true"), ("fsdp", "16-mixed")]
+)
+def test_lightning_fsdp_on_two_gpus_matches_one_gpu(
+    tmp_path: Path, strategy: str, precision: str
+) -> None:
+    """FSDP1 with CPU offload (gradients on the CPU, combined over NCCL on the GPU) and FSDP
+    with 16-mixed (loss-scaled gradients, ShardedGradScaler) on 2 GPUs vs one GPU."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    fsdp_out, single_out = tmp_path / "fsdp", tmp_path / "single"
+    fsdp_out.mkdir()
+    single_out.mkdir()
+    script = SCRIPTS / "ddp_gradient_flow.py"
+    args = [str(fsdp_out), "--devices", "2", "--poison-step", "-1", "--strategy", strategy]
+    args += ["--accelerator", "gpu", "--precision", precision]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("ddp_gradient_flow", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    single = module.run(single_out, 1, -1, accelerator="gpu", precision=precision)
+
+    rank0 = json.loads((fsdp_out / "rank0.json").read_text())
+    assert rank0["collectives"] == [1, 1, 1]
+    assert len(rank0["history"]) == len(single["history"]) == 3 * 3
+    rel = 1e-3 if precision == "16-mixed" else 1e-4
+    for got, want in zip(rank0["history"], single["history"], strict=True):
+        assert (got["step"], got["layer"]) == (want["step"], want["layer"])
+        for stat in ("mean_abs", "l2", "max_abs"):
+            assert got[stat] == pytest.approx(want[stat], rel=rel), (got["layer"], stat)
 
 
 def test_deepspeed_warns_once_and_records_nothing(

@@ -1,14 +1,14 @@
-"""Activation statistics of one batch on 2 gloo processes (DDP) and on one process.
+"""Activation statistics of one batch on 2 processes (DDP) and on one process.
 
 Used by tests/test_activations.py: the global batch of 8 is split 4 + 4 over two ranks of a
 DistributedDataParallel model; each rank's ``ActivationCollector.compute`` (one all_reduce)
 must equal one process on all 8. Writes ``rank<r>.json`` and ``single.json`` into ``out``.
+``python ddp_activations.py OUT [cpu|cuda] PORT``: gloo on the CPU, or NCCL on two GPUs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -41,20 +41,26 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 6, generator=g) * 3, torch.randint(0, 3, (8,), generator=g)
 
 
-def rank_main(rank: int, out: Path, port: int) -> None:
+def rank_main(rank: int, out: Path, device_type: str, port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    net = make_net()
-    model = nn.parallel.DistributedDataParallel(net)
-    x, y = data()
-    stats = measure(model, net, x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4])
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        net = make_net().to(device)
+        model = nn.parallel.DistributedDataParallel(net)
+        x, y = (t[rank * 4 : rank * 4 + 4].to(device) for t in data())
+        stats = measure(model, net, x, y)
+        dist.barrier()  # no rank tears the group down while another still talks to it
+    finally:
+        dist.destroy_process_group()
     (out / f"rank{rank}.json").write_text(json.dumps(stats))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(rank_main, args=(out, port), nprocs=2)
+    out, device_type, port = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    mp.spawn(rank_main, args=(out, device_type, port), nprocs=2)
     net = make_net()
     (out / "single.json").write_text(json.dumps(measure(net, net, *data())))

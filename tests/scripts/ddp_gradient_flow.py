@@ -5,7 +5,9 @@ Used by tests/test_gradient_flow.py: with ``--devices 2`` Lightning's DDP (or FS
 Global batch 8 (``8 // devices`` per rank), 24 samples, SGD; at ``--poison-step``
 every rank puts inf into one gradient entry of ``net.hidden.weight`` and
 ``GradientFlow(on_nonfinite="raise")`` must stop all of them. ``--strategy fsdp_no_shard`` is
-FSDP1 with ``sharding_strategy="NO_SHARD"``. Writes ``rank<r>.json`` with the
+FSDP1 with ``sharding_strategy="NO_SHARD"``, ``fsdp_cpu_offload`` FSDP1 with parameters and
+gradients on the CPU (GPUs only: its gradient tables must reach NCCL on the GPU);
+``--precision`` as Lightning's. Writes ``rank<r>.json`` with the
 rank's history, the error message and the number of collectives each measured step issued in
 the callback's hook, and the callback's CSV, into ``out``.
 """
@@ -108,6 +110,8 @@ class Model(pl.LightningModule):
 
 
 def _strategy(name: str, accelerator: str) -> str | FSDPStrategy:
+    if name == "fsdp_cpu_offload":
+        return FSDPStrategy(cpu_offload=True)
     if name == "fsdp_no_shard":  # FSDP1 holding whole gradients, as DDP does
         kwargs = {"sharding_strategy": "NO_SHARD"}
         if accelerator != "cpu":
@@ -138,7 +142,12 @@ def _strategy(name: str, accelerator: str) -> str | FSDPStrategy:
 
 
 def run(
-    out: Path, devices: int, poison_step: int, strategy: str = "ddp", accelerator: str = "cpu"
+    out: Path,
+    devices: int,
+    poison_step: int,
+    strategy: str = "ddp",
+    accelerator: str = "cpu",
+    precision: str = "32-true",
 ) -> dict:
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g))
@@ -149,6 +158,7 @@ def run(
         accelerator=accelerator,
         devices=devices,
         strategy=_strategy(strategy, accelerator) if devices > 1 else "auto",
+        precision=precision,
         max_epochs=1,
         logger=False,
         enable_progress_bar=False,
@@ -181,7 +191,9 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--poison-step", type=int, default=2)
-    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "fsdp_no_shard"])
+    strategies = ["ddp", "fsdp", "fsdp_no_shard", "fsdp_cpu_offload"]
+    parser.add_argument("--strategy", default="ddp", choices=strategies)
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
-    run(args.out, args.devices, args.poison_step, args.strategy, args.accelerator)
+    run(args.out, args.devices, args.poison_step, args.strategy, args.accelerator, args.precision)

@@ -2,7 +2,8 @@
 FULL_SHARD, NO_SHARD and hybrid sharding), FSDP2 ``fully_shard`` (on the world, hybrid on a
 replicate x shard mesh, and on the ``dp`` sub-mesh of a dp x tp mesh) and a DTensor-sharded
 parameter set; each rank writes the stats, the collective count and the gradient histograms
-as JSON. Every mesh is a CPU mesh (FSDP2's default mesh is on CUDA when a GPU is visible).
+as JSON. ``--device cuda``: NCCL, one GPU per process, and FSDP1 with CPU offload too;
+otherwise every mesh is an explicit CPU mesh (FSDP2's default is CUDA when a GPU is visible).
 
 Used by tests/test_gradient_flow_stats.py, which compares the 2-process values with one
 process on the same model and batch. Every rank sees the full batch (the DDP/FSDP average of
@@ -26,15 +27,20 @@ from torch import nn
 from gradtrace.gradient_flow import grad_stats
 from gradtrace.gradient_flow.histograms import gradient_histograms
 
+# Where this process computes: the CPU, or its own GPU under --device cuda.
+DEVICE = torch.device("cpu")
+
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 3))
+    net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 3))
+    return net.to(DEVICE)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+    x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def backward(model: nn.Module) -> None:
@@ -94,11 +100,16 @@ def fsdp1(**kwargs) -> Measured:  # type: ignore[no-untyped-def]
     some gradients and ``None`` for the others (FULL_SHARD, the default)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    model = FullyShardedDataParallel(
-        make_model(), use_orig_params=True, device_id=torch.device("cpu"), **kwargs
-    )
+    model = FullyShardedDataParallel(make_model(), use_orig_params=True, device_id=DEVICE, **kwargs)
     backward(model)
     return measure(model)
+
+
+def fsdp1_cpu_offload() -> Measured:
+    """Parameters and gradients offloaded to the CPU (CUDA only): CPU tables into NCCL."""
+    from torch.distributed.fsdp import CPUOffload
+
+    return fsdp1(cpu_offload=CPUOffload(offload_params=True))
 
 
 def fsdp1_no_shard() -> Measured:
@@ -115,7 +126,7 @@ def fsdp1_hybrid(replicas: int, strategy: str = "HYBRID_SHARD") -> Measured:
     from torch.distributed.fsdp import ShardingStrategy
 
     world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (replicas, world // replicas))
+    mesh = init_device_mesh(DEVICE.type, (replicas, world // replicas))
     return fsdp1(sharding_strategy=ShardingStrategy[strategy], device_mesh=mesh)
 
 
@@ -125,7 +136,7 @@ def fsdp2(mesh: Any = None) -> Measured:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = mesh or init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = mesh or init_device_mesh(DEVICE.type, (dist.get_world_size(),))
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -135,13 +146,14 @@ def fsdp2(mesh: Any = None) -> Measured:
     return measure(model)
 
 
-def fsdp2_hybrid(replicas: int) -> Measured:
-    """HSDP: shards within a row of a ``(replicas, world // replicas)`` mesh, replicas across
-    rows; gradients ``(Replicate(), Shard(0))``."""
+def fsdp2_hybrid() -> Measured:
+    """HSDP: shards within a row of a ``(2, world // 2)`` mesh, 2 replicas across rows;
+    gradients ``(Replicate(), Shard(0))``. Ranks off the first row used to count nothing and
+    reach the collective with a CPU table."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = (replicas, dist.get_world_size() // replicas)
-    return fsdp2(init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")))
+    shape = (2, dist.get_world_size() // 2)
+    return fsdp2(init_device_mesh(DEVICE.type, shape, mesh_dim_names=("replicate", "shard")))
 
 
 def fsdp2_dp_submesh() -> Measured:
@@ -151,7 +163,7 @@ def fsdp2_dp_submesh() -> Measured:
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = (dist.get_world_size() // 2, 2)
-    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh(DEVICE.type, shape, mesh_dim_names=("dp", "tp"))
     return fsdp2(mesh["dp"])
 
 
@@ -159,7 +171,7 @@ def dtensor() -> Measured:
     """Row-sharded weights, replicated biases: the gradients keep the parameters' placements."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -171,9 +183,14 @@ def dtensor() -> Measured:
     return measure(model)
 
 
-def worker(rank: int, world: int, port: int, out: Path) -> None:
+def worker(rank: int, world: int, port: int, out: Path, device_type: str) -> None:
+    global DEVICE
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device_type == "cuda":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         world = dist.get_world_size()
@@ -188,10 +205,12 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
             "fsdp1_hybrid": lambda: fsdp1_hybrid(replicas),
             "fsdp1_hybrid_zero2": lambda: fsdp1_hybrid(replicas, "_HYBRID_SHARD_ZERO2"),
             "fsdp2": fsdp2,
-            "fsdp2_hybrid": lambda: fsdp2_hybrid(replicas),
+            "fsdp2_hybrid": fsdp2_hybrid,
             "fsdp2_dp_submesh": fsdp2_dp_submesh,
             "dtensor": dtensor,
         }
+        if DEVICE.type == "cuda":
+            setups["fsdp1_cpu_offload"] = fsdp1_cpu_offload
         results = {name: run() for name, run in setups.items()}
         dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
@@ -204,8 +223,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--port", type=int, default=29531)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.world, args.port, args.out), nprocs=args.world)
+    mp.spawn(worker, args=(args.world, args.port, args.out, args.device), nprocs=args.world)
 
 
 if __name__ == "__main__":
