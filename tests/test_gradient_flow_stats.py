@@ -143,8 +143,9 @@ def test_processes_equal_one_process(tmp_path: Path, world: int, device: str) ->
 
 @pytest.mark.slow
 def test_deepspeed_zero_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
-    """DeepSpeed ZeRO stages 1, 2 and 3 (engine on the CPU accelerator, fp32) right after
-    ``engine.backward``: partial sums of each rank's partition and one all_gather."""
+    """DeepSpeed ZeRO stages 1, 2 and 3, and 2 with the optimizer offloaded (engine on the CPU
+    accelerator, fp32) right after ``engine.backward``: partial sums of each rank's partition
+    and one all_gather."""
     pytest.importorskip("deepspeed")
     script = SCRIPTS / "grad_stats_deepspeed.py"
     done = subprocess.run(
@@ -163,7 +164,7 @@ def test_deepspeed_zero_two_gloo_processes_equal_one_process(tmp_path: Path) -> 
     reference = dist_script.single()
     for rank in (0, 1):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert sorted(results) == ["zero1", "zero2", "zero3"]
+        assert sorted(results) == ["zero1", "zero2", "zero2_offload", "zero3"]
         for setup, (values, calls, histograms) in results.items():
             assert calls == 1, (setup, rank)
             _assert_equal_to_one_process(values, histograms, reference, (setup, rank))

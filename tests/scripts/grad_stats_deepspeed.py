@@ -1,6 +1,6 @@
-"""``grad_stats`` under DeepSpeed ZeRO stages 1, 2 and 3 on ``--world`` gloo CPU processes
-(``DS_ACCELERATOR=cpu``, fp32, SGD); each rank writes the stats and the collective count as
-JSON, per stage.
+"""``grad_stats`` under DeepSpeed ZeRO stages 1, 2 and 3, and stage 2 with the optimizer
+offloaded to the CPU, on ``--world`` gloo CPU processes (``DS_ACCELERATOR=cpu``, fp32, SGD);
+each rank writes the stats, the collective count and the histograms as JSON, per setup.
 
 Used by tests/test_gradient_flow_stats.py against one process on the model and batch of
 grad_stats_distributed.py: every rank sees the full batch, so DeepSpeed's average of the
@@ -13,26 +13,30 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from grad_stats_distributed import batch, make_model, measure
+from grad_stats_distributed import Measured, batch, make_model, measure
 from torch import nn
 
 
-def zero(stage: int) -> tuple[dict[str, float], int]:
+def zero(stage: int, offload: bool = False) -> Measured:
+    """``offload``: ZeRO-Offload of the optimizer, whose gradient partitions then live on the
+    CPU (torch's SGD instead of DeepSpeed's compiled CPU optimizer)."""
     import deepspeed
 
     model = make_model()
-    config = {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 8,
         "zero_optimization": {"stage": stage},
-        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
         "zero_allow_untested_optimizer": True,
     }
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=config
-    )
+    if offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     x, y = batch()
     engine.backward(nn.functional.mse_loss(engine(x), y))
     return measure(engine.module)  # where Lightning calls on_before_optimizer_step
@@ -54,6 +58,7 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     torch.set_num_threads(1)
     try:
         results = {f"zero{stage}": zero(stage) for stage in (1, 2, 3)}
+        results["zero2_offload"] = zero(2, offload=True)
         dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()
