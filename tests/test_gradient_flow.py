@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning, NonFiniteGradientError
 from gradtrace.gradient_flow import parameter_names, read_history
-from helpers.distributed import needs_gpus
+from helpers.distributed import free_port, needs_gpus
 from helpers.logs import rank_zero_lines
 
 IN, HIDDEN, CLASSES = 6, 8, 3
@@ -834,6 +835,36 @@ def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
         assert got["nonfinite"] == want["nonfinite"] == 0
         for stat in ("mean_abs", "l2", "max_abs"):
             assert got[stat] == pytest.approx(want[stat], rel=1e-5), (got["layer"], stat)
+
+
+@pytest.mark.slow
+def test_model_parallel_strategy_sub_mesh_matches_one_process(tmp_path: Path) -> None:
+    """Lightning's ModelParallelStrategy, fully_shard on the data-parallel sub-mesh (1 rank)
+    next to 2 tensor-parallel ranks: each rank's shard group is its own sub-mesh, so the
+    values are one process's (the whole world's sum gave l2 x sqrt 2)."""
+    import json
+    import subprocess
+    import sys
+
+    script = SCRIPTS / "model_parallel_gradient_flow.py"
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    for mode in ("single", "model_parallel"):
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, parallel = (
+        json.loads((tmp_path / f"{m}.json").read_text()) for m in ("single", "model_parallel")
+    )
+    assert len(single) == 3 * 3  # 3 steps x 3 weights
+    for got, want in zip(parallel, single, strict=True):
+        assert (got["step"], got["layer"]) == (want["step"], want["layer"])
+        for stat in ("mean_abs", "l2", "max_abs"):
+            assert got[stat] == pytest.approx(want[stat], rel=1e-6), (got["layer"], stat)
 
 
 @pytest.mark.gpu
