@@ -76,8 +76,8 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
             "the ratios are what the bench is for. If other processes share the cores, "
             "rounds vary a lot (see the spreads).",
             "GPU section skipped: no CUDA device. The GPU code paths (bf16-mixed, compile, "
-            "device-resident data, epoch times, Table 1 projection, processes per GPU) did "
-            "not run for this report.",
+            "device-resident data, epoch times as configured and compiled, Table 1 "
+            "projections, processes per GPU) did not run for this report.",
         ]
     return notes
 

@@ -1,9 +1,14 @@
-"""One training process of the GPU section: ``python -m benchmarks.child ... --out F``.
+"""One measurement of the GPU section in a process of its own:
+``python -m benchmarks.child {throughput,epoch-time} ... --out F`` writes its result to ``F``.
 
-Writes the images/s of ``--steps`` training steps after ``--warmup`` steps (the GPU
+``throughput``: the images/s of ``--steps`` training steps after ``--warmup`` steps (the GPU
 section runs one or two of these side by side on one GPU). With ``--wait-for-go`` it prints
 ``ready`` after the warm-up and waits for a line on stdin, so that several processes can
 time the same window.
+
+``epoch-time``: :func:`benchmarks.gpu.epoch_time` of one network on CIFAR-100-shaped data.
+A process per network gives ``torch.compile`` a fresh start each time and lets the parent
+kill a measurement at its time limit.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.config import CIFAR100_VAL, cifar100_like, quiet_fit_kwargs
+from benchmarks.config import CIFAR100_TRAIN, CIFAR100_VAL, cifar100_like, quiet_fit_kwargs
+from benchmarks.gpu import epoch_time
 from gradtrace.classifier import ImageClassifier
 
 
@@ -45,6 +51,7 @@ class _Timer(pl.Callback):
 
 
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of ``args.steps`` training steps of ``args.arch`` after a warm-up."""
     cuda = args.accelerator == "cuda"
     pool = (args.warmup + args.steps + 1) * args.batch_size + CIFAR100_VAL
     dm = cifar100_like(args.batch_size, pool)
@@ -68,19 +75,43 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_epoch_time(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`benchmarks.gpu.epoch_time` of the network ``args.model`` (JSON settings)."""
+    return epoch_time(
+        json.loads(args.model),
+        cifar100_like(args.batch_size, args.pool),
+        args.steps,
+        args.root,
+        accelerator=args.accelerator,
+        precision=args.precision,
+        compile=args.compile,
+        gradient_flow=json.loads(args.gradient_flow),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", required=True)
-    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--wait-for-go", action="store_true")
-    parser.add_argument("--out", type=Path, required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    timed = commands.add_parser("throughput", help="images/s of a few training steps")
+    timed.add_argument("--arch", required=True)
+    timed.add_argument("--steps", type=int, default=2)
+    timed.add_argument("--warmup", type=int, default=2)
+    timed.add_argument("--wait-for-go", action="store_true")
+    epoch = commands.add_parser("epoch-time", help="epoch time of one network")
+    epoch.add_argument("--model", required=True, help="the model's settings, as JSON")
+    epoch.add_argument("--gradient-flow", default="{}", help="GradientFlow's arguments, as JSON")
+    epoch.add_argument("--steps", type=int, default=60, help="timed training steps")
+    epoch.add_argument("--pool", type=int, default=CIFAR100_TRAIN, help="training pool")
+    epoch.add_argument("--root", type=Path, required=True, help="the fit's run folder")
+    for command in (timed, epoch):
+        command.add_argument("--accelerator", choices=("cpu", "cuda"), default="cuda")
+        command.add_argument("--precision", default="32-true")
+        command.add_argument("--compile", action="store_true")
+        command.add_argument("--batch-size", type=int, default=100)
+        command.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.out.write_text(json.dumps(throughput(args)))
+    measure = throughput if args.command == "throughput" else measure_epoch_time
+    args.out.write_text(json.dumps(measure(args)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ with gradtrace: these tests import it from the repository root.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -27,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import child  # noqa: E402
+from benchmarks.bounded import Deadline, run_bounded  # noqa: E402
 from benchmarks.callbacks import TimedCallback, keyed_gradient_flow  # noqa: E402
 from benchmarks.collectives import CollectiveCounter, sharded_model  # noqa: E402
 from benchmarks.config import BenchConfig  # noqa: E402
@@ -322,16 +324,44 @@ def test_sharded_model_of_the_collectives_bench_is_on_a_cpu_mesh(
 def test_child_throughput(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     args = ["--arch", "vgg08", "--warmup", "1", "--steps", "2", "--batch-size", "4"]
-    child.main([*args, "--out", str(out)])
+    child.main(["throughput", "--accelerator", "cpu", *args, "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["steps"] == 2
     assert result["images_per_s"] == pytest.approx(2 * 4 / result["seconds"])
+
+
+def test_child_epoch_time_writes_the_epoch_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data: list[tuple[int, int]] = []
+
+    def small_cifar100_like(batch_size: int, pool: int) -> ImageDataModule:
+        data.append((batch_size, pool))
+        return small_dm(batch_size=batch_size)
+
+    monkeypatch.setattr(child, "cifar100_like", small_cifar100_like)
+    out = tmp_path / "epoch.json"
+    model = {"arch": "coursework_vgg", "batch_norm": True, "arch_kwargs": {"width": 4}}
+    args = ["--model", json.dumps(model), "--gradient-flow", '{"include": ["*.weight"]}']
+    args += ["--accelerator", "cpu", "--steps", "2", "--batch-size", "8"]
+    child.main(["epoch-time", *args, "--root", str(tmp_path / "run"), "--out", str(out)])
+    times = json.loads(out.read_text())
+    assert data == [(8, 50_000)]  # CIFAR-100's training pool unless told otherwise
+    assert times["graphs_compiled"] == 0  # eager
+    assert times["epoch_s"] == pytest.approx(times["train_s"] + times["val_s"])
+    # the fit's GradientFlow recorded every weight, BatchNorm's too, as the configs ask
+    (csv_file,) = (tmp_path / "run").rglob("gradient_flow.csv")
+    with csv_file.open(newline="") as f:
+        layers = {row["layer"] for row in csv.DictReader(f)}
+    assert {"net.stem.1.weight", "net.stages.0.reduction.bn1.weight"} <= layers
 
 
 def test_table1_rows_come_from_the_packaged_configs() -> None:
     rows = table1_rows()
     assert len(rows) == 7
     assert all(row["epochs"] == 100 for row in rows)
+    assert all(row["precision"] == "32-true" for row in rows)
+    assert all(row["gradient_flow"] == {"include": ["*.weight"]} for row in rows)
     network = {row["name"]: row["network"] for row in rows}
     # the learning rate changes the optimisation, not the network: timed once
     assert network["vgg38-bn-rc-lr1e-2"] == network["vgg38-bn-rc"]
@@ -344,21 +374,199 @@ def test_table1_rows_come_from_the_packaged_configs() -> None:
 def test_epoch_time_of_the_gpu_section_on_a_tiny_network(tmp_path: Path) -> None:
     dm = small_dm()  # 280 training images: 35 steps of 8 per full epoch; 20 validation images
     settings = {"arch": "coursework_vgg", "arch_kwargs": {"width": 4}}
-    times = epoch_time(
-        settings, dm, 3, tmp_path, accelerator="cpu", precision="32-true", compile=False
-    )
+    times = epoch_time(settings, dm, 3, tmp_path, accelerator="cpu")
     # every phase was timed: the second epoch's hooks fired (and only a CPU run, no CUDA sync)
     assert all(times[key] > 0 for key in ("compile_s", "train_s", "val_s"))
     assert times["epoch_s"] == pytest.approx(times["train_s"] + times["val_s"])
+    assert times["graphs_compiled"] == 0
 
 
 @pytest.mark.gpu
-def test_epoch_time_on_a_gpu_with_bf16_and_compile(tmp_path: Path) -> None:
+def test_epoch_time_on_a_gpu_compiled_without_falling_back_to_eager(tmp_path: Path) -> None:
     dm = small_dm()
     settings = {"arch": "coursework_vgg", "arch_kwargs": {"width": 4}}
-    times = epoch_time(settings, dm, 3, tmp_path)  # cuda, bf16-mixed, compiled
+    times = epoch_time(settings, dm, 3, tmp_path, compile=True)  # cuda, 32-true
     assert all(times[key] > 0 for key in ("compile_s", "train_s", "val_s"))
+    assert times["graphs_compiled"] >= 2  # the training and the evaluation forward
     assert dm.split("train")[0].is_cuda  # the data sat on the GPU
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU section's time limits
+
+
+def test_run_bounded_kills_the_child_and_what_it_started_at_the_limit(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(grandchild.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    done = run_bounded([sys.executable, "-c", script], timeout_s=3)
+    assert done.timed_out
+    assert done.stdout == "started\n"  # what it wrote before the kill
+    assert 3 <= done.seconds < 20
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed, then reaped by init
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the grandchild outlived its parent's time limit")
+    finished = run_bounded([sys.executable, "-c", "import sys; sys.exit(3)"], timeout_s=30)
+    assert (finished.timed_out, finished.returncode) == (False, 3)
+
+
+def test_throughput_processes_are_awaited_until_their_ready_line_or_the_deadline() -> None:
+    from benchmarks.bounded import kill_group
+    from benchmarks.gpu import _wait_for_ready
+
+    def start(script: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    ready = start(
+        "import time; print('already', flush=True); time.sleep(0.5); "
+        "print('ready', flush=True); input()"
+    )
+    silent = start("import time; time.sleep(60)")
+    try:
+        _wait_for_ready(ready, time.monotonic() + 30)  # not fooled by "already"
+        assert ready.poll() is None  # waiting for its go
+        begin = time.monotonic()
+        with pytest.raises(TimeoutError):
+            _wait_for_ready(silent, time.monotonic() + 1)
+        assert time.monotonic() - begin < 5
+    finally:
+        for proc in (ready, silent):
+            kill_group(proc)
+            proc.wait()
+
+
+def test_deadline_gives_each_step_its_limit_or_what_is_left() -> None:
+    now = [100.0]
+    deadline = Deadline(60, clock=lambda: now[0])
+    assert deadline.timeout(limit_s=30, least_s=10) == 30
+    now[0] += 45  # 15 s left
+    assert deadline.left() == 15
+    assert deadline.timeout(limit_s=30, least_s=10) == 15
+    assert deadline.timeout(limit_s=30, least_s=20) is None  # not worth starting
+    assert Deadline(None).timeout(limit_s=30, least_s=10) == 30
+
+
+# what each fake measurement of the GPU section costs (s) and reports: epoch seconds by network
+FAKE_COST = {"as_configured": 20.0, "fastest_faithful": 70.0}
+FAKE_EPOCH_S = {"vgg08": 2.0, "vgg38": 8.0, "vgg38-bn": 9.0, "vgg38-bn-rc": 10.0, "vgg38-rc": 9.5}
+
+
+def fake_gpu_section(
+    monkeypatch: pytest.MonkeyPatch, failing: str = ""
+) -> tuple[list[float], list[tuple[str, str, float]]]:
+    """Fake measurements on a fake clock: ``(clock, [(setup, network, timeout), ...])``."""
+    import benchmarks.gpu as gpu
+
+    now = [0.0]
+    calls: list[tuple[str, str, float]] = []
+
+    def measure_epoch(row, setup, cfg, workdir, timeout_s):
+        calls.append((setup.key, row["name"], timeout_s))
+        now[0] += FAKE_COST[setup.key]
+        if row["name"] == failing:
+            return None, "failed (exit 1): RuntimeError: boom"
+        speed = 2.0 if setup.compile else 1.0
+        epoch_s = FAKE_EPOCH_S[row["name"]] / speed
+        times = {"compile_s": 1.0, "train_s": epoch_s - 1, "val_s": 1.0, "epoch_s": epoch_s}
+        return {**times, "graphs_compiled": 2 * setup.compile}, ""
+
+    def concurrent_throughput(cfg, precision, processes, workdir, timeout_s):
+        assert (precision, timeout_s > 0) == ("32-true", True)
+        now[0] += 60
+        return [100.0] if processes == 1 else [70.0, 70.0]
+
+    monkeypatch.setattr(gpu, "_measure_epoch", measure_epoch)
+    monkeypatch.setattr(gpu, "_concurrent_throughput", concurrent_throughput)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "fake GPU")
+    return now, calls
+
+
+def projected_minutes(measured: set[str], speed: float) -> float:
+    """Table 1's projection by hand: 100 epochs of each row whose network was measured."""
+    network_of = {"vgg38-bn-lr1e-2": "vgg38-bn", "vgg38-bn-rc-lr1e-2": "vgg38-bn-rc"}
+    rows = ["vgg08", "vgg38", "vgg38-bn", "vgg38-rc", "vgg38-bn-rc", *network_of]
+    seconds = sum(
+        100 * FAKE_EPOCH_S[network_of.get(row, row)] / speed
+        for row in rows
+        if network_of.get(row, row) in measured
+    )
+    return seconds / 60
+
+
+def test_gpu_section_within_its_budget_cuts_what_does_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks.gpu import bench_gpu
+
+    now, calls = fake_gpu_section(monkeypatch)
+    cfg = BenchConfig.for_device(quick=True, device="cuda")
+    gpu = bench_gpu(cfg, tmp_path, lambda message: None, budget_s=300, clock=lambda: now[0])
+    # 5 eager networks (20 s each: 200 s left), then compiled ones (70 s each) while at least
+    # 75 s are left, each limited to what is left; no time for 1 vs 2 processes (120 s)
+    assert calls == [
+        ("as_configured", "vgg08", 150),
+        ("as_configured", "vgg38", 150),
+        ("as_configured", "vgg38-bn", 150),
+        ("as_configured", "vgg38-rc", 150),
+        ("as_configured", "vgg38-bn-rc", 150),
+        ("fastest_faithful", "vgg08", 200),
+        ("fastest_faithful", "vgg38", 130),
+    ]
+    assert now[0] <= 300
+    assert gpu["cut"] == [
+        "vgg38-bn (fastest faithful): not started, 60 s left",
+        "vgg38-rc (fastest faithful): not started, 60 s left",
+        "vgg38-bn-rc (fastest faithful): not started, 60 s left",
+        "1 vs 2 processes per GPU: not started, 60 s left",
+    ]
+    eager, compiled = gpu["setups"]["as_configured"], gpu["setups"]["fastest_faithful"]
+    assert (eager["rows_projected"], compiled["rows_projected"]) == (7, 2)
+    assert eager["table1_minutes"] == pytest.approx(projected_minutes(set(FAKE_EPOCH_S), 1.0))
+    assert compiled["table1_minutes"] == pytest.approx(projected_minutes({"vgg08", "vgg38"}, 2))
+    assert (gpu["two_processes_measured"], gpu["runs_per_gpu"]) == (False, 1)
+    assert gpu["table1_minutes"] == compiled["table1_minutes"]
+    assert (gpu["device"], gpu["precision"], gpu["tf32"]) == ("fake GPU", "32-true", "off")
+    assert (gpu["steps_per_epoch"], gpu["val_batches"]) == (475, 25)
+
+
+def test_gpu_section_without_a_budget_measures_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks.gpu import bench_gpu
+
+    now, calls = fake_gpu_section(monkeypatch, failing="vgg38-rc")
+    cfg = BenchConfig.for_device(quick=True, device="cuda")
+    gpu = bench_gpu(cfg, tmp_path, lambda message: None, clock=lambda: now[0])
+    assert [timeout for _, _, timeout in calls] == [150] * 5 + [300] * 5
+    failed = "failed (exit 1): RuntimeError: boom"
+    assert gpu["cut"] == [
+        f"vgg38-rc (as configured): {failed}",
+        f"vgg38-rc (fastest faithful): {failed}",
+    ]
+    measured = set(FAKE_EPOCH_S) - {"vgg38-rc"}
+    compiled = gpu["setups"]["fastest_faithful"]
+    assert compiled["rows_projected"] == 6
+    assert compiled["table1_minutes"] == pytest.approx(projected_minutes(measured, 2.0))
+    # two processes: 140 images/s against 100
+    assert gpu["two_processes_speedup"].median == pytest.approx(1.4)
+    assert (gpu["two_processes_measured"], gpu["runs_per_gpu"]) == (True, 2)
+    assert gpu["table1_minutes"] == pytest.approx(compiled["table1_minutes"] / 2)
 
 
 def test_transformer_section_times_its_four_workloads(tmp_path: Path) -> None:
@@ -549,28 +757,40 @@ def test_markdown_shows_every_figure_with_goal_interval_and_verdict() -> None:
     assert math.isclose(Goal(">=", 0.95).threshold, 0.95)
 
 
-def test_markdown_of_a_gpu_section() -> None:
+def test_markdown_of_a_gpu_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.gpu import bench_gpu
+
+    now, _ = fake_gpu_section(monkeypatch)
+    cfg = BenchConfig.for_device(quick=True, device="cuda")
     sections = fake_sections()
-    times = {"compile_s": 50.0, "train_s": 9.5, "val_s": 0.5, "epoch_s": 10.0}
-    sections["gpu"] = {
-        "device": "NVIDIA H200",
-        "steps_per_epoch": 475,
-        "val_batches": 25,
-        "timed_steps": 60,
-        "epoch_times": {"vgg08": times},
-        "rows": [{"name": "vgg08", "network": "vgg08", "epochs": 100}],
-        "rows_projected": 1,
-        "table1_minutes_one_run_at_a_time": 16.7,
-        "two_processes_speedup": Summary.of([1.5]),
-        "table1_minutes": 11.1,
-        "runs_per_gpu": 2,
-        "gpu_tests": "3 passed in 20s",
-    }
+    sections["gpu"] = bench_gpu(cfg, tmp_path, lambda m: None, budget_s=300, clock=lambda: now[0])
+    sections["gpu"]["gpu_tests"] = "6 passed, 2 skipped in 90s"
     text = render_markdown(build_report(**sections))
-    assert "| vgg08 | 50.0 | 9.50 | 0.50 | 10.00 |" in text
-    assert "Two training processes on one GPU: 1.50x the throughput of one." in text
+    assert "Device: fake GPU. Epoch = 475 training steps + 25 validation batches" in text
+    assert "precision `32-true`, TF32 off" in text
+    assert "- **as configured**: what `gradtrace fit --config table1/<row>` runs" in text
+    assert "- **fastest faithful**: the same plus `torch.compile`" in text
+    assert "| vgg08 | as configured | 1.0 | 1.00 | 1.00 | 2.00 | 0 |" in text
+    assert "| vgg38 | fastest faithful | 1.0 | 3.00 | 1.00 | 4.00 | 2 |" in text
+    assert "Projected Table 1 (7 rows, 700 epochs in all):" in text
     assert (
-        "**11.1 min** with 2 run(s) per GPU (goal: under 30 min on one H100: **inconclusive**, "
-        "one timed epoch per network gives no interval of the median)"
+        "- as configured, one run at a time: **95.8 min** (7 of 7 rows measured) (goal: under "
+        "30 min on one H100: **inconclusive**, one timed epoch per network gives no interval "
+        "of the median)."
     ) in text
-    assert "GPU-marked tests: 3 passed in 20s." in text
+    assert (
+        "- fastest faithful, one run at a time: **8.3 min** (2 of 7 rows measured) (goal: "
+        "under 30 min on one H100: **inconclusive**, only 2 of 7 rows measured)."
+    ) in text
+    assert "- 1 vs 2 processes per GPU: not started, 60 s left" in text
+    assert "GPU-marked tests: 6 passed, 2 skipped in 90s." in text
+
+    now[0] = 0.0
+    sections["gpu"] = bench_gpu(cfg, tmp_path, lambda m: None, clock=lambda: now[0])
+    text = render_markdown(build_report(**sections))
+    assert (
+        "- fastest faithful, one run at a time: **47.9 min** (7 of 7 rows measured); two "
+        "training processes on one GPU get 1.40x the throughput of one, so with 2 run(s) per "
+        "GPU: **24.0 min** (goal:"
+    ) in text
+    assert "Cut to keep" not in text
