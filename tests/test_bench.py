@@ -387,7 +387,7 @@ def test_epoch_time_on_a_gpu_compiled_without_falling_back_to_eager(tmp_path: Pa
     settings = {"arch": "coursework_vgg", "arch_kwargs": {"width": 4}}
     times = epoch_time(settings, dm, 3, tmp_path, compile=True)  # cuda, 32-true
     assert all(times[key] > 0 for key in ("compile_s", "train_s", "val_s"))
-    assert times["graphs_compiled"] >= 2  # the training and the evaluation forward
+    assert times["graphs_compiled"] >= 1  # compiled, not run eagerly
     assert dm.split("train")[0].is_cuda  # the data sat on the GPU
 
 
