@@ -10,7 +10,8 @@ The 8 minutes are a hard bound: every step runs in a child process group that is
 its limit (the tests at :data:`TESTS_LIMIT_S`, each GPU measurement at its own limit or when
 the time left runs out); what was cut, and why, is in the report.
 
-The ``gpu``-marked tests it runs on one GPU:
+The ``gpu``-marked tests it runs on one GPU (when this was written; ``pytest -m gpu
+--collect-only -q`` lists the current ones):
 
 * ``tests/test_activations.py::test_16_mixed_divides_the_loss_scale_out``
 * ``tests/test_bench.py::test_epoch_time_on_a_gpu_compiled_without_falling_back_to_eager``
@@ -18,11 +19,13 @@ The ``gpu``-marked tests it runs on one GPU:
 * ``tests/test_fast_path.py::test_fast_path_keeps_the_gradient_flow_on_a_gpu``
 * ``tests/test_fast_path.py::test_no_host_syncs_from_gradtrace_on_unlogged_gpu_steps``
 * ``tests/test_gradient_flow_callback.py::test_fp16_fused_adam_matches_fp32_on_a_gpu``
+* ``tests/test_histograms.py::test_counts_ranges_and_sums_match_numpy[cuda]``
 
-Tests that need 2 to 4 GPUs (Lightning's FSDP on two GPUs in
-``tests/test_gradient_flow.py``, the ``test_*_on_2_gpus`` tests) are ``gpu``-marked too but
-skip on one GPU (pytest lists them as skipped, with the GPU count they need); run
-``pytest -m gpu`` on a machine with 4 GPUs for them.
+The ``gpu``-marked tests that need 2 to 4 GPUs skip on one (pytest lists them as skipped,
+with the GPU count they need): DDP and FSDP on 2 GPUs (``test_activations.py``,
+``test_cluster.py``, ``test_gradient_flow.py``), ``grad_stats`` over 2 and 4 GPU processes
+(``test_gradient_flow_stats.py``) and the ``test_*_on_2_gpus`` tests. Run ``pytest -m gpu``
+on a machine with 4 GPUs for them.
 
 ``python -m benchmarks.gpu_check [--out reports]`` from the repository root.
 """
