@@ -134,6 +134,31 @@ def test_links_take_classes_and_channels_from_the_data(tmp_path: Path) -> None:
     assert cli.trainer.precision == "32-true"
 
 
+@pytest.mark.parametrize(
+    ("devices", "eval_batch", "per_process"),
+    [("1", None, (20, 20)), ("2", None, (10, 10)), ("2", "30", (10, 15)), ("4", "40", (5, 10))],
+)
+def test_the_batch_sizes_are_global_and_split_over_the_processes(
+    devices: str, eval_batch: str | None, per_process: tuple[int, int], tmp_path: Path
+) -> None:
+    # Built, not run: a CPU DDP Trainer knows its processes before it starts any.
+    cli = GradtraceCLI(
+        args=[
+            *SMALL[:-1],
+            "--data.batch_size=20",
+            *([f"--data.eval_batch_size={eval_batch}"] if eval_batch else []),
+            "--model.arch=vgg08",
+            "--trainer.accelerator=cpu",
+            f"--trainer.devices={devices}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    assert cli.trainer.world_size == int(devices)
+    assert (cli.datamodule.batch_size, cli.datamodule.eval_batch_size) == per_process
+    assert cli.config.data.batch_size == 20  # the run's config keeps what was asked for
+
+
 def test_user_callbacks_replace_the_defaults_of_their_type(tmp_path: Path) -> None:
     cli = GradtraceCLI(
         args=[
@@ -436,9 +461,10 @@ def test_cpu_ddp_matches_one_process_with_the_same_global_batch(tmp_path: Path) 
         *DDP_EQUALITY_OVERRIDES,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The same --data.batch_size: the CLI's batch is global, each of the 2 processes takes 10.
     runs = {
         "single": ["--trainer.devices=1", "--data.batch_size=20"],
-        "ddp": ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=10"],
+        "ddp": ["--trainer.devices=2", "--trainer.strategy=ddp", "--data.batch_size=20"],
     }
     for name, extra in runs.items():
         root = tmp_path / name

@@ -70,6 +70,18 @@ def test_unknown_dataset_and_bad_values(capsys: pytest.CaptureFixture[str]) -> N
     assert line.startswith("unrecognized arguments: --no-such-option=3")
 
 
+def test_a_global_batch_that_does_not_split_over_the_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=3", "--trainer.strategy=ddp"]
+    line = user_error(["fit", *TINY, *ddp, f"--trainer.default_root_dir={tmp_path}"], capsys)
+    assert line == (
+        "data.batch_size is the global batch, split equally over the 3 processes: it must be a "
+        "multiple of 3; got 10 (all options: gradtrace fit --help)"
+    )
+    assert not list(tmp_path.rglob("metrics.csv"))  # stopped before training
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match="does not exist"):
         main(["fit", f"--data.dataset=imagefolder:{tmp_path / 'nope'}", "--debug"])

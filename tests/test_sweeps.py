@@ -310,8 +310,8 @@ def test_ddp_cells_keep_the_global_batch() -> None:
     config = sweep_config("table1")
     ddp = with_ddp(config, 4)
     command = ddp["command"]
-    assert "--data.batch_size=25" in command
-    assert "--data.batch_size=100" not in command
+    # The command keeps the global batch; the CLI splits it (tests/test_cli.py).
+    assert "--data.batch_size=100" in command
     assert "--trainer.devices=1" not in command
     assert command[-4:] == [
         "--trainer.devices=4",
@@ -322,6 +322,9 @@ def test_ddp_cells_keep_the_global_batch() -> None:
     assert config["command"] != command  # the file's config is left alone
     with pytest.raises(SweepConfigError, match="global batch 100 does not split into 3"):
         with_ddp(config, 3)
+    swept = {**config, "parameters": {"data.batch_size": {"values": [64, 100]}}}
+    with pytest.raises(SweepConfigError, match="global batch 100 does not split into 8"):
+        with_ddp(swept, 8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -794,7 +797,8 @@ def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Pat
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = run_dir
     config = yaml.safe_load((runs["ddp"] / "config.yaml").read_text())
-    assert (config["data"]["batch_size"], str(config["trainer"]["devices"])) == (10, "2")
+    # The global batch as given, split by the CLI into 10 per process.
+    assert (config["data"]["batch_size"], str(config["trainer"]["devices"])) == (20, "2")
     assert config["trainer"]["strategy"] == "ddp"
     assert_same_training(runs["single"], runs["ddp"])
 

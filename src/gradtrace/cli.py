@@ -6,6 +6,11 @@
 ``val/acc``), learning-rate monitor, a CSV logger always, W&B when asked or under
 ``wandb agent``. Each run writes into one fixed directory named by
 :mod:`gradtrace.run_identity`; ``--ckpt_path last`` resumes it there.
+One device per run (``devices=1``, not Lightning's ``auto``, which takes every GPU of a node
+for DDP); where more GPUs are visible, one line says so and how to use them.
+``--trainer.devices N`` runs DDP over N processes with the same global batch:
+``--data.batch_size`` and ``--data.eval_batch_size`` are global, each process takes 1/N.
+
 ``gradtrace summary`` prints a model's per-layer cost table; ``gradtrace compare`` overlays
 finished runs (:mod:`gradtrace.compare`).
 """
@@ -13,6 +18,7 @@ finished runs (:mod:`gradtrace.compare`).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -26,6 +32,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from gradtrace.classifier import ImageClassifier
 from gradtrace.console import quiet_output
@@ -38,6 +45,7 @@ __all__ = [
     "CONFIG_DIR",
     "GradtraceCLI",
     "SavePredictions",
+    "idle_gpus_note",
     "last_checkpoint",
     "list_configs",
     "main",
@@ -46,6 +54,8 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+log = logging.getLogger(__name__)
 
 
 def list_configs() -> list[str]:
@@ -80,6 +90,17 @@ def _resolve_config_args(argv: list[str]) -> list[str]:
 def _wandb_wanted(flag: bool | None) -> bool:
     # ``wandb agent`` exports WANDB_SWEEP_ID to the runs it launches.
     return bool(flag) if flag is not None else "WANDB_SWEEP_ID" in os.environ
+
+
+def idle_gpus_note(how: str) -> str | None:
+    """``gradtrace: N GPUs visible, using 1; <how>`` where several CUDA GPUs are visible,
+    else ``None``. ``how`` says how to use them; ``{n}`` in it becomes N and ``{ids}``
+    becomes ``0,1,...,N-1``."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < 2:
+        return None
+    ids = ",".join(map(str, range(visible)))
+    return f"gradtrace: {visible} GPUs visible, using 1; {how.format(n=visible, ids=ids)}"
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -130,7 +151,8 @@ class GradtraceCLI(LightningCLI):
             ImageDataModule,
             seed_everything_default=0,
             # fp32 stated, not implied: bf16 moves per-layer gradients of deep plain nets.
-            trainer_defaults={"default_root_dir": "runs", "precision": "32-true"},
+            # One device: Lightning's "auto" takes every GPU of a node (DDP, N times the batch).
+            trainer_defaults={"default_root_dir": "runs", "precision": "32-true", "devices": 1},
             # A resumed run writes its config into its own directory again.
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
@@ -209,7 +231,39 @@ class GradtraceCLI(LightningCLI):
             *(cb for cb in defaults if not any(type(c) is type(cb) for c in configured)),
             ResumeCheckpoint(),  # always: --ckpt_path last needs it
         ]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.world_size > 1 and isinstance(self.datamodule, ImageDataModule):
+            self._split_global_batch(self.datamodule, trainer)
+        return trainer
+
+    @staticmethod
+    def _split_global_batch(data: ImageDataModule, trainer: Trainer) -> None:
+        # The data module's batch sizes are per process; the command's are global.
+        processes = trainer.world_size
+        for option in ("batch_size", "eval_batch_size"):
+            size = getattr(data, option)
+            if size % processes:
+                raise ValueError(
+                    f"data.{option} is the global batch, split equally over the {processes} "
+                    f"processes: it must be a multiple of {processes}; got {size}"
+                )
+            setattr(data, option, size // processes)
+        if trainer.global_rank == 0:
+            log.info(
+                "gradtrace: DDP over %d processes: global batch %d, %d per process",
+                processes,
+                data.batch_size * processes,
+                data.batch_size,
+            )
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self._settings().trainer
+        if str(trainer.devices) == "1" and str(trainer.accelerator) in ("auto", "gpu", "cuda"):
+            note = idle_gpus_note(
+                "--trainer.devices={n} runs DDP over {n} with the same global batch"
+            )
+            if note is not None and rank_zero_only.rank == 0:
+                log.info("%s", note)
 
     def _resolve_ckpt_path(self) -> None:
         config = self.config_init[self.subcommand]

@@ -8,6 +8,9 @@ Fashion-MNIST is looked for under ``--data-root`` and in Debian's ``dataset-fash
 then downloaded with its published checksums; when that fails the demo stops with one message
 listing the ways to provide it (``make demo`` also tries Debian's package as root, offline).
 Synthetic data only with ``--synthetic``.
+
+Every run uses one device (the first GPU if there is one): left to Lightning's ``auto``, a
+multi-GPU machine would start DDP over all its GPUs and launch the demo again in every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gradtrace.cli import idle_gpus_note
 from gradtrace.console import quiet_output
 from gradtrace.datasets import DataNotFoundError, locate_fashion_mnist
 from gradtrace.experiments.study import RunResult, short_run, smoke_data, table1_specs
@@ -120,12 +124,18 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     except DataNotFoundError as err:
         parser.exit(2, f"{parser.prog}: {err}; or run with --synthetic (not real data)\n")
     specs = table1_specs(DEMO_ROWS)
+    note = idle_gpus_note(
+        "the demo's runs are small and go one after the other; "
+        "`make sweep-local SWEEP=sweeps/table1.yaml GPUS={ids}` runs a grid one run per GPU"
+    )
+    if note is not None:
+        print(note)
     print(
         f"Training {', '.join(s.label for s in specs)} for {args.steps} steps each "
         f"(batch {args.batch_size}), then validating on {args.val_size} images."
     )
     with quiet_output():
-        results = [short_run(spec, data, args.steps, args.out) for spec in specs]
+        results = [short_run(spec, data, args.steps, args.out, devices=1) for spec in specs]
     table = format_results(results, description)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(table)

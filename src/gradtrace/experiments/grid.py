@@ -194,23 +194,25 @@ def gradtrace_args(command: Sequence[str]) -> list[str]:
 
 def with_ddp(config: Mapping[str, Any], processes: int) -> dict[str, Any]:
     """``config`` with each run as one DDP run over ``processes`` devices (GPUs, or CPU
-    processes with ``--trainer.accelerator=cpu``), keeping the global batch: the command's
-    ``--data.batch_size=B`` becomes ``B / processes`` per process, BN becomes SyncBatchNorm.
+    processes with ``--trainer.accelerator=cpu``): ``--trainer.devices=N
+    --trainer.strategy=ddp --trainer.sync_batchnorm=true`` replace the command's own device
+    settings. The global batch stays what the command says: the CLI splits
+    ``--data.batch_size`` equally over the processes (:mod:`gradtrace.cli`). A batch size in
+    the command or the grid that does not split is refused here, before any run starts.
     """
     if processes < 2:
         raise SweepConfigError(f"DDP needs at least 2 processes; got {processes}")
     command = [str(c) for c in config["command"]]
-    batch = [c for c in command if c.startswith("--data.batch_size=")]
-    if not batch:
-        raise SweepConfigError("DDP keeps the global batch: the command must set --data.batch_size")
-    size = int(batch[-1].split("=", 1)[1])
-    if size % processes:
-        raise SweepConfigError(
-            f"the global batch {size} does not split into {processes} equal per-process batches"
-        )
+    sizes = [int(c.split("=", 1)[1]) for c in command if c.startswith("--data.batch_size=")]
+    spec = config.get("parameters", {}).get("data.batch_size", {})
+    sizes += [int(v) for v in spec.get("values", [spec["value"]] if "value" in spec else [])]
+    for size in sizes:
+        if size % processes:
+            raise SweepConfigError(
+                f"the global batch {size} does not split into {processes} equal per-process batches"
+            )
     pinned = ("--trainer.devices=", "--trainer.strategy=", "--trainer.sync_batchnorm=")
     out = [c for c in command if not c.startswith(pinned)]
-    out = [f"--data.batch_size={size // processes}" if c in batch else c for c in out]
     at = out.index("${args}")
     out[at:at] = [
         f"--trainer.devices={processes}",

@@ -6,15 +6,16 @@ Two budgets:
     The seven shipped ``configs/table1/*`` runs (CIFAR-100, 47,500 / 2,500 / 10,000, Adam,
     cosine annealing to 2e-5, batch 100, 100 epochs, crop + flip, the original's fixed
     CIFAR-10 normalisation, fp32), each through the ``gradtrace`` CLI as a subprocess under
-    ``--root`` (one row per GPU at a time with ``--gpus``; a finished row is skipped and an
-    interrupted one resumed on the next call, as in ``sweep local``). ``--from DIR``
+    ``--root``, on one device (one row per GPU at a time with ``--gpus``, else one after the
+    other; a finished row is skipped and an interrupted one resumed on the next call, as in
+    ``sweep local``). ``--from DIR``
     collects the rows from finished runs instead: any folder holding CLI runs
     (``runs/sweeps/table1`` after ``make sweep-local SWEEP=sweeps/table1.yaml``, or a W&B
     agent's output folder).
 ``smoke`` (CPU, minutes)
     Fashion-MNIST (found or downloaded; synthetic data only with ``--synthetic``), a
     class-balanced subset, 150 steps per row (300 for VGG38 RC, which starts slowly without
-    BN), batch 16, in process (``study.short_run``).
+    BN), batch 16, in process (``study.short_run``) on one device.
     The numbers are not CIFAR-100's; what must hold is the report's qualitative result:
     plain VGG38 at chance with a collapsed gradient ratio, the BN, RC and BN+RC rows learn.
 
@@ -33,6 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gradtrace.cli import idle_gpus_note
 from gradtrace.datasets import DataNotFoundError
 from gradtrace.experiments.launch import Interrupted, parse_gpus, run_cells
 from gradtrace.experiments.study import table1_specs
@@ -109,6 +111,7 @@ def smoke(
             every_n_steps=every_n_steps,
             enable_progress_bar=False,
             val_check_interval=1.0 / val_checks_per_epoch,
+            devices=1,  # Lightning's "auto" would relaunch this process once per GPU (DDP)
         )
         seconds = time.perf_counter() - start
         run = read_run(result.log_dir)
@@ -195,6 +198,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         gpus = parse_gpus(args.gpus)
+        if args.source is None and not gpus:
+            how = (
+                "the smoke budget runs in process; the full budget's --gpus {ids} "
+                "(make reproduce-table1 GPUS={ids}) runs one row per GPU"
+                if args.budget == "smoke"
+                else "--gpus {ids} (make reproduce-table1 GPUS={ids}) runs one row per GPU"
+            )
+            if (note := idle_gpus_note(how)) is not None:
+                log.info("%s", note)
         if args.budget == "smoke":
             root = args.root or Path("runs/table1-smoke")
             rows, data = smoke(
