@@ -9,9 +9,11 @@ import csv
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import yaml
 
 from gradtrace.cli import main as cli_main
 from gradtrace.cli import run_directory
-from gradtrace.experiments import agents, sweep
+from gradtrace.experiments import agents, launch, sweep
 from gradtrace.experiments.agents import gpu_groups, launch_agents, sweep_path
 from gradtrace.experiments.grid import (
     Cell,
@@ -34,9 +36,11 @@ from gradtrace.experiments.grid import (
     with_ddp,
 )
 from gradtrace.experiments.launch import (
+    PORT_RANGE,
     Interrupted,
     ProcessGroups,
     final_metrics,
+    free_port,
     parse_gpus,
     run_cells,
 )
@@ -295,6 +299,38 @@ def test_parse_gpus() -> None:
     assert gpu_groups(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
     with pytest.raises(ValueError, match="do not split into groups of 2"):
         gpu_groups(["0", "1", "2"], 2)
+
+
+def test_a_gpu_repeats_across_runs_but_not_within_one_ddp_run() -> None:
+    assert gpu_groups(["0", "0", "1", "1"], 1) == ["0", "0", "1", "1"]  # two runs per GPU
+    assert gpu_groups(["0", "1", "0", "1"], 2) == ["0,1", "0,1"]  # two DDP runs on 0 and 1
+    with pytest.raises(ValueError) as err:
+        gpu_groups(["0", "0", "1", "1"], 2)
+    assert str(err.value) == (
+        "GPUs 0,0,1,1 with DDP over 2: the group 0,0 lists GPU 0 more than once; each DDP run "
+        "needs 2 different GPUs (a GPU may repeat in different groups: two runs then share it)"
+    )
+    with pytest.raises(ValueError, match="the group 1,01 lists GPU 1 more than once"):
+        gpu_groups(["1", "01"], 2)  # one GPU to CUDA_VISIBLE_DEVICES
+
+
+@pytest.mark.parametrize("action", ["local", "agents"])
+def test_duplicate_gpus_in_a_ddp_run_stop_the_command_with_one_line(
+    action: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import wandb
+
+    monkeypatch.setattr(sweep, "local_runs", lambda *a, **k: pytest.fail("no cell is parsed"))
+    monkeypatch.setattr(wandb, "sweep", lambda *a, **k: pytest.fail("must not create"))
+    argv = [action, str(SWEEPS / "table1.yaml"), "--gpus", "0,0,1,1", "--ddp", "2"]
+    assert sweep.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "error: GPUs 0,0,1,1 with DDP over 2: the group 0,0 lists GPU 0 more than once; each "
+        "DDP run needs 2 different GPUs (a GPU may repeat in different groups: two runs then "
+        "share it)"
+    ]
 
 
 def test_sweep_ids_as_wandb_shows_them() -> None:
@@ -564,6 +600,53 @@ def test_the_gpu_pool_runs_one_cell_per_gpu_at_a_time(tmp_path: Path) -> None:
     assert all((tmp_path / "root" / f"c{i}" / "done.json").is_file() for i in range(4))
 
 
+def test_cells_running_at_once_get_their_own_master_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MASTER_PORT", "29500")  # inherited: shared by every cell, the bug
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    script = textwrap.dedent(
+        """
+        import json, os, sys, time
+        start = time.time(); time.sleep(0.6)
+        record = {"addr": os.environ["MASTER_ADDR"], "port": int(os.environ["MASTER_PORT"]),
+                  "start": start, "end": time.time()}
+        open(sys.argv[1], "w").write(json.dumps(record))
+        """
+    )
+    cells = [
+        (tmp_path / "root" / f"c{i}", [sys.executable, "-c", script, str(tmp_path / f"c{i}.json")])
+        for i in range(4)
+    ]
+    results = run_cells(cells, gpus=["a", "b"], echo=lambda _: None)
+    assert [r.status for r in results] == ["done"] * 4
+    records = [json.loads((tmp_path / f"c{i}.json").read_text()) for i in range(4)]
+    assert {r["addr"] for r in records} == {"127.0.0.1"}  # every DDP process runs here
+    assert all(r["port"] in PORT_RANGE for r in records)
+    overlapping = [
+        (a, b)
+        for a, b in itertools.combinations(records, 2)
+        if a["start"] < b["end"] and b["start"] < a["end"]
+    ]
+    assert overlapping  # two at a time
+    assert all(a["port"] != b["port"] for a, b in overlapping)
+
+
+def test_free_port_skips_ports_in_use_and_ports_handed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        monkeypatch.setattr(launch, "PORT_RANGE", range(port, port + 1))
+        with pytest.raises(RuntimeError, match=f"no free TCP port in {port}-{port}"):
+            free_port()
+    assert free_port() == port  # closed: free again
+    with pytest.raises(RuntimeError, match="no free TCP port"):
+        free_port(taken={port})
+
+
 def test_final_metrics_are_the_last_finite_values_but_per_layer_ones(tmp_path: Path) -> None:
     (tmp_path / "metrics.csv").write_text(
         "epoch,step,val/acc,val/loss,grad_flow/mean_abs/x\n0,0,0.5,2.0,1\n1,1,0.7,,1\n1,2,nan,,\n"
@@ -620,8 +703,8 @@ FAKE_WANDB = """\
 #!{python}
 import json, os, sys
 out = os.path.join({folder!r}, "agent-" + os.environ.get("CUDA_VISIBLE_DEVICES", "none"))
-json.dump({{"argv": sys.argv[1:], "path0": os.environ["PATH"].split(os.pathsep)[0]}},
-          open(out + ".json", "w"))
+json.dump({{"argv": sys.argv[1:], "path0": os.environ["PATH"].split(os.pathsep)[0],
+           "port": int(os.environ["MASTER_PORT"])}}, open(out + ".json", "w"))
 if os.environ.get("CUDA_VISIBLE_DEVICES") == {error!r}:
     print("wandb: ERROR Sweep not found")  # and exit 0, as `wandb agent` does
 sys.exit(3 if os.environ.get("CUDA_VISIBLE_DEVICES") == {fail!r} else 0)
@@ -647,6 +730,7 @@ def test_agents_create_the_sweep_and_start_one_agent_per_gpu(
         wandb, "sweep", lambda config, project, entity: created.append(config) or "abc123"
     )
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")  # inherited, would be shared by both agents
     messages: list[str] = []
     code = launch_agents(
         SWEEPS / "table1.yaml",
@@ -658,10 +742,12 @@ def test_agents_create_the_sweep_and_start_one_agent_per_gpu(
     )
     assert code == 0
     assert created == [yaml.safe_load((SWEEPS / "table1.yaml").read_text())]
-    for gpu in "01":
-        record = json.loads((tmp_path / f"agent-{gpu}.json").read_text())
+    records = [json.loads((tmp_path / f"agent-{gpu}.json").read_text()) for gpu in "01"]
+    for record in records:
         assert record["argv"] == ["agent", "--count", "2", "p/abc123"]
         assert record["path0"] == str(Path(sys.executable).parent)
+        assert record["port"] in PORT_RANGE
+    assert records[0]["port"] != records[1]["port"]  # each agent's (DDP) runs have their own
     assert messages[-1] == "sweep p/abc123: 2 of 2 agents succeeded"
 
 
@@ -801,6 +887,59 @@ def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Pat
     assert (config["data"]["batch_size"], str(config["trainer"]["devices"])) == (20, "2")
     assert config["trainer"]["strategy"] == "ddp"
     assert_same_training(runs["single"], runs["ddp"])
+
+
+TWO_DDP_CELLS = """\
+name: two-ddp
+method: grid
+metric: {name: val/acc, goal: maximize}
+command: ["${env}", "${interpreter}", -m, gradtrace, fit, --model.arch=coursework_vgg,
+          --trainer.devices=1, "${args}"]
+parameters:
+  model.lr: {values: [0.001, 0.01]}
+"""
+
+
+@pytest.mark.slow
+def test_two_ddp_cells_at_once_both_finish_despite_an_inherited_master_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two 2-process gloo cells side by side, as `sweep local --gpus a,b,c,d --ddp 2` runs
+    # them, under a MASTER_PORT both would inherit: on one port the second cell's rank 0
+    # cannot bind, or its ranks join the first cell's group.
+    path = tmp_path / "two.yaml"
+    path.write_text(TWO_DDP_CELLS)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    overrides = [*TINY, "--trainer.sync_batchnorm=false"]  # SyncBatchNorm needs GPUs
+    root = tmp_path / "runs"
+    _, runs = sweep.local_runs(path, ddp=2, root=root, overrides=overrides, use_wandb=False)
+    messages: list[str] = []
+    groups = ProcessGroups()
+    slots = gpu_groups(["a", "b", "c", "d"], 2)
+    results: list[Any] = []
+
+    def launch() -> None:
+        results.extend(run_cells(runs, gpus=slots, echo=messages.append, groups=groups))
+
+    launcher = threading.Thread(target=launch)
+    launcher.start()
+    launcher.join(timeout=240)
+    if launcher.is_alive():
+        groups.stop(grace=1)
+        launcher.join()
+        pytest.fail(f"the DDP cells hung: {messages}")
+    logs = [(run_dir / "launch.log").read_text()[-2000:] for run_dir, _ in runs]
+    assert [r.status for r in results] == ["done", "done"], logs
+    started = [i for i, m in enumerate(messages) if ": started on GPU " in m]
+    finished = [i for i, m in enumerate(messages) if ": done in " in m]
+    assert len(started) == 2
+    assert max(started) < min(finished)  # the two ran at the same time
+    for run_dir, _ in runs:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (str(config["trainer"]["devices"]), config["trainer"]["strategy"]) == ("2", "ddp")
+        rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+        assert [r["step"] for r in rows if r.get("train/loss")] == ["0"]  # it trained its step
 
 
 def test_no_user_facing_extra_pins_numpy_or_needs_the_sweep_engine() -> None:

@@ -1,11 +1,13 @@
 """W&B agents for a sweep: create (or join) the sweep on the W&B server and run one
 ``wandb agent`` per GPU, or per group of GPUs for DDP runs.
 
-Each agent runs with ``CUDA_VISIBLE_DEVICES`` set to its GPU(s) and this interpreter's folder
-first on ``PATH`` (the agent runs ``python``, whatever is first there). Its output is passed
-through; an agent that exits non-zero or reports ``wandb: ERROR`` (``wandb agent`` exits 0
-for an unknown sweep, for instance) counts as failed. Ctrl-C stops the agents and their runs
-(see :mod:`gradtrace.experiments.launch`).
+Each agent runs with ``CUDA_VISIBLE_DEVICES`` set to its GPU(s), this interpreter's folder
+first on ``PATH`` (the agent runs ``python``, whatever is first there) and a ``MASTER_PORT``
+of its own for its runs, which may be DDP runs (inherited ``MASTER_ADDR``/``MASTER_PORT`` are
+replaced: agents sharing one port would collide; see :mod:`gradtrace.experiments.launch`).
+Its output is passed through; an agent that exits non-zero or reports ``wandb: ERROR``
+(``wandb agent`` exits 0 for an unknown sweep, for instance) counts as failed. Ctrl-C stops
+the agents and their runs (see :mod:`gradtrace.experiments.launch`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.experiments.grid import load_sweep, with_ddp
-from gradtrace.experiments.launch import Interrupted, ProcessGroups
+from gradtrace.experiments.launch import Interrupted, ProcessGroups, free_port, rendezvous_env
 
 __all__ = ["gpu_groups", "launch_agents", "sweep_path", "visible_gpus"]
 
@@ -46,12 +48,28 @@ def sweep_path(sweep_id: str, project: str, entity: str | None = None) -> str:
 
 def gpu_groups(gpus: Sequence[str], per_run: int) -> list[str]:
     """Consecutive groups of ``per_run`` GPUs as ``CUDA_VISIBLE_DEVICES`` values:
-    ``(["0", "1", "2", "3"], 2)`` -> ``["0,1", "2,3"]``."""
+    ``(["0", "1", "2", "3"], 2)`` -> ``["0,1", "2,3"]``.
+
+    A GPU listed twice within one group is refused (one DDP process per GPU); across groups
+    it may repeat, as in :func:`~gradtrace.experiments.launch.parse_gpus`: two runs share it.
+    """
     if per_run < 1 or len(gpus) % per_run:
         raise ValueError(
             f"{len(gpus)} GPUs ({','.join(gpus)}) do not split into groups of {per_run}"
         )
-    return [",".join(gpus[i : i + per_run]) for i in range(0, len(gpus), per_run)]
+    groups = [list(gpus[i : i + per_run]) for i in range(0, len(gpus), per_run)]
+    for group in groups:
+        # CUDA_VISIBLE_DEVICES reads 0 and 00 as one GPU.
+        ids = [str(int(g)) if g.isdigit() else g for g in group]
+        repeated = sorted({g for g in ids if ids.count(g) > 1})
+        if repeated:
+            raise ValueError(
+                f"GPUs {','.join(gpus)} with DDP over {per_run}: the group {','.join(group)} "
+                f"lists GPU {','.join(repeated)} more than once; each DDP run needs "
+                f"{per_run} different GPUs (a GPU may repeat in different groups: two runs "
+                "then share it)"
+            )
+    return [",".join(group) for group in groups]
 
 
 def visible_gpus() -> int:
@@ -127,9 +145,11 @@ def launch_agents(
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     processes = ProcessGroups()
     agents: list[tuple[str | None, subprocess.Popen, threading.Thread, list[str]]] = []
+    ports: list[int] = []
     try:
         for gpu in groups or [None]:
-            agent_env = dict(env)
+            ports.append(free_port(ports))
+            agent_env = {**env, **rendezvous_env(ports[-1])}
             if gpu is not None:
                 agent_env["CUDA_VISIBLE_DEVICES"] = gpu
             where = "" if gpu is None else f" on GPU {gpu}"

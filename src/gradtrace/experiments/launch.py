@@ -5,6 +5,11 @@ Every child starts in its own process group; on Ctrl-C (or SIGTERM) the launcher
 to each child's group and to the groups of the child's descendants (``wandb agent`` starts
 each training run in a group of its own), so Lightning stops cleanly and each run keeps its
 ``last.ckpt``; whatever still runs after a grace period is killed.
+
+Each child gets ``MASTER_ADDR=127.0.0.1`` and a ``MASTER_PORT`` of its own
+(:func:`free_port`), replacing inherited ones: Lightning's DDP rendezvouses on an inherited
+``MASTER_PORT`` as is, so DDP runs at the same time on one machine would otherwise collide on
+one port (one fails with EADDRINUSE, or joins the other's process group).
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import contextlib
 import json
 import os
 import queue
+import random
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +38,20 @@ __all__ = [
     "Interrupted",
     "ProcessGroups",
     "final_metrics",
+    "free_port",
     "parse_gpus",
+    "rendezvous_env",
     "run_cells",
 ]
 
 DONE_FILE = "done.json"
 LOG_FILE = "launch.log"
 GRACE_SECONDS = 30.0
+LOCAL_ADDRESS = "127.0.0.1"
+# Below the ranges the system hands out to outgoing connections (Linux 32768-60999, macOS and
+# Windows 49152-65535): a port found free here stays free until the run binds it, even hours
+# later (an agent's next run).
+PORT_RANGE = range(20000, 32768)
 
 
 class Interrupted(Exception):
@@ -56,6 +70,27 @@ def parse_gpus(value: str | None) -> list[str]:
     if any(not token or re.search(r"\s", token) for token in gpus):
         raise ValueError(f"gpus must be a comma-separated list such as 0,1,2,3; got {value!r}")
     return gpus
+
+
+def free_port(taken: Collection[int] = ()) -> int:
+    """A TCP port in :data:`PORT_RANGE` that nothing is bound to now and that is not in
+    ``taken`` (the ports handed to children still running), chosen at random so that two
+    launchers at once rarely try the same one."""
+    candidates = [port for port in PORT_RANGE if port not in taken]
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+
+
+def rendezvous_env(port: int) -> dict[str, str]:
+    """``MASTER_ADDR`` and ``MASTER_PORT`` for a child whose DDP processes all run here."""
+    return {"MASTER_ADDR": LOCAL_ADDRESS, "MASTER_PORT": str(port)}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -156,12 +191,14 @@ def run_cells(
     A run whose directory holds ``done.json`` is skipped. Otherwise its output is appended to
     ``<run dir>/launch.log``; exit code 0 writes ``done.json`` (command, seconds, final
     metrics). With ``gpus``, as many runs go at once as there are entries, each with
-    ``CUDA_VISIBLE_DEVICES`` set to its GPU; without, one at a time. A failure is reported and
-    the others go on. Ctrl-C stops every child (see the module docstring) and raises
-    :class:`Interrupted`.
+    ``CUDA_VISIBLE_DEVICES`` set to its GPU; without, one at a time. Each child has a
+    ``MASTER_PORT`` no other running child has (see the module docstring). A failure is
+    reported and the others go on. Ctrl-C stops every child (see the module docstring) and
+    raises :class:`Interrupted`.
     """
     groups = groups or ProcessGroups()
     lock = threading.Lock()
+    ports: set[int] = set()  # the MASTER_PORTs of the children running now
     free: queue.Queue[str | None] = queue.Queue()
     for gpu in gpus or [None]:
         free.put(gpu)
@@ -181,8 +218,12 @@ def run_cells(
         run_dir.mkdir(parents=True, exist_ok=True)
         log_file = run_dir / LOG_FILE
         gpu = free.get()
+        with lock:
+            port = free_port(ports)
+            ports.add(port)
         try:
             child_env = dict(os.environ if env is None else env)
+            child_env.update(rendezvous_env(port))
             if gpu is not None:
                 child_env["CUDA_VISIBLE_DEVICES"] = gpu
             say(f"{tag}: started{'' if gpu is None else f' on GPU {gpu}'}, log {log_file}")
@@ -194,6 +235,8 @@ def run_cells(
                 code = process.wait()
             seconds = time.perf_counter() - start
         finally:
+            with lock:
+                ports.discard(port)
             free.put(gpu)
         if code != 0:
             say(f"{tag}: FAILED with exit code {code} after {seconds:.0f} s; log: {log_file}")

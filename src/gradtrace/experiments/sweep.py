@@ -128,8 +128,8 @@ def run_local(
 ) -> list[CellResult]:
     """Run every cell of the grid in ``path`` without a W&B server (``sweep local``); see
     :func:`local_runs` for the commands. ``gpus`` run one cell per GPU (per ``ddp`` GPUs)."""
+    slots = gpu_groups(list(gpus), ddp) if gpus else []  # bad GPU lists stop before parsing
     root, runs = local_runs(path, ddp=ddp, root=root, overrides=overrides, use_wandb=use_wandb)
-    slots = gpu_groups(list(gpus), ddp) if gpus else []
     where = f"on GPUs {' '.join(slots)}" if slots else "one after the other"
     echo(f"{path}: {len(runs)} runs, {where}, under {root}")
     if dry_run:
