@@ -605,23 +605,34 @@ def test_cells_running_at_once_get_their_own_master_port(
 ) -> None:
     monkeypatch.setenv("MASTER_PORT", "29500")  # inherited: shared by every cell, the bug
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    # launched inside an outer job (srun, torchrun): its ranks are not the cell's
+    outer = {"SLURM_NTASKS": "8", "SLURM_PROCID": "3", "LOCAL_RANK": "3", "RANK": "3"}
+    for key, value in outer.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")  # not a rank: kept
     script = textwrap.dedent(
         """
         import json, os, sys, time
         start = time.time(); time.sleep(0.6)
         record = {"addr": os.environ["MASTER_ADDR"], "port": int(os.environ["MASTER_PORT"]),
-                  "start": start, "end": time.time()}
+                  "start": start, "end": time.time(),
+                  "outer": sorted(k for k in os.environ if k in sys.argv[2:]),
+                  "job": os.environ.get("SLURM_JOB_ID")}
         open(sys.argv[1], "w").write(json.dumps(record))
         """
     )
     cells = [
-        (tmp_path / "root" / f"c{i}", [sys.executable, "-c", script, str(tmp_path / f"c{i}.json")])
+        (
+            tmp_path / "root" / f"c{i}",
+            [sys.executable, "-c", script, str(tmp_path / f"c{i}.json"), *outer],
+        )
         for i in range(4)
     ]
     results = run_cells(cells, gpus=["a", "b"], echo=lambda _: None)
     assert [r.status for r in results] == ["done"] * 4
     records = [json.loads((tmp_path / f"c{i}.json").read_text()) for i in range(4)]
     assert {r["addr"] for r in records} == {"127.0.0.1"}  # every DDP process runs here
+    assert all(r["outer"] == [] and r["job"] == "1234" for r in records)
     assert all(r["port"] in PORT_RANGE for r in records)
     overlapping = [
         (a, b)
@@ -901,7 +912,7 @@ parameters:
 
 
 @pytest.mark.slow
-def test_two_ddp_cells_at_once_both_finish_despite_an_inherited_master_port(
+def test_two_ddp_cells_at_once_both_finish_despite_an_inherited_rendezvous(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Two 2-process gloo cells side by side, as `sweep local --gpus a,b,c,d --ddp 2` runs
@@ -910,6 +921,9 @@ def test_two_ddp_cells_at_once_both_finish_despite_an_inherited_master_port(
     path = tmp_path / "two.yaml"
     path.write_text(TWO_DDP_CELLS)
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    # inside an outer job: with its LOCAL_RANK a cell would not start its second process
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     overrides = [*TINY, "--trainer.sync_batchnorm=false"]  # SyncBatchNorm needs GPUs
     root = tmp_path / "runs"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.experiments.grid import load_sweep, with_ddp
-from gradtrace.experiments.launch import Interrupted, ProcessGroups, free_port, rendezvous_env
+from gradtrace.experiments.launch import Interrupted, ProcessGroups, cell_environment, free_port
 
 __all__ = ["gpu_groups", "launch_agents", "sweep_path", "visible_gpus"]
 
@@ -149,9 +149,7 @@ def launch_agents(
     try:
         for gpu in groups or [None]:
             ports.append(free_port(ports))
-            agent_env = {**env, **rendezvous_env(ports[-1])}
-            if gpu is not None:
-                agent_env["CUDA_VISIBLE_DEVICES"] = gpu
+            agent_env = cell_environment(env, ports[-1], gpu)
             where = "" if gpu is None else f" on GPU {gpu}"
             echo(f"starting {shlex.join(command)}{where}")
             process = processes.start(

@@ -6,10 +6,14 @@ to each child's group and to the groups of the child's descendants (``wandb agen
 each training run in a group of its own), so Lightning stops cleanly and each run keeps its
 ``last.ckpt``; whatever still runs after a grace period is killed.
 
-Each child gets ``MASTER_ADDR=127.0.0.1`` and a ``MASTER_PORT`` of its own
-(:func:`free_port`), replacing inherited ones: Lightning's DDP rendezvouses on an inherited
-``MASTER_PORT`` as is, so DDP runs at the same time on one machine would otherwise collide on
-one port (one fails with EADDRINUSE, or joins the other's process group).
+Each child is a run of its own on this machine (:func:`cell_environment`): it gets
+``MASTER_ADDR=127.0.0.1`` and a ``MASTER_PORT`` of its own (:func:`free_port`), replacing
+inherited ones: Lightning's DDP rendezvouses on an inherited ``MASTER_PORT`` as is, so DDP runs
+at the same time on one machine would otherwise collide on one port (one fails with
+EADDRINUSE, or joins the other's process group). The rank variables of a launcher around this
+one (``srun``, ``torchrun``, ``jsrun``) are left out: with them, Lightning would take each cell
+for one process of that outer job (``LOCAL_RANK`` alone stops it from starting the cell's
+other DDP processes).
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ __all__ = [
     "CellResult",
     "Interrupted",
     "ProcessGroups",
+    "cell_environment",
     "final_metrics",
     "free_port",
     "parse_gpus",
-    "rendezvous_env",
     "run_cells",
 ]
 
@@ -88,9 +92,41 @@ def free_port(taken: Collection[int] = ()) -> int:
     raise RuntimeError(f"no free TCP port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
 
 
-def rendezvous_env(port: int) -> dict[str, str]:
-    """``MASTER_ADDR`` and ``MASTER_PORT`` for a child whose DDP processes all run here."""
-    return {"MASTER_ADDR": LOCAL_ADDRESS, "MASTER_PORT": str(port)}
+# What Lightning's cluster environments read to find an outer job's ranks (SLURM: the task
+# count; torchrun; LSF's jsrun; its own LightningEnvironment).
+OUTER_JOB_VARIABLES = frozenset(
+    {
+        "SLURM_NTASKS",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "SLURM_NODEID",
+        "TORCHELASTIC_RUN_ID",
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "GROUP_WORLD_SIZE",
+        "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "NODE_RANK",
+        "JSM_NAMESPACE_LOCAL_RANK",
+        "JSM_NAMESPACE_RANK",
+        "JSM_NAMESPACE_SIZE",
+    }
+)
+
+
+def cell_environment(base: Mapping[str, str], port: int, gpu: str | None) -> dict[str, str]:
+    """``base`` for a child whose DDP processes all run here, on ``gpu`` (a
+    ``CUDA_VISIBLE_DEVICES`` value; ``None``: as inherited): an outer job's rank variables
+    left out, ``MASTER_ADDR``/``MASTER_PORT`` its own."""
+    env = {key: value for key, value in base.items() if key not in OUTER_JOB_VARIABLES}
+    env.update(MASTER_ADDR=LOCAL_ADDRESS, MASTER_PORT=str(port))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
 
 
 def _descendants(pid: int) -> list[int]:
@@ -222,10 +258,7 @@ def run_cells(
             port = free_port(ports)
             ports.add(port)
         try:
-            child_env = dict(os.environ if env is None else env)
-            child_env.update(rendezvous_env(port))
-            if gpu is not None:
-                child_env["CUDA_VISIBLE_DEVICES"] = gpu
+            child_env = cell_environment(os.environ if env is None else env, port, gpu)
             say(f"{tag}: started{'' if gpu is None else f' on GPU {gpu}'}, log {log_file}")
             start = time.perf_counter()
             with log_file.open("a") as log:
