@@ -157,7 +157,7 @@ def short_run(
     gradient ratio is input/output ``mean_abs`` averaged over the last five logged steps.
     Runs inside :func:`~gradtrace.console.quiet_output`
     with one :class:`~gradtrace.console.StepProgress` line (unless ``progress`` is false)
-    instead of Lightning's progress bar.
+    instead of Lightning's progress bar. One device unless ``trainer_kwargs`` say otherwise.
     """
     pl.seed_everything(seed, workers=True, verbose=False)
     model = ImageClassifier(
@@ -172,6 +172,8 @@ def short_run(
     if progress:
         callbacks.append(StepProgress(spec.label))
     trainer_kwargs.setdefault("enable_progress_bar", False)
+    # One device: Lightning's "auto" would relaunch this in-process run once per visible GPU.
+    trainer_kwargs.setdefault("devices", 1)
     with quiet_output():
         trainer = pl.Trainer(
             max_steps=max_steps,
