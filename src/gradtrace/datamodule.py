@@ -82,8 +82,10 @@ class ImageDataModule(L.LightningDataModule):
         root: folder holding the dataset files (CIFAR archives, Fashion-MNIST IDX files);
             downloads go there.
         batch_size: training images per step and process (the global batch is
-            ``batch_size * world_size``).
-        eval_batch_size: validation/test/predict batch per process (default ``batch_size``).
+            ``batch_size * world_size``). ``gradtrace fit`` reads ``--data.batch_size`` as the
+            global batch and gives each process its share.
+        eval_batch_size: validation/test/predict batch per process (default ``batch_size``;
+            global on the command line, as ``batch_size``).
         val_size: images held out of the official training set as the class-balanced,
             seeded validation split (CIFAR-100: 47,500 / 2,500 / 10,000). Ignored when an
             ImageFolder tree has its own ``val/``.
