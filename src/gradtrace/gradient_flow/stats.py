@@ -175,9 +175,10 @@ def grad_stats(
     is sharded, ONE ``all_gather`` of a ``[layers x 5]`` tensor, on a device the backend serves,
     combines them; replicated gradients count once. FSDP1 ``NO_SHARD`` gradients are whole on
     every rank (no collective for them); under hybrid sharding only the partial sums of the
-    parameter's shard group (FSDP1's intra-node process group) add up. FSDP1's strategy and shard group are
-    read from the module; given ``(name, parameter)`` pairs only, pass the module once first
-    (any call with it will do), else FSDP1 parameters are taken as sharded over ``group``.
+    parameter's shard group (FSDP1's intra-node process group) add up. FSDP1's strategy and
+    shard group are read from the module; given ``(name, parameter)`` pairs only, pass the
+    module once first (any call with it will do), else FSDP1 parameters are taken as sharded
+    over ``group``.
     DeepSpeed ZeRO 1/2/3 (after ``engine.backward``, where Lightning calls
     ``on_before_optimizer_step``): each rank sums the part of the reduced gradient in its
     partition, combined over the data-parallel group; with fp16 the gradients still carry
