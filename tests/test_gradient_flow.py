@@ -784,6 +784,34 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     assert read_history(ddp_out / "gradient_flow" / "gradient_flow.csv") == rank0["history"]
 
 
+def _two_processes_and_one(
+    tmp_path: Path, strategy: str, accelerator: str, precision: str = "32-true"
+) -> tuple[dict, dict, dict]:
+    """What ranks 0 and 1 of a 2-process ``strategy`` fit of ddp_gradient_flow.py saw, and
+    what one process (same accelerator and precision) saw."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    two_out, single_out = tmp_path / "two", tmp_path / "single"
+    two_out.mkdir()
+    single_out.mkdir()
+    script = SCRIPTS / "ddp_gradient_flow.py"
+    args = [str(two_out), "--devices", "2", "--poison-step", "-1", "--strategy", strategy]
+    args += ["--accelerator", accelerator, "--precision", precision]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("ddp_gradient_flow", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    single = module.run(single_out, 1, -1, accelerator=accelerator, precision=precision)
+    rank0, rank1 = (json.loads((two_out / f"rank{r}.json").read_text()) for r in (0, 1))
+    return rank0, rank1, single
+
+
 @pytest.mark.parametrize(
     "accelerator",
     [
@@ -802,27 +830,7 @@ def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
     gradients; one all_gather per measured step gives the one-process values. With NO_SHARD
     each rank holds them whole: no collective. On CPU the strategy runs through a subclass
     (Lightning allows "fsdp" only with a GPU)."""
-    import importlib.util
-    import json
-    import subprocess
-    import sys
-
-    fsdp_out, single_out = tmp_path / "fsdp", tmp_path / "single"
-    fsdp_out.mkdir()
-    single_out.mkdir()
-    script = SCRIPTS / "ddp_gradient_flow.py"
-    args = [str(fsdp_out), "--devices", "2", "--poison-step", "-1", "--strategy", strategy]
-    args += ["--accelerator", accelerator]
-    done = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    spec = importlib.util.spec_from_file_location("ddp_gradient_flow", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    single = module.run(single_out, devices=1, poison_step=-1)
-
-    rank0, rank1 = (json.loads((fsdp_out / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1, single = _two_processes_and_one(tmp_path, strategy, accelerator)
     assert rank0["collectives"] == rank1["collectives"] == [collectives] * 3  # 3 measured steps
     assert single["collectives"] == [0, 0, 0]
     assert rank1["history"] == []
@@ -877,27 +885,7 @@ def test_lightning_fsdp_on_two_gpus_matches_one_gpu(
 ) -> None:
     """FSDP1 with CPU offload (gradients on the CPU, combined over NCCL on the GPU) and FSDP
     with 16-mixed (loss-scaled gradients, ShardedGradScaler) on 2 GPUs vs one GPU."""
-    import importlib.util
-    import json
-    import subprocess
-    import sys
-
-    fsdp_out, single_out = tmp_path / "fsdp", tmp_path / "single"
-    fsdp_out.mkdir()
-    single_out.mkdir()
-    script = SCRIPTS / "ddp_gradient_flow.py"
-    args = [str(fsdp_out), "--devices", "2", "--poison-step", "-1", "--strategy", strategy]
-    args += ["--accelerator", "gpu", "--precision", precision]
-    done = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    spec = importlib.util.spec_from_file_location("ddp_gradient_flow", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    single = module.run(single_out, 1, -1, accelerator="gpu", precision=precision)
-
-    rank0 = json.loads((fsdp_out / "rank0.json").read_text())
+    rank0, _, single = _two_processes_and_one(tmp_path, strategy, "gpu", precision)
     assert rank0["collectives"] == [1, 1, 1]
     assert len(rank0["history"]) == len(single["history"]) == 3 * 3
     rel = 1e-3 if precision == "16-mixed" else 1e-4
