@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradtrace.gradient_flow import collectives
 from gradtrace.gradient_flow.activations import ActivationCollector
 from gradtrace.gradient_flow.collectives import collective_device
 from gradtrace.gradient_flow.histograms import gradient_histograms
 from gradtrace.gradient_flow.stats import grad_stats_table
+from helpers.distributed import free_port
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gradtrace"
 # torch.distributed functions that move data between ranks
@@ -98,36 +100,64 @@ def test_every_collective_in_gradtrace_goes_through_the_collectives_module() -> 
 def test_grad_stats_histograms_and_activations_reach_the_collective_through_it(
     world: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a group of two (faked: the gather and reduce themselves are stand-ins), each of
-    the three callers hands its table to the collectives module, which is where it would move
-    to the backend's device."""
-    calls: list[str] = []
+    """In a group of two (faked: the gather and reduce themselves are stand-ins), each of the
+    three callers hands every table to the collectives module's device step before its
+    collective."""
+    moved: list[torch.Size] = []
+    original = collectives._on_collective_device
 
-    def gather(tensor: torch.Tensor, group: object = None) -> torch.Tensor:
-        calls.append("all_gather_stacked")
-        return torch.stack([tensor, tensor])
+    def on_device(tensor: torch.Tensor, group: object) -> torch.Tensor:
+        moved.append(tensor.shape)
+        return original(tensor, group)
 
-    def reduce(tensor: torch.Tensor, group: object = None) -> torch.Tensor:
-        calls.append("all_reduce_sum")
-        return tensor * 2
+    def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor, group: object = None) -> None:
+        for part in parts:
+            part.copy_(tensor)
 
+    def all_reduce(tensor: torch.Tensor, group: object = None) -> None:
+        tensor.mul_(2)
+
+    monkeypatch.setattr(collectives, "_on_collective_device", on_device)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr("gradtrace.gradient_flow.stats.all_gather_stacked", gather)
-    monkeypatch.setattr("gradtrace.gradient_flow.histograms.all_gather_stacked", gather)
-    monkeypatch.setattr("gradtrace.gradient_flow.activations.all_reduce_sum", reduce)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
 
     weight = nn.Parameter(torch.randn(3, 4))
     weight._fsdp_flattened = True  # an FSDP1 shard: combined over ranks
     weight.grad = torch.randn(3, 4)
     grad_stats_table([("w", weight)])
-    gradient_histograms([("w", weight)])
-    assert calls == ["all_gather_stacked", "all_gather_stacked", "all_gather_stacked"]
+    assert moved == [torch.Size([1, 5])]  # the partial sums
+    gradient_histograms([("w", weight)], bins=8)
+    # ranges, then counts, each with the guard's flag row
+    assert moved[1:] == [torch.Size([2, 5]), torch.Size([2, 8])]
 
-    calls.clear()
+    moved.clear()
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     collector = ActivationCollector()
     collector.attach(model, {"0": model[0]})
     model(torch.randn(2, 4)).sum().backward()
     collector.detach()
     collector.compute()
-    assert calls == ["all_reduce_sum"]
+    assert len(moved) == 1  # the activation table, reduced once
+
+
+@pytest.mark.slow
+def test_a_part_failing_on_one_rank_makes_every_rank_raise_none_waits(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "scripts" / "guarded_gather.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["raised"] == "RankFailure: it failed on rank(s) [1] of the group"
+    assert rank1["raised"] == "ValueError: counting failed here"
+    # the group still works afterwards, and a healthy gather stacks every rank's tensor
+    assert rank0["healthy"] == rank1["healthy"] == [[[0] * 3] * 2, [[1] * 3] * 2]

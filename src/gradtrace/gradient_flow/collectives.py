@@ -10,12 +10,23 @@ first: the tensor's own device when it is one, else the backend's (CUDA: the cur
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_stacked", "all_reduce_sum", "collective_device"]
+__all__ = [
+    "RankFailure",
+    "all_gather_guarded",
+    "all_gather_stacked",
+    "all_reduce_sum",
+    "collective_device",
+]
+
+
+class RankFailure(RuntimeError):
+    """What a rank computes for a collective failed on another rank (every rank raises)."""
 
 
 def _served_device_types(group: Any) -> list[str]:
@@ -56,3 +67,29 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     tensor = _on_collective_device(tensor, group)
     dist.all_reduce(tensor, group=group)
     return tensor
+
+
+def all_gather_guarded(
+    compute: Callable[[], torch.Tensor],
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    group: Any = None,
+) -> torch.Tensor:
+    """:func:`all_gather_stacked` of ``compute()`` (a ``shape`` tensor of ``dtype``), where
+    ``compute`` failing on one rank does not leave the others waiting: every rank takes part
+    (a failed one with zeros and a flag) and then raises, the failed rank its own error, the
+    others :class:`RankFailure`."""
+    error: Exception | None = None
+    try:
+        values = compute().to(dtype)
+    except Exception as err:  # raised again below, on every rank, after the collective
+        error, values = err, torch.zeros(*shape, dtype=dtype)
+    flag = torch.full((1, *shape[1:]), float(error is not None), dtype=dtype)
+    gathered = all_gather_stacked(torch.cat([values, flag.to(values.device)]), group)
+    failed = gathered[:, -1].flatten(1)[:, 0].cpu().tolist()
+    if error is not None:
+        raise error
+    if any(failed):
+        ranks = [rank for rank, bad in enumerate(failed) if bad]
+        raise RankFailure(f"it failed on rank(s) {ranks} of the group")
+    return gathered[:, :-1]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gradtrace.gradient_flow.collectives import all_gather_stacked
+from gradtrace.gradient_flow.collectives import all_gather_guarded
 from gradtrace.gradient_flow.shards import Held, held_here, shard_mask
 
 __all__ = ["BINS", "gradient_histograms", "send_histograms"]
@@ -91,20 +91,26 @@ def gradient_histograms(
     gradient has none (or no gradient) are left out.
 
     With sharded gradients, every rank of ``group`` must call it (same parameters, same
-    order): two ``all_gather`` collectives combine the shards.
+    order): two ``all_gather`` collectives combine the shards. If counting fails on one rank,
+    every rank raises (:class:`~gradtrace.gradient_flow.collectives.RankFailure` on the
+    others) instead of waiting.
     """
     if not named_parameters:
         return {}
     held = [held_here(p) for _, p in named_parameters]
     grads = [h.grad for h in held if h.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
-    table = _ranges(held, device)
     sharded = [h.shard_ranks is not None for h in held]
     mask = None
     combine = any(sharded) and dist.is_initialized() and dist.get_world_size(group) > 1
-    if combine:
-        gathered = all_gather_stacked(table, group)
+    if not combine:
+        table = _ranges(held, device)
+    else:
+        # guarded: a rank whose part fails must not leave the others in the collective
+        shape = (len(held), 5)
+        gathered = all_gather_guarded(lambda: _ranges(held, device), shape, torch.float64, group)
         device = gathered.device
+        table = gathered[dist.get_rank(group)]
         mask = shard_mask([h.shard_ranks for h in held], group, device)
         whole = torch.stack(
             [
@@ -114,16 +120,20 @@ def gradient_histograms(
             ],
             dim=1,
         )
-        rows = _to_device(sharded, device)[:, None]
-        table = torch.where(rows, whole, table.to(device))
+        table = torch.where(_to_device(sharded, device)[:, None], whole, table)
     ranges = table.cpu().tolist()
     for values in ranges:
         if values[_MIN] == values[_MAX]:  # one distinct value: a unit-wide bin range around it
             values[_MIN], values[_MAX] = values[_MIN] - 0.5, values[_MAX] + 0.5
-    counts = _counts(held, ranges, bins, device)
-    if combine:
-        whole_counts = _combine(all_gather_stacked(counts, group), mask, 0, "sum")
-        counts = torch.where(_to_device(sharded, device)[:, None], whole_counts, counts)
+    if not combine:
+        counts = _counts(held, ranges, bins, device)
+    else:
+        parts = all_gather_guarded(
+            lambda: _counts(held, ranges, bins, device), (len(held), bins), torch.long, group
+        )
+        whole_counts = _combine(parts, mask, 0, "sum")
+        own = parts[dist.get_rank(group)]
+        counts = torch.where(_to_device(sharded, device)[:, None], whole_counts, own)
     out: dict[str, dict[str, Any]] = {}
     for (name, _), (low, high, num, total, squares), count in zip(
         named_parameters, ranges, counts.cpu().tolist()

@@ -1,0 +1,47 @@
+"""``all_gather_guarded`` on 2 gloo processes where computing fails on rank 1 only: both ranks
+must leave the collective and raise (rank 1 its own error, rank 0 ``RankFailure``), none may
+wait. Then a healthy gather. Writes ``rank<r>.json``: what each rank raised, and what the
+healthy gather returned.
+
+``python guarded_gather.py OUT PORT``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gradtrace.gradient_flow.collectives import RankFailure, all_gather_guarded
+
+
+def compute(rank: int) -> torch.Tensor:
+    if rank == 1:
+        raise ValueError("counting failed here")
+    return torch.ones(2, 3)
+
+
+def worker(rank: int, out: Path, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        try:
+            all_gather_guarded(lambda: compute(rank), (2, 3), torch.float64)
+            raised = None
+        except (RankFailure, ValueError) as err:
+            raised = f"{type(err).__name__}: {err}"
+        healthy = all_gather_guarded(lambda: torch.full((2, 3), rank), (2, 3), torch.long)
+        dist.barrier()  # no rank tears down gloo while another still talks to it
+    finally:
+        dist.destroy_process_group()
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"raised": raised, "healthy": healthy.tolist()})
+    )
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(Path(sys.argv[1]), int(sys.argv[2])), nprocs=2)
