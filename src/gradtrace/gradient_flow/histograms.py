@@ -17,14 +17,15 @@ import torch
 import torch.distributed as dist
 
 from gradtrace.gradient_flow.collectives import all_gather_guarded
-from gradtrace.gradient_flow.shards import Held, held_here, shard_mask
+from gradtrace.gradient_flow.shards import Held, held_here, reduce_over_ranks, shard_mask
 
 __all__ = ["BINS", "gradient_histograms", "send_histograms"]
 
 BINS = 64
 
-# Columns of the per-layer range table: each combines over ranks with its own reduction.
-_MIN, _MAX, _NUM, _SUM, _SQUARES = range(5)
+# Columns of the per-layer range table (then the sum and the sum of squares): min, max and the
+# sums each combine over ranks with their own reduction.
+_MIN, _MAX, _NUM = range(3)
 
 
 def _values(grad: torch.Tensor) -> torch.Tensor:
@@ -73,16 +74,6 @@ def _counts(
     return counts[:, :bins]
 
 
-def _combine(
-    gathered: torch.Tensor, mask: torch.Tensor | None, fill: float, reduce: str
-) -> torch.Tensor:
-    """Reduce ``[ranks x layers, ...]`` over the ranks ``mask`` (``[ranks x layers]``) keeps."""
-    if mask is not None:
-        keep = mask.reshape(*mask.shape, *[1] * (gathered.ndim - 2))
-        gathered = torch.where(keep, gathered, torch.full_like(gathered, fill))
-    return getattr(gathered, reduce)(dim=0)
-
-
 def gradient_histograms(
     named_parameters: Sequence[tuple[str, torch.Tensor]], bins: int = BINS, *, group: Any = None
 ) -> dict[str, dict[str, Any]]:
@@ -112,11 +103,11 @@ def gradient_histograms(
         device = gathered.device
         table = gathered[dist.get_rank(group)]
         mask = shard_mask([h.shard_ranks for h in held], group, device)
-        whole = torch.stack(
+        whole = torch.cat(
             [
-                _combine(gathered[:, :, _MIN], mask, torch.inf, "amin"),
-                _combine(gathered[:, :, _MAX], mask, -torch.inf, "amax"),
-                *(_combine(gathered[:, :, c], mask, 0.0, "sum") for c in (_NUM, _SUM, _SQUARES)),
+                reduce_over_ranks(gathered[:, :, _MIN : _MIN + 1], mask, "amin", torch.inf),
+                reduce_over_ranks(gathered[:, :, _MAX : _MAX + 1], mask, "amax", -torch.inf),
+                reduce_over_ranks(gathered[:, :, _NUM:], mask, "sum"),  # count, sum, squares
             ],
             dim=1,
         )
@@ -131,7 +122,7 @@ def gradient_histograms(
         parts = all_gather_guarded(
             lambda: _counts(held, ranges, bins, device), (len(held), bins), torch.long, group
         )
-        whole_counts = _combine(parts, mask, 0, "sum")
+        whole_counts = reduce_over_ranks(parts, mask, "sum")
         own = parts[dist.get_rank(group)]
         counts = torch.where(_to_device(sharded, device)[:, None], whole_counts, own)
     out: dict[str, dict[str, Any]] = {}

@@ -33,6 +33,7 @@ __all__ = [
     "held_here",
     "is_sharded",
     "note_fsdp1",
+    "reduce_over_ranks",
     "shard_mask",
 ]
 
@@ -193,6 +194,19 @@ def shard_mask(
         indices = {r if group is None else dist.get_group_rank(group, r) for r in ranks}
         rows.append([i in indices for i in range(world)])
     return torch.tensor(rows, dtype=torch.bool).T.to(device, non_blocking=True)
+
+
+def reduce_over_ranks(
+    gathered: torch.Tensor, mask: torch.Tensor | None, reduce: str, fill: float = 0.0
+) -> torch.Tensor:
+    """``gathered`` (``[ranks x layers, ...]``) reduced over ranks by ``reduce`` (``"sum"``,
+    ``"amax"``, ``"amin"``), each layer over the ranks :func:`shard_mask` keeps for it; the
+    others count as ``fill``, the reduction's neutral value."""
+    if mask is not None:
+        keep = mask.reshape(*mask.shape, *[1] * (gathered.ndim - 2))
+        # where, not a product: a nan partial sum times a 0 mask would still be nan.
+        gathered = torch.where(keep, gathered, torch.full_like(gathered, fill))
+    return getattr(gathered, reduce)(dim=0)
 
 
 def is_sharded(param: torch.Tensor) -> bool:

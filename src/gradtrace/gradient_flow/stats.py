@@ -22,7 +22,7 @@ from torch import nn
 from gradtrace.checks import check_choice
 from gradtrace.gradient_flow.collectives import all_gather_stacked
 from gradtrace.gradient_flow.selection import Layer, parameter_names
-from gradtrace.gradient_flow.shards import held_here, note_fsdp1, shard_mask
+from gradtrace.gradient_flow.shards import held_here, note_fsdp1, reduce_over_ranks, shard_mask
 
 __all__ = ["PARTIAL_COLUMNS", "STATS", "combine_partial_sums", "grad_stats", "grad_stats_table"]
 
@@ -96,11 +96,8 @@ def combine_partial_sums(gathered: torch.Tensor, ranks: torch.Tensor | None = No
     ``ranks``, a boolean ``[ranks x layers]`` mask, limits each layer to the ranks that hold
     its shards (hybrid sharding: one replica's shard group); default every rank.
     """
-    if ranks is not None:
-        # where, not a product: a nan partial sum times a 0 mask would still be nan.
-        gathered = torch.where(ranks[:, :, None], gathered, torch.zeros_like(gathered))
-    combined = gathered.sum(dim=0)
-    combined[:, 2] = gathered[:, :, 2].amax(dim=0)
+    combined = reduce_over_ranks(gathered, ranks, "sum")
+    combined[:, 2] = reduce_over_ranks(gathered[:, :, 2], ranks, "amax")
     return combined
 
 
