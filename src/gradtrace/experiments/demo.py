@@ -9,8 +9,9 @@ then downloaded with its published checksums; when that fails the demo stops wit
 listing the ways to provide it (``make demo`` also tries Debian's package as root, offline).
 Synthetic data only with ``--synthetic``.
 
-Every run uses one device (the first GPU if there is one): left to Lightning's ``auto``, a
-multi-GPU machine would start DDP over all its GPUs and launch the demo again in every rank.
+Every run uses one device (the first GPU if there is one; ``study.short_run``'s default): left
+to Lightning's ``auto``, a multi-GPU machine would start DDP over all its GPUs and launch the
+demo again in every rank.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         f"(batch {args.batch_size}), then validating on {args.val_size} images."
     )
     with quiet_output():
-        results = [short_run(spec, data, args.steps, args.out, devices=1) for spec in specs]
+        results = [short_run(spec, data, args.steps, args.out) for spec in specs]
     table = format_results(results, description)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(table)

@@ -111,7 +111,6 @@ def smoke(
             every_n_steps=every_n_steps,
             enable_progress_bar=False,
             val_check_interval=1.0 / val_checks_per_epoch,
-            devices=1,  # Lightning's "auto" would relaunch this process once per GPU (DDP)
         )
         seconds = time.perf_counter() - start
         run = read_run(result.log_dir)
