@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning
+from gradtrace.experiments.launch import free_port
 from gradtrace.gradient_flow import read_history
 from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis
 from gradtrace.gradient_flow.activations import (
@@ -28,7 +29,7 @@ from gradtrace.gradient_flow.activations import (
     ActivationsUnavailableError,
     loss_scale,
 )
-from helpers.distributed import free_port, needs_gpus
+from helpers.distributed import needs_gpus
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

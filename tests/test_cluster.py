@@ -22,17 +22,13 @@ from gradtrace.experiments.agents import gpu_groups
 from gradtrace.experiments.grid import gradtrace_args
 from gradtrace.experiments.launch import run_cells
 from gradtrace.gradient_flow import read_history
+from helpers.distributed import needs_gpus
 
 FIT_NOTE = (
     "gradtrace: 8 GPUs visible, using 1; --trainer.devices=8 runs DDP over 8 with the same "
     "global batch"
 )
 EIGHT = "0,1,2,3,4,5,6,7"
-
-
-def gpus(n: int) -> pytest.MarkDecorator:
-    """Skip unless at least ``n`` CUDA GPUs are visible."""
-    return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs")
 
 
 @pytest.fixture
@@ -220,7 +216,7 @@ main(sys.argv[1:])
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@gpus(2)
+@needs_gpus(2)
 def test_a_2_gpu_ddp_cell_with_sync_batchnorm_measures_what_one_gpu_does(tmp_path: Path) -> None:
     path = tmp_path / "cell.yaml"
     path.write_text(BN_CELL)

@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning, NonFiniteGradientError
+from gradtrace.experiments.launch import free_port
 from gradtrace.gradient_flow import parameter_names, read_history
-from helpers.distributed import free_port, needs_gpus
+from helpers.distributed import needs_gpus
 from helpers.logs import rank_zero_lines
 
 IN, HIDDEN, CLASSES = 6, 8, 3

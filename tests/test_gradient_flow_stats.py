@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from gradtrace.experiments.launch import free_port
 from gradtrace.gradient_flow import grad_stats, grad_stats_table, select_layers
-from helpers.distributed import free_port, needs_gpus
+from helpers.distributed import needs_gpus
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
