@@ -38,20 +38,20 @@ demo-data: $(STAMP)
 	@sh scripts/fetch-demo-data.sh $(BIN)/python
 
 demo: demo-data
-	@$(BIN)/python -m gradtrace.experiments.demo $(ARGS)
+	@$(BIN)/python -m gradtrace.studies.demo $(ARGS)
 
 # ARGS passes more options through, e.g. ARGS="--from runs/sweeps/table1" or, for the runs
 # themselves, ARGS="-- --data.root=/datasets/cifar".
 reproduce-table1: $(STAMP) $(if $(filter smoke,$(BUDGET)),demo-data)
-	$(BIN)/python -m gradtrace.experiments.table1 --budget $(or $(BUDGET),full) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
+	$(BIN)/python -m gradtrace.studies.table1 --budget $(or $(BUDGET),full) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
 # DDP=N runs each cell as one DDP run over N of the GPUS (same global batch).
 sweep: $(STAMP)
-	$(BIN)/python -m gradtrace.experiments.sweep agents $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(ARGS)
+	$(BIN)/python -m gradtrace.sweeps agents $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(ARGS)
 
 # ARGS="-- --trainer.max_epochs=10" appends CLI overrides to every run.
 sweep-local: $(STAMP)
-	$(BIN)/python -m gradtrace.experiments.sweep local $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(ARGS)
+	$(BIN)/python -m gradtrace.sweeps local $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(ARGS)
 
 # The bench lives in benchmarks/ (not installed with gradtrace); run from the repository root.
 bench: $(STAMP)

@@ -74,7 +74,7 @@ def sharded_model() -> nn.Module:
 
 
 def _rank(rank: int, world_size: int, port: int, out: str) -> None:
-    from gradtrace.gradient_flow import grad_stats
+    from gradtrace.measure import grad_stats
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gradtrace.datamodule import ImageDataModule
+from gradtrace.data.datamodule import ImageDataModule
 
 __all__ = [
     "ACTIVATION_INTERVAL",

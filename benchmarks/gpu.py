@@ -1,6 +1,6 @@
 """GPU only: epoch times of the Table 1 networks and the projected wall time of Table 1.
 
-Each distinct network of ``gradtrace/configs/table1/*.yaml`` trains the way
+Each distinct network of ``gradtrace/cli/configs/table1/*.yaml`` trains the way
 ``gradtrace fit --config`` would: the config's model, precision and GradientFlow, the data
 resident on the GPU, channels_last, the CSV logger, checkpoints and the learning-rate
 monitor, on CIFAR-100-sized synthetic data (47,500 training and 2,500 validation images,
@@ -66,7 +66,7 @@ from benchmarks.config import (
 )
 from benchmarks.stats import Summary
 from gradtrace.classifier import ImageClassifier
-from gradtrace.datamodule import ImageDataModule
+from gradtrace.data.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
 
 __all__ = ["SETUPS", "Setup", "bench_gpu", "compiled_graphs", "epoch_time", "table1_rows"]
@@ -103,7 +103,7 @@ def table1_rows() -> list[dict[str, Any]]:
     settings), ``network`` (those that set the cost of a step, as a hashable key),
     ``epochs``, ``precision`` and ``gradient_flow`` (its GradientFlow's arguments)."""
     rows = []
-    folder = resources.files("gradtrace") / "configs" / "table1"
+    folder = resources.files("gradtrace") / "cli" / "configs" / "table1"
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".yaml"):
             continue

@@ -32,7 +32,7 @@ from benchmarks.stats import Summary, interleave, ratios
 from benchmarks.stepper import TrainerSteps
 from benchmarks.workloads import PlainLoop
 from gradtrace.classifier import ImageClassifier
-from gradtrace.datamodule import ImageDataModule
+from gradtrace.data.datamodule import ImageDataModule
 
 __all__ = ["bench_training"]
 

@@ -7,7 +7,7 @@
 # Usage: scripts/fetch-demo-data.sh PYTHON
 set -u
 python=${1:-python3}
-"$python" -m gradtrace.experiments.demo --fetch-data && exit 0
+"$python" -m gradtrace.studies.demo --fetch-data && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "Fashion-MNIST: not found and not downloadable; installing Debian's dataset-fashion-mnist with apt-get"
   apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \

@@ -20,15 +20,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning
-from gradtrace.experiments.launch import free_port
-from gradtrace.gradient_flow import read_history
 from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis
-from gradtrace.gradient_flow.activations import (
+from gradtrace.measure import read_history
+from gradtrace.measure.activations import (
     ACTIVATION_STATS,
     ActivationCollector,
     ActivationsUnavailableError,
     loss_scale,
 )
+from gradtrace.sweeps.launch import free_port
 from helpers.distributed import needs_gpus
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -599,8 +599,8 @@ def test_a_checkpointed_block_is_counted_once() -> None:
 
 
 def test_attention_output_belongs_to_its_output_projection() -> None:
-    from gradtrace.gradient_flow.activation_catalog import activation_sources
-    from gradtrace.gradient_flow.selection import select_layers
+    from gradtrace.measure.activation_catalog import activation_sources
+    from gradtrace.measure.selection import select_layers
 
     torch.manual_seed(7)
     attention = nn.MultiheadAttention(8, 2, batch_first=True)
@@ -622,8 +622,8 @@ def test_attention_output_belongs_to_its_output_projection() -> None:
 
 
 def test_recurrent_layers_say_which_weights_have_no_output_of_their_own() -> None:
-    from gradtrace.gradient_flow.activation_catalog import activation_sources
-    from gradtrace.gradient_flow.selection import select_layers
+    from gradtrace.measure.activation_catalog import activation_sources
+    from gradtrace.measure.selection import select_layers
 
     lstm = nn.LSTM(4, 4, num_layers=2, bidirectional=True)
     root = nn.Sequential(lstm)

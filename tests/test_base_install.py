@@ -132,7 +132,7 @@ import lightning.pytorch as pl
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from gradtrace import GradientFlow
-from gradtrace.gradient_flow import read_history
+from gradtrace.measure import read_history
 
 class Model(pl.LightningModule):
     def __init__(self):

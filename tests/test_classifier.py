@@ -294,7 +294,8 @@ def test_tf32_set_through_the_per_operator_api_is_put_back(tmp_path) -> None:
 def test_table1_configs_resolve_with_tf32_off(capsys) -> None:
     import yaml
 
-    from gradtrace.cli import GradtraceCLI, list_configs
+    from gradtrace.cli.configs import list_configs
+    from gradtrace.cli.trainer_cli import GradtraceCLI
 
     for name in [n for n in list_configs() if n.startswith("table1/")]:
         with pytest.raises(SystemExit):

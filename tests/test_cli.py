@@ -15,16 +15,12 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from gradtrace.cli import (
-    GradtraceCLI,
-    last_checkpoint,
-    list_configs,
-    main,
-    resolve_config,
-    run_directory,
-)
-from gradtrace.gradient_flow import GradientFlow, read_history
-from gradtrace.run_identity import ResumeCheckpoint, config_hash, readable_prefix, run_name
+from gradtrace.cli.configs import list_configs, resolve_config
+from gradtrace.cli.main import main
+from gradtrace.cli.run_identity import ResumeCheckpoint, config_hash, readable_prefix, run_name
+from gradtrace.cli.trainer_cli import GradtraceCLI, last_checkpoint, run_directory
+from gradtrace.gradient_flow import GradientFlow
+from gradtrace.measure import read_history
 
 # Small synthetic data: 10 classes, 180 training images, 20 validation, 50 test.
 SMALL = [
@@ -408,7 +404,7 @@ def test_ckpt_path_last_without_a_checkpoint_fails_clearly(tmp_path: Path, capsy
 
 DDP_SCRIPT = """
 import sys
-from gradtrace.cli import main
+from gradtrace.cli.main import main
 main(sys.argv[1:])
 """
 

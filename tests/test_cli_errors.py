@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import gradtrace
-from gradtrace.cli import main
-from gradtrace.datasets import DataNotFoundError, fashion_mnist
+from gradtrace.cli.main import main
+from gradtrace.data import DataNotFoundError, fashion_mnist
 
 SRC = Path(gradtrace.__file__).resolve().parent.parent
 TINY = [

@@ -16,12 +16,14 @@ import torch
 import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from gradtrace.cli import GradtraceCLI
-from gradtrace.experiments import demo, study, sweep, table1
-from gradtrace.experiments.agents import gpu_groups
-from gradtrace.experiments.grid import gradtrace_args
-from gradtrace.experiments.launch import run_cells
-from gradtrace.gradient_flow import read_history
+from gradtrace.cli.trainer_cli import GradtraceCLI
+from gradtrace.measure import read_history
+from gradtrace.studies import demo, short_run
+from gradtrace.studies.table1 import reproduce
+from gradtrace.sweeps import commands
+from gradtrace.sweeps.agents import gpu_groups
+from gradtrace.sweeps.grid import gradtrace_args
+from gradtrace.sweeps.launch import run_cells
 from helpers.distributed import needs_gpus
 
 FIT_NOTE = (
@@ -77,7 +79,7 @@ def record_trainers(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         built.append(kwargs)
         raise _TrainerBuilt
 
-    monkeypatch.setattr(study.pl, "Trainer", trainer)
+    monkeypatch.setattr(short_run.pl, "Trainer", trainer)
     return built
 
 
@@ -138,7 +140,7 @@ def test_the_table1_smoke_budget_trains_on_one_device(
 ) -> None:
     built = record_trainers(monkeypatch)
     with pytest.raises(_TrainerBuilt):
-        table1.main(["--budget", "smoke", "--synthetic", "--steps", "2", "--batch-size", "4",
+        reproduce.main(["--budget", "smoke", "--synthetic", "--steps", "2", "--batch-size", "4",
                      "--root", str(tmp_path)])  # fmt: skip
     assert built[0]["devices"] == 1
     assert gpu_notes(caplog) == [
@@ -157,8 +159,8 @@ def test_the_table1_full_budget_runs_each_row_on_one_device(
         launched.append((runs, gpus))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(table1, "run_cells", run_cells)
-    assert table1.main(["--root", str(tmp_path), "--out", str(tmp_path / "report")]) == 130
+    monkeypatch.setattr(reproduce, "run_cells", run_cells)
+    assert reproduce.main(["--root", str(tmp_path), "--out", str(tmp_path / "report")]) == 130
     assert gpu_notes(caplog) == [
         f"gradtrace: 8 GPUs visible, using 1; --gpus {EIGHT} (make reproduce-table1 "
         f"GPUS={EIGHT}) runs one row per GPU"
@@ -208,7 +210,7 @@ import torch
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-from gradtrace.cli import main
+from gradtrace.cli.main import main
 
 main(sys.argv[1:])
 """
@@ -224,7 +226,7 @@ def test_a_2_gpu_ddp_cell_with_sync_batchnorm_measures_what_one_gpu_does(tmp_pat
     script.write_text(FP32_CLI)
     runs = {}
     for name, processes, pool in (("one", 1, ["0"]), ("ddp", 2, gpu_groups(["0", "1"], 2))):
-        _, [(run_dir, command)] = sweep.local_runs(
+        _, [(run_dir, command)] = commands.local_runs(
             path, ddp=processes, root=tmp_path / name, overrides=FIRST_STEP, use_wandb=False
         )
         fp32_command = [sys.executable, str(script), *gradtrace_args(command)]

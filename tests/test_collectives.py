@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradtrace.experiments.launch import free_port
-from gradtrace.gradient_flow import collectives
-from gradtrace.gradient_flow.activations import ActivationCollector
-from gradtrace.gradient_flow.collectives import collective_device
-from gradtrace.gradient_flow.histograms import gradient_histograms
-from gradtrace.gradient_flow.stats import grad_stats_table
+from gradtrace.measure import collectives
+from gradtrace.measure.activations import ActivationCollector
+from gradtrace.measure.collectives import collective_device
+from gradtrace.measure.histograms import gradient_histograms
+from gradtrace.measure.stats import grad_stats_table
+from gradtrace.sweeps.launch import free_port
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gradtrace"
 # torch.distributed functions that move data between ranks

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 pytest.importorskip("matplotlib")
 
 from gradtrace import GradientFlow
-from gradtrace.cli import main
-from gradtrace.compare import compare_runs, first_problem_layer, markdown_table
-from gradtrace.gradient_flow import input_output_ratio, read_history
+from gradtrace.cli.compare import compare_runs, first_problem_layer, markdown_table
+from gradtrace.cli.main import main
+from gradtrace.measure import input_output_ratio, read_history
 from gradtrace.plots import plot_activation_flow, plot_gradient_flow, plot_runs
 
 COLUMNS = [

@@ -32,7 +32,7 @@ def test_inside_quiet_output(capsys: pytest.CaptureFixture[str]) -> None:
             emit_from("gradtrace.gradient_flow", "Gradients vanish at step 20", UserWarning)
             emit_from("gradtrace.models", "an old gradtrace option", DeprecationWarning)
             assert not lightning_info.isEnabledFor(logging.INFO)  # tips and device banners
-            logging.getLogger("gradtrace.datamodule").info("Data: synthetic")
+            logging.getLogger("gradtrace.data.datamodule").info("Data: synthetic")
     assert capsys.readouterr().err.splitlines() == [
         "UserWarning: Gradients vanish at step 20",
         "DeprecationWarning: an old gradtrace option",

@@ -18,8 +18,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import Precision
 from torchvision.transforms.v2 import functional as tvf
 
-import gradtrace.datasets as ds
-from gradtrace.datamodule import (
+import gradtrace.data as ds
+from gradtrace.data import fashion_mnist
+from gradtrace.data.datamodule import (
     EvalBatches,
     ImageDataModule,
     TrainBatches,
@@ -28,7 +29,6 @@ from gradtrace.datamodule import (
     sample_crops,
     train_batch_indices,
 )
-from gradtrace.datasets import fashion_mnist
 from test_datasets import write_cifar_archive, write_fashion_mnist, write_image_folder
 
 SMALL = {
@@ -480,7 +480,7 @@ def test_augment_defaults_fit_the_data(tmp_path: Path) -> None:
 
 def test_the_settings_used_are_described_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
     dm = ImageDataModule(**{**SMALL, "augment": "crop"}, normalization="cifar10")
-    with caplog.at_level("INFO", logger="gradtrace.datamodule"):
+    with caplog.at_level("INFO", logger="gradtrace.data.datamodule"):
         dm.setup("fit")
         dm.setup("validate")  # loaded once, said once
     assert caplog.messages == [
@@ -668,7 +668,7 @@ def test_splits_stay_on_the_host_when_they_need_over_half_the_free_gpu_memory(
     )
     dm = ImageDataModule(**SMALL)
     dm.trainer = gpu_trainer(rank)
-    with caplog.at_level("INFO", logger="gradtrace.datamodule"):
+    with caplog.at_level("INFO", logger="gradtrace.data.datamodule"):
         dm.setup("fit")
         copies = record_copies(monkeypatch)
         dm.setup("validate")  # said once
@@ -696,7 +696,7 @@ def test_splits_go_to_the_gpu_when_they_fit_or_when_asked(
     dm.setup("fit")  # loaded without a trainer: on the host
     dm.trainer = gpu_trainer()
     copies = record_copies(monkeypatch)
-    with caplog.at_level("INFO", logger="gradtrace.datamodule"):
+    with caplog.at_level("INFO", logger="gradtrace.data.datamodule"):
         dm.setup("fit")
     assert copies == [torch.device("cuda", 0)] * 6  # images and labels of three splits
     assert not [m for m in caplog.messages if "host memory" in m]

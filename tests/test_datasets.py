@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-import gradtrace.datasets as ds
-from gradtrace.datasets import ChecksumError, fashion_mnist
+import gradtrace.data as ds
+from gradtrace.data import ChecksumError, fashion_mnist
 
 # ---------------------------------------------------------------------------------------------
 # Writers of small files in the real formats (shared with test_datamodule through conftest-free

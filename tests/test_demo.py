@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import gradtrace
-from gradtrace.datasets import DataNotFoundError, fashion_mnist
-from gradtrace.experiments import demo
-from gradtrace.experiments.study import smoke_data
+from gradtrace.data import DataNotFoundError, fashion_mnist
+from gradtrace.studies import demo
+from gradtrace.studies.short_run import smoke_data
 from test_datasets import md5_of, write_fashion_mnist
 
 SRC = Path(gradtrace.__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def test_demo_output_is_one_screen_without_noise(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(SRC)
     args = ["--steps", "3", "--batch-size", "8", "--val-size", "40"]
     done = subprocess.run(
-        [sys.executable, "-m", "gradtrace.experiments.demo", *args, "--data-root", str(root)],
+        [sys.executable, "-m", "gradtrace.studies.demo", *args, "--data-root", str(root)],
         capture_output=True,
         text=True,
         env=env,

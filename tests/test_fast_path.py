@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from gradtrace.classifier import ImageClassifier
-from gradtrace.datamodule import ImageDataModule
+from gradtrace.data.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
 from gradtrace.models import create_model
 from host_syncs import HostSyncCounter, _copy_direction

@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning, read_history
-from gradtrace.gradient_flow.activations import ActivationCollector
-from gradtrace.gradient_flow.diagnosis import Diagnosis
-from gradtrace.gradient_flow.records import CsvRecords
-from gradtrace.gradient_flow.update_ratio import PendingUpdate
+from gradtrace.measure.activations import ActivationCollector
+from gradtrace.measure.diagnosis import Diagnosis
+from gradtrace.measure.records import CsvRecords
+from gradtrace.measure.update_ratio import PendingUpdate
 from helpers.fits import quiet_trainer
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -75,12 +75,12 @@ def injected(*args, **kwargs):
 # (what to break, the feature it belongs to, GradientFlow options, the layer the warning names)
 FAULTS = [
     ("gradtrace.gradient_flow.step.grad_stats_table", "gradients", {}, None),
-    ("gradtrace.gradient_flow.order.backward_depths", "order", {}, None),
+    ("gradtrace.measure.order.backward_depths", "order", {}, None),
     (ActivationCollector, "activations", {"activations": True}, "net.0.weight"),
     ("ActivationCollector._grad_arrived", "activations", {"activations": True}, "head.weight"),
     ("ActivationCollector.function_called", "activations", {"activations": True}, None),
     ("gradtrace.gradient_flow.callback.draw_figure", "plots", {}, None),
-    ("gradtrace.gradient_flow.histograms.send_histograms", "histograms", {}, None),
+    ("gradtrace.measure.histograms.send_histograms", "histograms", {}, None),
     (Diagnosis, "diagnosis", {}, None),
     (PendingUpdate, "update_ratio", {"update_ratio": True}, None),
     (CsvRecords, "files", {}, None),
@@ -184,8 +184,8 @@ def test_a_hook_failing_on_one_rank_switches_activations_off_on_every_rank(
 @pytest.mark.parametrize(
     ("target", "feature"),
     [
-        ("gradtrace.gradient_flow.activations.ActivationCollector._layer_hook", "activations"),
-        ("gradtrace.gradient_flow.order.ForwardProbe._record", "order"),
+        ("gradtrace.measure.activations.ActivationCollector._layer_hook", "activations"),
+        ("gradtrace.measure.order.ForwardProbe._record", "order"),
     ],
 )
 def test_hooks_set_up_halfway_are_removed_and_compiled_code_runs_compiled_again(
@@ -232,7 +232,7 @@ def test_a_feature_switched_off_is_not_run_again(
         calls.append(1)
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr("gradtrace.gradient_flow.histograms.send_histograms", failing)
+    monkeypatch.setattr("gradtrace.measure.histograms.send_histograms", failing)
     flow, trainer, _ = fit(tmp_path, histogram_every_n_steps=1)
     assert trainer.global_step == STEPS
     assert list(flow.faults) == ["histograms"]

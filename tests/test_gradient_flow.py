@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, GradientFlowWarning, NonFiniteGradientError
-from gradtrace.experiments.launch import free_port
-from gradtrace.gradient_flow import parameter_names, read_history
+from gradtrace.measure import parameter_names, read_history
+from gradtrace.sweeps.launch import free_port
 from helpers.distributed import needs_gpus
 from helpers.logs import rank_zero_lines
 

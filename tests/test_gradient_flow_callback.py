@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gradtrace import GradientFlow, GradientFlowWarning
-from gradtrace.gradient_flow import read_history
+from gradtrace.measure import read_history
 from gradtrace.models import AuxLogits
 from test_gradient_flow import (
     CLASSES,
@@ -388,8 +388,8 @@ def test_histograms_go_to_tensorboard(tmp_path: Path) -> None:
 def test_zoo_googlenet_output_end_is_the_main_head_and_vit_starts_at_patches() -> None:
     """One watched batch of the real models (what the callback does on its first batch)."""
     pytest.importorskip("timm")
-    from gradtrace.gradient_flow import parameter_names, select_layers
-    from gradtrace.gradient_flow.order import LayerOrder
+    from gradtrace.measure import parameter_names, select_layers
+    from gradtrace.measure.order import LayerOrder
     from gradtrace.models import AuxLogits, create_model
 
     for arch, kwargs in (("googlenet", {"stem": "cifar"}), ("vit_tiny_cifar", {})):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrace.experiments.launch import free_port
-from gradtrace.gradient_flow import grad_stats, grad_stats_table, select_layers
+from gradtrace.measure import grad_stats, grad_stats_table, select_layers
+from gradtrace.sweeps.launch import free_port
 from helpers.distributed import needs_gpus
 
 SCRIPTS = Path(__file__).parent / "scripts"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrace.gradient_flow.histograms import gradient_histograms
+from gradtrace.measure.histograms import gradient_histograms
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -14,8 +14,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow
-from gradtrace.gradient_flow import parameter_names
-from gradtrace.gradient_flow.order import LayerOrder, backward_depths
+from gradtrace.measure import parameter_names
+from gradtrace.measure.order import LayerOrder, backward_depths
 from helpers.corpus import GAN
 from helpers.fits import quiet_trainer
 

@@ -57,13 +57,13 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_wheel_holds_the_library_configs_and_types_only(dist: dict[str, Path]) -> None:
     names = zipfile.ZipFile(dist["wheel"]).namelist()
     shipped = sorted(
-        str(p.relative_to(REPO / "src")) for p in (REPO / "src/gradtrace/configs").rglob("*.yaml")
+        str(p.relative_to(REPO / "src")) for p in (REPO / "src/gradtrace/cli/configs").rglob("*.yaml")
     )
     assert shipped
     assert set(shipped) <= set(names)
     assert "gradtrace/py.typed" in names
-    assert "gradtrace/cli.py" in names
-    assert "gradtrace/experiments/demo.py" in names
+    assert "gradtrace/cli/main.py" in names
+    assert "gradtrace/studies/demo.py" in names
     assert [n for n in names if "bench" in n] == []  # neither benchmarks/ nor gradtrace/bench/
     assert [n for n in names if "tests/" in n or n.split("/")[-1].startswith("test_")] == []
 
@@ -118,6 +118,6 @@ def test_fresh_venv_with_only_the_wheel_runs_the_command_and_the_demo(
     assert config.returncode == 0, config.stderr[-2000:]
     assert "arch: coursework_vgg" in config.stdout
     assert "depth: 8" in config.stdout
-    demo = run(str(python), "-m", "gradtrace.experiments.demo", "--help")
+    demo = run(str(python), "-m", "gradtrace.studies.demo", "--help")
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "--synthetic" in demo.stdout

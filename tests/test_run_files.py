@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from gradtrace import GradientFlow
-from gradtrace.run_files import FinishedRun, RunFilesError, find_runs, read_run
+from gradtrace.cli.run_files import FinishedRun, RunFilesError, find_runs, read_run
 
 
 class TinyNet(L.LightningModule):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gradtrace.datasets import find_fashion_mnist
-from gradtrace.experiments.study import short_run, smoke_data, table1_specs
+from gradtrace.data import find_fashion_mnist
+from gradtrace.studies.short_run import short_run, smoke_data, table1_specs
 
 
 def test_table1_rows_come_from_the_shipped_configs() -> None:

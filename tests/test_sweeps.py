@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 import yaml
 
-from gradtrace.cli import main as cli_main
-from gradtrace.cli import run_directory
-from gradtrace.experiments import agents, launch, sweep
-from gradtrace.experiments.agents import gpu_groups, launch_agents, sweep_path
-from gradtrace.experiments.grid import (
+from gradtrace.cli.main import main as cli_main
+from gradtrace.cli.trainer_cli import run_directory
+from gradtrace.sweeps import agents, commands, launch
+from gradtrace.sweeps.agents import gpu_groups, launch_agents, sweep_path
+from gradtrace.sweeps.grid import (
     Cell,
     SweepConfigError,
     agent_command,
@@ -35,7 +35,7 @@ from gradtrace.experiments.grid import (
     validate,
     with_ddp,
 )
-from gradtrace.experiments.launch import (
+from gradtrace.sweeps.launch import (
     PORT_RANGE,
     Interrupted,
     ProcessGroups,
@@ -197,7 +197,7 @@ def test_the_directory_holds_exactly_the_six_sweeps() -> None:
 def test_coursework_sweeps_use_the_shipped_table1_hyperparameters(name: str) -> None:
     # Every setting of configs/table1/vgg38-bn-rc.yaml, other than the run's name and the
     # swept model knobs, is set the same way by the sweep's fixed arguments.
-    from gradtrace.cli import CONFIG_DIR
+    from gradtrace.cli.configs import CONFIG_DIR
 
     shipped = flat(yaml.safe_load((CONFIG_DIR / "table1" / "vgg38-bn-rc.yaml").read_text()))
     config = sweep_config(name)
@@ -320,10 +320,10 @@ def test_duplicate_gpus_in_a_ddp_run_stop_the_command_with_one_line(
 ) -> None:
     import wandb
 
-    monkeypatch.setattr(sweep, "local_runs", lambda *a, **k: pytest.fail("no cell is parsed"))
+    monkeypatch.setattr(commands, "local_runs", lambda *a, **k: pytest.fail("no cell is parsed"))
     monkeypatch.setattr(wandb, "sweep", lambda *a, **k: pytest.fail("must not create"))
     argv = [action, str(SWEEPS / "table1.yaml"), "--gpus", "0,0,1,1", "--ddp", "2"]
-    assert sweep.main(argv) == 2
+    assert commands.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [
@@ -450,7 +450,7 @@ def test_cells_that_would_share_a_run_directory_are_refused(tmp_path: Path) -> N
         "parameters:\n  trainer.enable_progress_bar: {values: [true, false]}\n"
     )
     with pytest.raises(SweepConfigError, match="two cells would share the run directory"):
-        sweep.local_runs(path, root=tmp_path)
+        commands.local_runs(path, root=tmp_path)
 
 
 @pytest.mark.slow
@@ -508,12 +508,12 @@ def test_sweep_local_reports_a_failed_cell_runs_the_other_and_skips_it_on_rerun(
     path.write_text(TWO_CELLS)
     root = tmp_path / "runs"
     argv = ["local", str(path), "--root", str(root), "--", *SMALL_RUN]
-    _, planned = sweep.local_runs(path, root=root, overrides=SMALL_RUN)
+    _, planned = commands.local_runs(path, root=root, overrides=SMALL_RUN)
     (good, _), (bad, _) = planned
     assert good.name.startswith("vgg08-synthetic-lr0.001-")
     assert bad.name.startswith("vgg09-synthetic-lr0.001-")
 
-    assert sweep.main(argv) == 1
+    assert commands.main(argv) == 1
     out = capsys.readouterr().out
     assert f"[1/2] {good.name}: done in" in out
     assert f"FAILED {bad}: exit code 2, log {bad / 'launch.log'}" in out
@@ -534,14 +534,14 @@ def test_sweep_local_reports_a_failed_cell_runs_the_other_and_skips_it_on_rerun(
     # W&B logged offline in the run's own directory.
     assert list((good / "wandb").glob("offline-run-*"))
 
-    assert sweep.main(argv) == 1
+    assert commands.main(argv) == 1
     out = capsys.readouterr().out
     assert f"[1/2] {good.name}: skipped, finished before ({good / 'done.json'})" in out
     assert "0 done, 1 skipped (finished before), 1 failed" in out
     assert (bad / "launch.log").read_text().count("$ /usr/bin/env") == 2
     # An unfinished cell with a checkpoint resumes from it.
     (good / "done.json").unlink()
-    _, planned = sweep.local_runs(path, root=root, overrides=SMALL_RUN)
+    _, planned = commands.local_runs(path, root=root, overrides=SMALL_RUN)
     assert planned[0][1][-1] == "--ckpt_path=last"
     assert "--ckpt_path=last" not in planned[1][1]
 
@@ -553,7 +553,7 @@ def test_sweep_local_dry_run_prints_the_commands(
     path.write_text(TWO_CELLS)
     monkeypatch.chdir(tmp_path)
     override = "--trainer.max_steps=1"
-    assert sweep.main(["local", str(path), "--dry-run", "--no-wandb", "--", override]) == 0
+    assert commands.main(["local", str(path), "--dry-run", "--no-wandb", "--", override]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{path}: 2 runs, one after the other, under runs/sweeps/two"
     run_dir = run_directory(["fit", "--model.arch=coursework_vgg", "--model.depth=8", override,
@@ -571,7 +571,7 @@ def test_sweep_local_refuses_overrides_it_sets_itself(tmp_path: Path) -> None:
     path.write_text(TWO_CELLS)
     for override in ("--trainer.default_root_dir=x", "--run_name=x"):
         with pytest.raises(ValueError, match="give the output folder with --root"):
-            sweep.run_local(path, overrides=[override], dry_run=True)
+            commands.run_local(path, overrides=[override], dry_run=True)
 
 
 def test_the_gpu_pool_runs_one_cell_per_gpu_at_a_time(tmp_path: Path) -> None:
@@ -845,14 +845,14 @@ def test_agents_turn_a_failed_sweep_creation_into_a_clear_error(
 def test_main_reports_errors_with_exit_status_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert sweep.main(["show", str(tmp_path / "nope.yaml")]) == 2
+    assert commands.main(["show", str(tmp_path / "nope.yaml")]) == 2
     assert "error: no sweep file" in capsys.readouterr().err
-    assert sweep.main(["show", str(SWEEPS / "vgg_cifar10.yaml")]) == 0
+    assert commands.main(["show", str(SWEEPS / "vgg_cifar10.yaml")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("vgg_cifar10.yaml: 6 runs")
     assert out[1].startswith("/usr/bin/env python -m gradtrace fit --model.arch=vgg_cifar10")
     with pytest.raises(SystemExit):
-        sweep.main(["agents", str(SWEEPS / "table1.yaml"), "--", "--x=1"])
+        commands.main(["agents", str(SWEEPS / "table1.yaml"), "--", "--x=1"])
     assert "overrides after `--` apply to `local` only" in capsys.readouterr().err
 
 
@@ -883,7 +883,7 @@ def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
     for name, processes in (("single", 1), ("ddp", 2)):
-        _, [(run_dir, command)] = sweep.local_runs(
+        _, [(run_dir, command)] = commands.local_runs(
             path,
             ddp=processes,
             root=tmp_path / name,
@@ -927,7 +927,7 @@ def test_two_ddp_cells_at_once_both_finish_despite_an_inherited_rendezvous(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     overrides = [*TINY, "--trainer.sync_batchnorm=false"]  # SyncBatchNorm needs GPUs
     root = tmp_path / "runs"
-    _, runs = sweep.local_runs(path, ddp=2, root=root, overrides=overrides, use_wandb=False)
+    _, runs = commands.local_runs(path, ddp=2, root=root, overrides=overrides, use_wandb=False)
     messages: list[str] = []
     groups = ProcessGroups()
     slots = gpu_groups(["a", "b", "c", "d"], 2)

@@ -16,10 +16,13 @@ import pytest
 import yaml
 
 from gradtrace.classifier import ImageClassifier
-from gradtrace.cli import main as cli_main
-from gradtrace.experiments import table1, table1_figures, table1_report, table1_rows
-from gradtrace.experiments.study import table1_specs
-from gradtrace.run_files import read_run
+from gradtrace.cli.main import main as cli_main
+from gradtrace.cli.run_files import read_run
+from gradtrace.studies.short_run import table1_specs
+from gradtrace.studies.table1 import figures as table1_figures
+from gradtrace.studies.table1 import report as table1_report
+from gradtrace.studies.table1 import reproduce as table1
+from gradtrace.studies.table1 import rows as table1_rows
 
 pytest.importorskip("matplotlib")
 

@@ -1,6 +1,7 @@
 """gradtrace: watch gradients flow through deep image classifiers, and fix them when they vanish.
 
-``from gradtrace import GradientFlow`` needs only torch and Lightning. Every export is imported
+``from gradtrace import grad_stats`` needs torch alone (:mod:`gradtrace.measure`);
+``from gradtrace import GradientFlow`` needs torch and Lightning. Every export is imported
 on first access, so ``import gradtrace`` alone stays light; ``ImageClassifier`` and
 ``ImageDataModule`` need the ``train`` extra.
 """
@@ -26,9 +27,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from gradtrace.classifier import ImageClassifier
-    from gradtrace.datamodule import ImageDataModule
-    from gradtrace.gradient_flow import (
-        GradientFlow,
+    from gradtrace.data.datamodule import ImageDataModule
+    from gradtrace.gradient_flow import GradientFlow
+    from gradtrace.measure import (
         GradientFlowWarning,
         NonFiniteGradientError,
         grad_stats,
@@ -39,14 +40,14 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "GradientFlow": "gradtrace.gradient_flow",
-    "GradientFlowWarning": "gradtrace.gradient_flow",
-    "NonFiniteGradientError": "gradtrace.gradient_flow",
-    "grad_stats": "gradtrace.gradient_flow",
-    "input_output_ratio": "gradtrace.gradient_flow",
-    "read_history": "gradtrace.gradient_flow",
-    "select_layers": "gradtrace.gradient_flow",
+    "GradientFlowWarning": "gradtrace.measure",
+    "NonFiniteGradientError": "gradtrace.measure",
+    "grad_stats": "gradtrace.measure",
+    "input_output_ratio": "gradtrace.measure",
+    "read_history": "gradtrace.measure",
+    "select_layers": "gradtrace.measure",
     "ImageClassifier": "gradtrace.classifier",
-    "ImageDataModule": "gradtrace.datamodule",
+    "ImageDataModule": "gradtrace.data.datamodule",
 }
 
 

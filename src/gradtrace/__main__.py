@@ -1,5 +1,5 @@
 """``python -m gradtrace`` runs the ``gradtrace`` command."""
 
-from gradtrace.cli import main
+from gradtrace.cli.main import main
 
 main()

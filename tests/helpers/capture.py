@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrace.gradient_flow.order import primary_output  # which tensor is "the output"
+from gradtrace.measure.order import primary_output  # which tensor is "the output"
 
 __all__ = ["IndependentCapture", "clean_name", "expected_stats"]
 

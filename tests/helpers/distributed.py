@@ -1,5 +1,5 @@
 """A skip for tests that need several GPUs (``make gpu-check`` on one GPU skips them). Their
-rendezvous ports come from :func:`gradtrace.experiments.launch.free_port`."""
+rendezvous ports come from :func:`gradtrace.sweeps.launch.free_port`."""
 
 from __future__ import annotations
 

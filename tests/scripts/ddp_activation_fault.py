@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from gradtrace.gradient_flow.activations import ActivationCollector, ActivationFault
+from gradtrace.measure.activations import ActivationCollector, ActivationFault
 
 
 def step(model: nn.Module, net: nn.Sequential, collector: ActivationCollector) -> dict:

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from gradtrace.gradient_flow.activations import ActivationCollector
+from gradtrace.measure.activations import ActivationCollector
 
 
 def make_net() -> nn.Sequential:

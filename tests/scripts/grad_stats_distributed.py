@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from gradtrace.gradient_flow import grad_stats
-from gradtrace.gradient_flow.histograms import gradient_histograms
+from gradtrace.measure import grad_stats
+from gradtrace.measure.histograms import gradient_histograms
 
 # Where this process computes: the CPU, or its own GPU under --device cuda.
 DEVICE = torch.device("cpu")
@@ -65,7 +65,7 @@ Measured = tuple[dict[str, float], int, dict[str, Any]]
 
 def histograms(model: nn.Module) -> dict[str, Any]:
     """Each weight's histogram (number of entries, range, counts) of the whole gradient."""
-    from gradtrace.gradient_flow import parameter_names
+    from gradtrace.measure import parameter_names
 
     names = parameter_names(model)
     weights = [(names[id(p)], p) for p in model.parameters() if names[id(p)].endswith("weight")]

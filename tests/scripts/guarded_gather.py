@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradtrace.gradient_flow.collectives import RankFailure, all_gather_guarded
+from gradtrace.measure.collectives import RankFailure, all_gather_guarded
 
 
 def compute(rank: int) -> torch.Tensor:

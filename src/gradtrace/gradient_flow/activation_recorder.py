@@ -1,7 +1,7 @@
 """The callback side of activation statistics: when hooks exist, and what is worth a warning.
 
 :class:`ActivationRecorder` is what ``GradientFlow(activations=True)`` holds: it attaches an
-:class:`~gradtrace.gradient_flow.activations.ActivationCollector` at the start of a measured
+:class:`~gradtrace.measure.activations.ActivationCollector` at the start of a measured
 step, reads and detaches it after the batch's optimizer steps, and warns (global rank 0) through
 :class:`ActivationDiagnosis` when a layer is dead or saturated.
 """
@@ -17,14 +17,14 @@ import lightning.pytorch as pl
 from torch import nn
 
 from gradtrace.checks import check_int, check_range
-from gradtrace.gradient_flow.activation_catalog import activation_sources, is_bias
-from gradtrace.gradient_flow.activations import (
+from gradtrace.measure.activation_catalog import activation_sources, is_bias
+from gradtrace.measure.activations import (
     ActivationCollector,
     ActivationsUnavailableError,
     loss_scale,
 )
-from gradtrace.gradient_flow.diagnosis import GradientFlowWarning
-from gradtrace.gradient_flow.selection import Layer
+from gradtrace.measure.diagnosis import GradientFlowWarning
+from gradtrace.measure.selection import Layer
 
 __all__ = ["ActivationDiagnosis", "ActivationRecorder"]
 

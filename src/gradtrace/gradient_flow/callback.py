@@ -1,8 +1,8 @@
 """``GradientFlow``: the Lightning callback that measures per-layer gradients during training.
 
-Thin glue over the pieces of this package: :func:`~gradtrace.gradient_flow.select_layers`
+Thin glue over the pieces of this package: :func:`~gradtrace.measure.select_layers`
 (which parameters), :func:`~gradtrace.gradient_flow.is_measured_step` (which steps),
-:func:`~gradtrace.gradient_flow.grad_stats_table` (the values), the layer order (where each
+:func:`~gradtrace.measure.grad_stats_table` (the values), the layer order (where each
 gradient enters the backward pass), the activation recorder, the diagnosis and the records
 (bounded history, CSV, loggers). Every feature runs guarded (:mod:`.faults`): an internal
 error switches that feature off with one warning and training goes on. Plots need matplotlib
@@ -25,19 +25,19 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from gradtrace.checks import check_choice, check_int
 from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis, ActivationRecorder
-from gradtrace.gradient_flow.activations import ACTIVATION_STATS
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
-from gradtrace.gradient_flow.diagnosis import Diagnosis, GradientFlowWarning
-from gradtrace.gradient_flow.faults import Faults
 from gradtrace.gradient_flow.figures import draw_figure, matplotlib_missing
-from gradtrace.gradient_flow.order import LayerOrder
-from gradtrace.gradient_flow.records import BoundedHistory, CsvRecords, input_output_ratio
-from gradtrace.gradient_flow.run_dir import run_directory
-from gradtrace.gradient_flow.selection import Layer, parameter_names, select_layers
-from gradtrace.gradient_flow.shards import deepspeed_zero_stage, is_sharded, note_fsdp1
-from gradtrace.gradient_flow.stats import STATS
+from gradtrace.gradient_flow.output_dir import output_directory
 from gradtrace.gradient_flow.step import OptimizerLayers, measure, plan_layers
-from gradtrace.gradient_flow.update_ratio import PendingUpdate
+from gradtrace.measure.activations import ACTIVATION_STATS
+from gradtrace.measure.diagnosis import Diagnosis, GradientFlowWarning
+from gradtrace.measure.faults import Faults
+from gradtrace.measure.order import LayerOrder
+from gradtrace.measure.records import BoundedHistory, CsvRecords, input_output_ratio
+from gradtrace.measure.selection import Layer, parameter_names, select_layers
+from gradtrace.measure.shards import deepspeed_zero_stage, is_sharded, note_fsdp1
+from gradtrace.measure.stats import STATS
+from gradtrace.measure.update_ratio import PendingUpdate
 
 __all__ = ["GradientFlow"]
 
@@ -287,7 +287,7 @@ class GradientFlow(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler_in_use = scaler is not None and scaler.is_enabled()
         self.namespace = self._find_namespace(trainer)
-        self._run_dir = run_directory(trainer, self.dirpath)  # every rank: it broadcasts
+        self._run_dir = output_directory(trainer, self.dirpath)  # every rank: it broadcasts
         self.csv_path = self._run_dir / self.filename
         with self._faults.guard("gradients"):
             self._layers = select_layers(pl_module, self.include, self.exclude)
@@ -566,7 +566,7 @@ class GradientFlow(Callback):
     def _send_histograms(
         self, trainer: pl.Trainer, plan: OptimizerLayers, rows: list[int], step: int
     ) -> None:
-        from gradtrace.gradient_flow.histograms import send_histograms
+        from gradtrace.measure.histograms import send_histograms
 
         # Every rank: with sharded gradients each takes part in combining its shards.
         named = [(plan.names[i], plan.params[i]) for i in rows]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
-from gradtrace.gradient_flow.stats import STATS, grad_stats_table
+from gradtrace.measure.stats import STATS, grad_stats_table
 
 __all__ = ["Measurement", "OptimizerLayers", "measure", "plan_layers"]
 

@@ -6,7 +6,7 @@ functions, so importing this package costs nothing.
 """
 
 from gradtrace.plots.curves import plot_training_curves
-from gradtrace.plots.gradient_flow import (
+from gradtrace.plots.flow import (
     has_activation_stats,
     layer_summary,
     plot_activation_flow,

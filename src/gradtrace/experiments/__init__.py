@@ -1,1 +1,0 @@
-"""Experiments built on gradtrace: the demo, sweeps and the Table 1 reproduction."""

@@ -1,0 +1,37 @@
+"""The measuring core: exact per-layer gradient statistics with torch alone.
+
+Usable in any training loop (plain PyTorch, Fabric, Hugging Face), with no Lightning::
+
+    from gradtrace.measure import grad_stats
+    loss.backward()
+    table = grad_stats(model)  # {layer name: {"mean_abs": ..., "l2": ..., ...}}
+
+* :mod:`~gradtrace.measure.stats`: :func:`grad_stats`, one process, DDP, FSDP, DTensor, ZeRO;
+* :mod:`~gradtrace.measure.selection`: :func:`select_layers`, which parameters are layers;
+* :mod:`~gradtrace.measure.order`: data-flow order (where each gradient enters the backward);
+* :mod:`~gradtrace.measure.shards` and :mod:`~gradtrace.measure.collectives`: sharded
+  gradients and the collectives that combine them;
+* :mod:`~gradtrace.measure.histograms`, :mod:`~gradtrace.measure.update_ratio`,
+  :mod:`~gradtrace.measure.activations` (with :mod:`~gradtrace.measure.activation_catalog`):
+  the other instruments;
+* :mod:`~gradtrace.measure.diagnosis`, :mod:`~gradtrace.measure.faults`,
+  :mod:`~gradtrace.measure.records`: warnings, guarded features, the history and its CSV.
+"""
+
+from gradtrace.measure.diagnosis import GradientFlowWarning, NonFiniteGradientError
+from gradtrace.measure.records import input_output_ratio, read_history
+from gradtrace.measure.selection import Layer, parameter_names, select_layers
+from gradtrace.measure.stats import STATS, grad_stats, grad_stats_table
+
+__all__ = [
+    "STATS",
+    "GradientFlowWarning",
+    "Layer",
+    "NonFiniteGradientError",
+    "grad_stats",
+    "grad_stats_table",
+    "input_output_ratio",
+    "parameter_names",
+    "read_history",
+    "select_layers",
+]

@@ -1,0 +1,227 @@
+"""What part of a parameter's gradient this rank holds, and which ranks hold the rest.
+
+:func:`held_here` describes one parameter's gradient on this rank as a :class:`Held`: the
+values to sum here and the ranks whose partial sums together make the full gradient
+(``None`` when this rank holds it whole). :mod:`gradtrace.measure.stats` turns that into
+partial sums and one collective.
+
+FSDP1 (``use_orig_params=True``) gives an original parameter no link back to its flat
+parameter, so :func:`note_fsdp1` reads each unit's ``FlatParamHandle`` (its sharding strategy
+and process group, as in ``torch/distributed/fsdp/_flat_param.py``) once per module and
+remembers the answer per parameter.
+
+DeepSpeed ZeRO leaves ``param.grad`` empty after ``engine.backward``: the reduced gradient
+sits in the optimizer's partitions, read here the way ``deepspeed.utils.safe_get_full_grad``
+reads them but without its per-parameter all_reduce of the whole tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = [
+    "EVERY_RANK",
+    "Held",
+    "deepspeed_zero_stage",
+    "held_here",
+    "is_sharded",
+    "note_fsdp1",
+    "reduce_over_ranks",
+    "shard_mask",
+]
+
+EVERY_RANK: tuple[int, ...] = ()
+"""``Held.shard_ranks`` for a gradient sharded over every rank of the collective's group."""
+
+# FSDP1 original parameter -> global ranks of its shard group (None: NO_SHARD, whole here).
+# Weak, by identity: a parameter that is gone drops out; tensors compare by value, not id.
+_FSDP1_SHARD_RANKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Held:
+    """One parameter's gradient as this rank holds it."""
+
+    grad: torch.Tensor | None
+    """Values to sum on this rank; ``None`` when it holds none or a replica counted elsewhere."""
+    numel: int
+    """Dense element count of ``grad`` (0 with ``grad=None``)."""
+    shard_ranks: tuple[int, ...] | None
+    """Global ranks whose partial sums add up to the full gradient (:data:`EVERY_RANK`: all
+    ranks of the group); ``None``: the gradient is complete here, no collective needed."""
+
+
+def note_fsdp1(module: nn.Module) -> None:
+    """Remember the shard group of every original parameter of the FSDP1 units in ``module``.
+
+    ``NO_SHARD`` units hold whole gradients (no collective); hybrid units
+    (``HYBRID_SHARD``, ``_HYBRID_SHARD_ZERO2``) shard over their intra-node group, the
+    handle's ``process_group``, and replicate across nodes, so only that group's partial
+    sums add up. Cheap enough to call on every :func:`grad_stats` call with a module.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp._flat_param import HandleShardingStrategy
+    except ImportError:  # torch built without distributed
+        return
+    for unit in FullyShardedDataParallel.fsdp_modules(module):
+        handle = unit._handle
+        # No handle: a unit without parameters; no _params: use_orig_params=False, where the
+        # original parameters are not the ones the optimizer and grad_stats see.
+        if handle is None or handle.flat_param._params is None:
+            continue
+        ranks: tuple[int, ...] | None = None
+        if handle._sharding_strategy != HandleShardingStrategy.NO_SHARD:
+            ranks = tuple(dist.get_process_group_ranks(handle.process_group))
+        for param in (*handle.flat_param._params, *handle.flat_param._shared_params):
+            _FSDP1_SHARD_RANKS[param] = ranks
+
+
+def _dtensor(grad: torch.Tensor) -> Held | None:
+    """How a DTensor gradient is held, or ``None`` if ``grad`` is no DTensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return None
+    if not isinstance(grad, DTensor):
+        return None
+    if any(p.is_partial() for p in grad.placements):
+        # Pending reduction: make it whole first (one extra collective, rare outside hooks).
+        from torch.distributed.tensor import Replicate
+
+        placements = [Replicate() if p.is_partial() else p for p in grad.placements]
+        grad = grad.redistribute(grad.device_mesh, placements)
+    local = grad.to_local()
+    if not any(p.is_shard() for p in grad.placements):
+        return Held(local, local.numel(), None)  # replicated: whole on every rank
+    return Held(local, local.numel(), _shard_group(grad.device_mesh, grad.placements))
+
+
+def _shard_group(mesh: Any, placements: Sequence[Any]) -> tuple[int, ...] | None:
+    """Global ranks of the mesh whose shards, with this rank's, make one whole tensor: those
+    at this rank's coordinate on every replicated mesh dimension (hybrid sharding: this
+    replica's shard group). Ranks outside the mesh (a sub-mesh such as ``mesh["dp"]`` next to
+    tensor parallelism) hold another copy and are left out. ``None`` if this rank is not on
+    the mesh."""
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    ranks = mesh.mesh  # the global rank at each mesh coordinate
+    index = tuple(
+        coordinate[dim] if placement.is_replicate() else slice(None)
+        for dim, placement in enumerate(placements)
+    )
+    return tuple(int(r) for r in ranks[index].flatten().tolist())
+
+
+def _deepspeed_zero3(param: torch.Tensor) -> Held:
+    """ZeRO-3: this rank's partition of the fp32 gradient (``safe_get_local_grad``), the
+    partitions of ``ds_process_group`` padded to equal size; the padding is cut off here."""
+    from deepspeed.utils import safe_get_local_grad
+
+    local = safe_get_local_grad(param)
+    if local is None:
+        return Held(None, 0, None)
+    # DeepSpeed's own full-gradient gather (_fp32_state_allgather) uses the same group.
+    group = getattr(param, "ds_process_group", None) or param._z3_optimizer.dp_process_group
+    local = local.flatten()
+    start = dist.get_rank(group) * local.numel()
+    local = local[: max(0, min(local.numel(), param.ds_numel - start))]
+    return Held(local, local.numel(), tuple(dist.get_process_group_ranks(group)))
+
+
+def _deepspeed_zero12(param: torch.Tensor) -> Held:
+    """ZeRO-1/2: the fragment of the reduced gradient in this rank's optimizer partition
+    (``_hp_mapping``; ``None`` where the partition holds none of it), over ``_dp_group``; as
+    DeepSpeed's ``get_full_hp_grad`` reads it before its all_reduce of the whole tensor."""
+    ranks = tuple(dist.get_process_group_ranks(param._dp_group))
+    mapping = param._hp_mapping
+    if mapping is None:
+        return Held(None, 0, ranks)
+    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).flatten()
+    address = mapping.lp_fragment_address
+    if fragment.numel() == param.numel():  # a whole-tensor buffer (BF16_Optimizer): as DeepSpeed
+        fragment = fragment.narrow(0, address.start, address.numel)
+    return Held(fragment, fragment.numel(), ranks)
+
+
+def held_here(param: torch.Tensor) -> Held:
+    """What of ``param``'s gradient this rank holds and which ranks hold the rest."""
+    grad = param.grad
+    if grad is None and hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        return _deepspeed_zero3(param)
+    if grad is None and hasattr(param, "_hp_mapping"):  # DeepSpeed ZeRO-1/2
+        return _deepspeed_zero12(param)
+    shard_ranks: tuple[int, ...] | None = None
+    if getattr(param, "_fsdp_flattened", False):
+        # FSDP1 (use_orig_params=True): a slice of the gradient or None on each rank of the
+        # shard group. Not noted (a list of parameters without their module): assume
+        # FULL_SHARD/SHARD_GRAD_OP over the whole group, FSDP1's default.
+        shard_ranks = _FSDP1_SHARD_RANKS.get(param, EVERY_RANK)
+    if grad is None:
+        return Held(None, 0, shard_ranks)
+    dtensor = _dtensor(grad)
+    if dtensor is not None:
+        return dtensor
+    if grad.is_sparse:
+        # nn.Embedding(sparse=True): the stored values give the same sums; the mean is over the
+        # dense size. Duplicate indices are summed first.
+        return Held(grad.coalesce().values(), grad.numel(), shard_ranks)
+    return Held(grad, grad.numel(), shard_ranks)
+
+
+def shard_mask(
+    shard_ranks: Sequence[tuple[int, ...] | None], group: Any, device: torch.device
+) -> torch.Tensor | None:
+    """``[ranks of group x layers]`` boolean mask of the ranks whose partial sums make each
+    layer's whole gradient (from each :attr:`Held.shard_ranks`), or ``None`` when every layer
+    takes all of them (FULL_SHARD, FSDP2 over the whole world)."""
+    if all(not ranks for ranks in shard_ranks):
+        return None
+    world = dist.get_world_size(group)
+    rows = []
+    for ranks in shard_ranks:
+        if not ranks:  # EVERY_RANK, or whole here (that row is not taken from the gather)
+            rows.append([True] * world)
+            continue
+        indices = {r if group is None else dist.get_group_rank(group, r) for r in ranks}
+        rows.append([i in indices for i in range(world)])
+    return torch.tensor(rows, dtype=torch.bool).T.to(device, non_blocking=True)
+
+
+def reduce_over_ranks(
+    gathered: torch.Tensor, mask: torch.Tensor | None, reduce: str, fill: float = 0.0
+) -> torch.Tensor:
+    """``gathered`` (``[ranks x layers, ...]``) reduced over ranks by ``reduce`` (``"sum"``,
+    ``"amax"``, ``"amin"``), each layer over the ranks :func:`shard_mask` keeps for it; the
+    others count as ``fill``, the reduction's neutral value."""
+    if mask is not None:
+        keep = mask.reshape(*mask.shape, *[1] * (gathered.ndim - 2))
+        # where, not a product: a nan partial sum times a 0 mask would still be nan.
+        gathered = torch.where(keep, gathered, torch.full_like(gathered, fill))
+    return getattr(gathered, reduce)(dim=0)
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether this rank holds only part of ``param`` (an FSDP1 original parameter or a
+    DTensor), known before any gradient exists."""
+    return bool(getattr(param, "_fsdp_flattened", False)) or hasattr(param, "device_mesh")
+
+
+def deepspeed_zero_stage(strategy: object) -> int | None:
+    """The ZeRO stage of a Lightning ``DeepSpeedStrategy``, ``None`` for any other strategy.
+
+    Read from the strategy's config, so that deepspeed need not be importable here.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return None
+    return int(strategy.config.get("zero_optimization", {}).get("stage", 0))

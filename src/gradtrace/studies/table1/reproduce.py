@@ -1,0 +1,251 @@
+"""``make reproduce-table1``: Table 1 and Figures 1-5 of the MLP Coursework 2 report.
+
+Two budgets:
+
+``full`` (default; for GPUs)
+    The seven shipped ``configs/table1/*`` runs (CIFAR-100, 47,500 / 2,500 / 10,000, Adam,
+    cosine annealing to 2e-5, batch 100, 100 epochs, crop + flip, the original's fixed
+    CIFAR-10 normalisation, fp32), each through the ``gradtrace`` CLI as a subprocess under
+    ``--root``, on one device (one row per GPU at a time with ``--gpus``, else one after the
+    other; a finished row is skipped and an interrupted one resumed on the next call, as in
+    ``sweep local``). ``--from DIR``
+    collects the rows from finished runs instead: any folder holding CLI runs
+    (``runs/sweeps/table1`` after ``make sweep-local SWEEP=sweeps/table1.yaml``, or a W&B
+    agent's output folder).
+``smoke`` (CPU, minutes)
+    Fashion-MNIST (found or downloaded; synthetic data only with ``--synthetic``), a
+    class-balanced subset, 150 steps per row (300 for VGG38 RC, which starts slowly without
+    BN), batch 16, in process (``study.short_run``) on one device.
+    The numbers are not CIFAR-100's; what must hold is the report's qualitative result:
+    plain VGG38 at chance with a collapsed gradient ratio, the BN, RC and BN+RC rows learn.
+
+Writes ``<out>/table1.md`` (:mod:`~gradtrace.studies.table1.report`) and
+``<out>/figures/fig{1..5}_*.png`` (:mod:`~gradtrace.studies.table1.figures`); rows are
+read by :mod:`~gradtrace.studies.table1.rows`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gradtrace.cli.run_files import read_run
+from gradtrace.cli.trainer_cli import idle_gpus_note
+from gradtrace.data import DataNotFoundError
+from gradtrace.studies.short_run import table1_specs
+from gradtrace.studies.table1.figures import figures
+from gradtrace.studies.table1.report import format_report
+from gradtrace.studies.table1.rows import METRICS, RowRun, collect, measured
+from gradtrace.sweeps.launch import Interrupted, parse_gpus, run_cells
+
+__all__ = ["SMOKE_STEPS", "full_commands", "main", "smoke"]
+
+log = logging.getLogger(__name__)
+
+SMOKE_STEPS = 150
+# Rows that get more smoke steps. Without BN, VGG38 RC starts slowly: measured on
+# Fashion-MNIST (batch 16), 23% validation accuracy after 200 steps, 58% after 300.
+SMOKE_STEP_FACTOR = {"vgg38-rc": 2}
+
+
+def full_commands(root: Path, extra: Sequence[str] = ()) -> list[tuple[Path, list[str]]]:
+    """``(run directory, command)`` of the seven full-budget runs: the shipped configs
+    through the CLI under ``root`` (each in the directory the CLI names it), resuming from
+    ``last.ckpt`` when one exists."""
+    from gradtrace.cli.trainer_cli import last_checkpoint, run_directory
+
+    runs = []
+    for spec in table1_specs():
+        args = ["fit", f"--config=table1/{spec.name}", f"--trainer.default_root_dir={root}"]
+        args += list(extra)
+        run_dir = run_directory(args)
+        resume = ["--ckpt_path=last"] if last_checkpoint(run_dir) is not None else []
+        runs.append((run_dir, [sys.executable, "-m", "gradtrace", *args, *resume]))
+    return runs
+
+
+def smoke(
+    root: Path,
+    steps: int = SMOKE_STEPS,
+    batch_size: int = 16,
+    subset: int | None = None,
+    val_size: int = 300,
+    every_n_steps: int = 5,
+    val_checks_per_epoch: int = 2,
+    synthetic: bool = False,
+) -> tuple[list[RowRun], str]:
+    """Train the seven rows briefly on the smoke data; returns the rows and the data's
+    description.
+
+    Each row trains ``steps`` optimizer steps (times :data:`SMOKE_STEP_FACTOR`) on a
+    class-balanced ``subset`` of the training images (default: two epochs of ``steps``),
+    so the training metrics are those of the last epoch, as in the report; validation
+    runs ``val_checks_per_epoch`` times an epoch. ``synthetic`` trains on synthetic data
+    instead of Fashion-MNIST (never a silent fallback).
+    """
+    from gradtrace.studies.short_run import short_run, smoke_data
+
+    subset = subset or steps * batch_size // 2
+    data, description = smoke_data(
+        batch_size=batch_size, val_size=val_size, subset=subset, synthetic=synthetic
+    )
+    description += (
+        f"; {subset:,} training images (class-balanced subset, {subset // batch_size} steps "
+        f"an epoch), {val_size:,} validation images"
+    )
+    rows = []
+    for spec in table1_specs():
+        start = time.perf_counter()
+        row_steps = steps * SMOKE_STEP_FACTOR.get(spec.name, 1)
+        log.info("smoke: %s, lr %g, %d steps", spec.label, spec.lr, row_steps)
+        result = short_run(
+            spec,
+            data,
+            max_steps=row_steps,
+            root=root,
+            every_n_steps=every_n_steps,
+            enable_progress_bar=False,
+            val_check_interval=1.0 / val_checks_per_epoch,
+        )
+        seconds = time.perf_counter() - start
+        run = read_run(result.log_dir)
+        final, curves, _, epochs = measured(run)
+        final.update({k: v for k, v in result.metrics.items() if k in METRICS})
+        rows.append(
+            RowRun(
+                spec=spec,
+                metrics=final,
+                steps=result.steps,
+                epochs=epochs,
+                curves=curves,
+                history=run.gradient_flow,
+                source=result.log_dir,
+                num_classes=result.num_classes,
+                in_chans=data.num_channels,
+                seconds=seconds,
+            )
+        )
+        log.info(
+            "smoke: %s, lr %g: val acc %.1f%% in %.0f s",
+            spec.label,
+            spec.lr,
+            100 * final.get("val/acc", math.nan),
+            seconds,
+        )
+    return rows, description
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; see ``python -m gradtrace.studies.table1 --help``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, extra = argv[:split], argv[split + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="make reproduce-table1",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Arguments after `--` go to every full-budget run's `gradtrace fit`, e.g. "
+        "`-- --data.root=/datasets/cifar`.",
+    )
+    parser.add_argument("--budget", choices=("full", "smoke"), default="full")
+    parser.add_argument(
+        "--from", dest="source", type=Path, default=None, help="collect finished runs from DIR"
+    )
+    parser.add_argument("--dataset", default="cifar100", help="dataset of the runs --from collects")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
+    parser.add_argument("--root", type=Path, default=None, help="where the runs go")
+    parser.add_argument("--gpus", default=None, help="full budget: e.g. 0,1,2,3")
+    smoke_group = parser.add_argument_group("smoke budget")
+    smoke_group.add_argument(
+        "--steps",
+        type=int,
+        default=SMOKE_STEPS,
+        help=f"optimizer steps per row (VGG38 RC: x{SMOKE_STEP_FACTOR['vgg38-rc']})",
+    )
+    smoke_group.add_argument("--batch-size", type=int, default=16)
+    smoke_group.add_argument(
+        "--subset", type=int, default=None, help="training images (default: 2 epochs of steps)"
+    )
+    smoke_group.add_argument("--val-size", type=int, default=300)
+    smoke_group.add_argument("--every", type=int, default=5, help="log every N steps")
+    smoke_group.add_argument("--val-checks", type=int, default=2, help="validations per epoch")
+    smoke_group.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="synthetic data instead of Fashion-MNIST (the numbers then say nothing)",
+    )
+    args = parser.parse_args(argv)
+    sizes = (args.steps, args.batch_size, args.subset or 1, args.val_size, args.every)
+    if min(*sizes, args.val_checks) < 1:
+        parser.error(
+            "--steps, --batch-size, --subset, --val-size, --every and --val-checks must be >= 1"
+        )
+    if args.subset is not None and args.subset < args.batch_size:
+        parser.error(f"--subset ({args.subset}) must hold at least one batch ({args.batch_size})")
+    if args.source is not None and args.budget == "smoke":
+        parser.error("--from collects full-budget runs; leave out --budget smoke")
+    if extra and (args.budget == "smoke" or args.source is not None):
+        parser.error("arguments after `--` go to full-budget runs only")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    try:
+        gpus = parse_gpus(args.gpus)
+        if args.source is None and not gpus:
+            how = (
+                "the smoke budget runs in process; the full budget's --gpus {ids} "
+                "(make reproduce-table1 GPUS={ids}) runs one row per GPU"
+                if args.budget == "smoke"
+                else "--gpus {ids} (make reproduce-table1 GPUS={ids}) runs one row per GPU"
+            )
+            if (note := idle_gpus_note(how)) is not None:
+                log.info("%s", note)
+        if args.budget == "smoke":
+            root = args.root or Path("runs/table1-smoke")
+            rows, data = smoke(
+                root,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                subset=args.subset,
+                val_size=args.val_size,
+                every_n_steps=args.every,
+                val_checks_per_epoch=args.val_checks,
+                synthetic=args.synthetic,
+            )
+        else:
+            if args.source is None:
+                root = args.root or Path("runs/table1")
+                results = run_cells(full_commands(root, extra), gpus=gpus)
+                failed = [r for r in results if r.status == "failed"]
+                if failed:
+                    listed = "; ".join(
+                        f"{r.run_dir} (exit {r.exit_code}, log {r.log_file})" for r in failed
+                    )
+                    raise RuntimeError(f"Table 1 run(s) failed: {listed}")
+            rows = collect(args.source or root, dataset=args.dataset)
+            data = f"{args.dataset} (runs under {args.source or root})"
+            if args.dataset == "cifar100":
+                data = (
+                    "CIFAR-100, 47,500 / 2,500 / 10,000 split, batch 100, crop + flip "
+                    f"(runs under {args.source or root})"
+                )
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, DataNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    wall = time.perf_counter() - start
+    paths = figures(rows, args.out, args.budget)
+    report = format_report(rows, args.budget, data, paths, args.out, wall_seconds=wall)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table1.md").write_text(report)
+    print(report)
+    print(f"Wrote {args.out / 'table1.md'} and {len(paths)} figures in {wall:.0f} s.")
+    return 0

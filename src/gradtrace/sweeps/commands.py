@@ -1,0 +1,236 @@
+"""W&B sweeps of the study: validate, expand and run them, on W&B agents or locally.
+
+The grids live in ``sweeps/*.yaml`` (W&B sweep configs). Their ``command`` runs the CLI the
+way ``wandb agent`` builds it: ``${env} ${interpreter} -m gradtrace fit <fixed args> ${args}``,
+where ``${args}`` becomes ``--<parameter>=<value>`` for every parameter of the run (for
+example ``--model.depth=38 --model.batch_norm=True``; the CLI reads ``True``/``False`` as
+booleans and a ``{...}`` value as a YAML mapping). Every command pins one device per run
+(``--trainer.devices=1``); ``--ddp N`` runs each cell as one DDP run over N devices with the
+same global batch (:func:`gradtrace.sweeps.grid.with_ddp`).
+
+Each run lands in its own directory, named by :mod:`gradtrace.cli.run_identity` (a readable
+prefix and a hash of the resolved settings; the W&B run id under an agent).
+
+Subcommands (``python -m gradtrace.sweeps ...``, or ``make sweep`` /
+``make sweep-local``):
+
+``agents SWEEP [--gpus 0,1,2,3] [--ddp N] [--sweep-id [[ENTITY/]PROJECT/]ID]``
+    Create the sweep on the W&B server (needs ``wandb login`` and network; or join one with
+    ``--sweep-id``) and start one ``wandb agent`` per listed GPU (per N GPUs with ``--ddp``);
+    the exit status is 1 when an agent failed (see :mod:`gradtrace.sweeps.agents`).
+``local SWEEP [--gpus 0,1] [--ddp N] [--root DIR] [-- OVERRIDES...]``
+    No W&B server: expand the grid and run each cell as a subprocess, logging CSV and W&B
+    offline; one cell per GPU (or group of N) at a time with ``--gpus``, one after the other
+    without. A failed cell is reported (run directory, exit code, log file) and the rest go
+    on; the exit status is 1 if any failed. A finished cell writes ``<run dir>/done.json``;
+    a rerun skips those and resumes the others from their ``last.ckpt``.
+``show SWEEP``
+    Validate, print the number of runs and each run's command line.
+
+Ctrl-C stops every agent or cell and its training processes, and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gradtrace.sweeps.agents import gpu_groups, launch_agents
+from gradtrace.sweeps.grid import (
+    SweepConfigError,
+    agent_command,
+    expand,
+    gradtrace_args,
+    load_sweep,
+    with_ddp,
+)
+from gradtrace.sweeps.launch import CellResult, Interrupted, parse_gpus, run_cells
+
+__all__ = ["local_runs", "main", "run_local"]
+
+
+def _root_of(command: Sequence[str]) -> str | None:
+    found = None
+    for i, arg in enumerate(command):
+        if arg.startswith("--trainer.default_root_dir="):
+            found = arg.split("=", 1)[1]
+        elif arg == "--trainer.default_root_dir" and i + 1 < len(command):
+            found = command[i + 1]
+    return found
+
+
+def local_runs(
+    path: str | Path,
+    *,
+    ddp: int = 1,
+    root: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    use_wandb: bool = True,
+) -> tuple[Path, list[tuple[Path, list[str]]]]:
+    """The output folder and the ``(run directory, command)`` of every cell of the grid.
+
+    Each command is :func:`~gradtrace.sweeps.grid.agent_command` (with this interpreter)
+    plus ``--trainer.default_root_dir=<root>`` (unless the command has it already),
+    ``--wandb=true`` (unless ``use_wandb`` is false), ``overrides`` (appended last so they
+    win) and ``--ckpt_path=last`` when the run has a checkpoint to resume. ``root`` defaults
+    to the command's ``--trainer.default_root_dir``, else ``runs/sweeps/<file stem>``. The
+    run directory is the CLI's own (:func:`gradtrace.cli.trainer_cli.run_directory`).
+    """
+    from gradtrace.cli.trainer_cli import last_checkpoint, run_directory
+
+    config = load_sweep(path)
+    if ddp > 1:
+        config = with_ddp(config, ddp)
+    cells = expand(config)
+    if any(o.startswith(("--trainer.default_root_dir", "--run_name")) for o in overrides):
+        raise ValueError(
+            "give the output folder with --root; run names come from the settings "
+            "(do not override --trainer.default_root_dir or --run_name)"
+        )
+    own_root = _root_of(agent_command(config, cells[0], interpreter=sys.executable))
+    root = Path(root or own_root or Path("runs/sweeps") / Path(path).stem)
+    runs: list[tuple[Path, list[str]]] = []
+    seen: dict[Path, dict] = {}
+    for cell in cells:
+        command = agent_command(config, cell, interpreter=sys.executable)
+        if own_root is None or Path(own_root) != root:
+            command.append(f"--trainer.default_root_dir={root}")
+        command += ["--wandb=true"] if use_wandb else []
+        command += list(overrides)
+        run_dir = run_directory(gradtrace_args(command))
+        if run_dir in seen:
+            raise SweepConfigError(
+                f"two cells would share the run directory {run_dir}: {seen[run_dir]} and "
+                f"{cell.params}"
+            )
+        seen[run_dir] = cell.params
+        if last_checkpoint(run_dir) is not None:
+            command.append("--ckpt_path=last")
+        runs.append((run_dir, command))
+    return root, runs
+
+
+def run_local(
+    path: str | Path,
+    *,
+    gpus: Sequence[str] = (),
+    ddp: int = 1,
+    root: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    use_wandb: bool = True,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[CellResult]:
+    """Run every cell of the grid in ``path`` without a W&B server (``sweep local``); see
+    :func:`local_runs` for the commands. ``gpus`` run one cell per GPU (per ``ddp`` GPUs)."""
+    slots = gpu_groups(list(gpus), ddp) if gpus else []  # bad GPU lists stop before parsing
+    root, runs = local_runs(path, ddp=ddp, root=root, overrides=overrides, use_wandb=use_wandb)
+    where = f"on GPUs {' '.join(slots)}" if slots else "one after the other"
+    echo(f"{path}: {len(runs)} runs, {where}, under {root}")
+    if dry_run:
+        for run_dir, command in runs:
+            echo(f"{run_dir.name}: {shlex.join(command)}")
+        return []
+    env = dict(os.environ)
+    env.pop("WANDB_SWEEP_ID", None)  # not an agent run: no W&B logger unless asked for
+    env.pop("WANDB_RUN_ID", None)
+    if use_wandb:
+        env["WANDB_MODE"] = "offline"
+    results = run_cells(runs, gpus=slots, env=env, echo=echo)
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    echo(
+        f"{path}: {counts['done']} done, {counts['skipped']} skipped (finished before), "
+        f"{counts['failed']} failed"
+    )
+    for r in results:
+        if r.status == "failed":
+            echo(f"  FAILED {r.run_dir}: exit code {r.exit_code}, log {r.log_file}")
+    if use_wandb and counts["done"]:
+        echo(f"W&B offline runs: upload them with `wandb sync {root}/*/wandb/offline-*`")
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gradtrace.sweeps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides for every local run go after `--`, e.g. "
+        "`local sweeps/table1.yaml -- --trainer.max_steps=2 --data.dataset=synthetic`.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    ddp_help = "run each cell as one DDP run over N devices, same global batch (default 1)"
+    agents = sub.add_parser("agents", help="create the sweep on W&B, one agent per GPU")
+    agents.add_argument("sweep", type=Path)
+    agents.add_argument("--gpus", type=parse_gpus, default=[], help="e.g. 0,1,2,3")
+    agents.add_argument("--ddp", type=int, default=1, metavar="N", help=ddp_help)
+    agents.add_argument("--project", default="gradtrace")
+    agents.add_argument("--entity", default=None)
+    agents.add_argument(
+        "--sweep-id", default=None, help="join this sweep: ID, project/ID or entity/project/ID"
+    )
+    agents.add_argument("--count", type=int, default=None, help="runs per agent (default: all)")
+    local = sub.add_parser("local", help="run the grid here, without a W&B server")
+    local.add_argument("sweep", type=Path)
+    local.add_argument("--gpus", type=parse_gpus, default=[], help="e.g. 0,1 (default: CPU)")
+    local.add_argument("--ddp", type=int, default=1, metavar="N", help=ddp_help)
+    local.add_argument("--root", type=Path, default=None, help="output folder")
+    local.add_argument("--no-wandb", action="store_true", help="CSV only, no W&B offline run")
+    local.add_argument("--dry-run", action="store_true", help="print the commands only")
+    show = sub.add_parser("show", help="validate and print the grid's commands")
+    show.add_argument("sweep", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; see the module docstring. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1 :]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if overrides and args.action != "local":
+        parser.error("overrides after `--` apply to `local` only")
+    # A scheduler's SIGTERM stops the children like Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        if args.action == "show":
+            config = load_sweep(args.sweep)
+            cells = expand(config)
+            print(f"{args.sweep}: {len(cells)} runs")
+            for cell in cells:
+                print(shlex.join(agent_command(config, cell)))
+            return 0
+        if args.action == "local":
+            results = run_local(
+                args.sweep,
+                gpus=args.gpus,
+                ddp=args.ddp,
+                root=args.root,
+                overrides=overrides,
+                use_wandb=not args.no_wandb,
+                dry_run=args.dry_run,
+            )
+            return 1 if any(r.status == "failed" for r in results) else 0
+        return launch_agents(
+            args.sweep,
+            gpus=args.gpus,
+            ddp=args.ddp,
+            project=args.project,
+            entity=args.entity,
+            sweep_id=args.sweep_id,
+            count=args.count,
+        )
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 130
+    except (SweepConfigError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
