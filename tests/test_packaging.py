@@ -56,9 +56,8 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.slow
 def test_wheel_holds_the_library_configs_and_types_only(dist: dict[str, Path]) -> None:
     names = zipfile.ZipFile(dist["wheel"]).namelist()
-    shipped = sorted(
-        str(p.relative_to(REPO / "src")) for p in (REPO / "src/gradtrace/cli/configs").rglob("*.yaml")
-    )
+    configs = REPO / "src/gradtrace/cli/configs"
+    shipped = sorted(str(p.relative_to(REPO / "src")) for p in configs.rglob("*.yaml"))
     assert shipped
     assert set(shipped) <= set(names)
     assert "gradtrace/py.typed" in names
