@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from gradtrace.checks import check_choice, check_range
+from gradtrace.compat import attached_trainer, is_compiled_module, should_update_logs
 from gradtrace.models import AuxLogits, create_model
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "ImageClassifier", "TF32Setting"]
@@ -147,7 +148,7 @@ class ImageClassifier(pl.LightningModule):
     def configure_model(self) -> None:
         # In-place compile keeps parameter names (no ``_orig_mod.``), so checkpoints load into
         # compiled and eager models alike.
-        if self.hparams.compile and getattr(self.net, "_compiled_call_impl", None) is None:
+        if self.hparams.compile and not is_compiled_module(self.net):
             self.net.compile()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +192,8 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
         # Only on the steps where Lightning writes to the loggers (the value it would write).
-        trainer = self._trainer
-        if trainer is None or getattr(trainer._logger_connector, "should_update_logs", True):
+        trainer = attached_trainer(self)
+        if trainer is None or should_update_logs(trainer):
             self.log("train/loss_step", loss, on_step=True, on_epoch=False)
         return loss
 

@@ -66,10 +66,11 @@ Measured = tuple[dict[str, float], int, dict[str, Any]]
 def histograms(model: nn.Module) -> dict[str, Any]:
     """Each weight's histogram (number of entries, range, counts) of the whole gradient."""
     from gradtrace.measure import parameter_names
+    from gradtrace.measure.shards import fsdp1_shard_groups
 
     names = parameter_names(model)
     weights = [(names[id(p)], p) for p in model.parameters() if names[id(p)].endswith("weight")]
-    found = gradient_histograms(weights, bins=8)
+    found = gradient_histograms(weights, bins=8, fsdp1_groups=fsdp1_shard_groups(model))
     return {name: [h["num"], h["min"], h["max"], h["counts"]] for name, h in found.items()}
 
 

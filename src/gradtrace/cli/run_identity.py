@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from gradtrace.compat import batches_that_stepped
 from gradtrace.gradient_flow import GradientFlow
 from gradtrace.gradient_flow.output_dir import output_directory
 from gradtrace.measure.records import drop_rows_from_step
@@ -159,7 +160,7 @@ class ContinuousRunFiles(pl.Callback):
     """
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = batches_that_stepped(trainer)
         log_dir = trainer.log_dir  # a broadcast from rank 0: every rank must ask
         flows = [cb for cb in trainer.callbacks if isinstance(cb, GradientFlow)] if not step else []
         directories = [output_directory(trainer, flow.dirpath) for flow in flows]  # broadcasts

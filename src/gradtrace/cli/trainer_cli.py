@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from gradtrace.classifier import ImageClassifier
 from gradtrace.cli.configs import list_configs, resolve_config_args
 from gradtrace.cli.run_identity import ContinuousRunFiles, ResumeCheckpoint, RunCSVLogger, run_name
+from gradtrace.compat import lightning_cli_config_value
 from gradtrace.data.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
 
@@ -154,7 +155,7 @@ class GradtraceCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         settings = self._settings()
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = lightning_cli_config_value(self, self.config_init, "trainer", {})
         run_dir = self.run_dir
         if trainer_config.get("logger") in (None, True):
             loggers: list[Logger] = [RunCSVLogger(save_dir=run_dir.parent, name=run_dir.name)]
@@ -263,10 +264,9 @@ class _RunDirectoryFound(Exception):
 class _ParseOnlyCLI(GradtraceCLI):
     """Stops once the arguments are parsed, before anything is built or seeded."""
 
-    def _set_seed(self) -> None:
-        pass
-
-    def before_instantiate_classes(self) -> None:
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self.subcommand = self.config.get("subcommand")
         raise _RunDirectoryFound(self.run_dir)
 
 

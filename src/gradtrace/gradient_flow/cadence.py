@@ -2,7 +2,7 @@
 and the last step of the fit.
 
 Lightning's loggers, ``LearningRateMonitor`` and ``DeviceStatsMonitor`` write when
-``trainer._logger_connector.should_update_logs`` holds, i.e. when
+their ``should_update_logs`` holds, i.e. when
 ``(batches_that_stepped + 1) % log_every_n_steps == 0`` or ``trainer.should_stop``, and they
 write at step ``batches_that_stepped`` (before it is incremented at the end of the batch).
 Following the same rule puts every gradient record on a step where the other metrics are.
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
+from gradtrace.compat import batches_that_stepped
+
 __all__ = ["is_last_step", "is_measured_step", "logging_step"]
 
 
 def logging_step(trainer: pl.Trainer) -> int:
     """The step Lightning's loggers use for the current batch (``_batches_that_stepped``):
     counted once per batch that steps, however many optimizers step in it."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    return batches_that_stepped(trainer)
 
 
 def is_last_step(trainer: pl.Trainer) -> bool:

@@ -27,6 +27,7 @@ from gradtrace.checks import check_choice, check_int
 from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis, ActivationRecorder
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
 from gradtrace.gradient_flow.figures import draw_figure, matplotlib_missing
+from gradtrace.gradient_flow.histogram_loggers import send_histograms
 from gradtrace.gradient_flow.output_dir import output_directory
 from gradtrace.gradient_flow.step import OptimizerLayers, measure, plan_layers
 from gradtrace.measure.activations import ACTIVATION_STATS
@@ -35,7 +36,12 @@ from gradtrace.measure.faults import Faults
 from gradtrace.measure.order import LayerOrder
 from gradtrace.measure.records import BoundedHistory, CsvRecords, input_output_ratio
 from gradtrace.measure.selection import Layer, parameter_names, select_layers
-from gradtrace.measure.shards import deepspeed_zero_stage, is_sharded, note_fsdp1
+from gradtrace.measure.shards import (
+    FSDP1Groups,
+    deepspeed_zero_stage,
+    fsdp1_shard_groups,
+    is_sharded,
+)
 from gradtrace.measure.stats import STATS
 from gradtrace.measure.update_ratio import PendingUpdate
 
@@ -242,6 +248,7 @@ class GradientFlow(Callback):
         self._grads_unavailable = False  # DeepSpeed: the optimizer steps flat partitions
         self._layers: list[Layer] = []
         self._names: dict[int, str] = {}
+        self._fsdp1_groups: FSDP1Groups | None = None
         self._plans: dict[tuple[int, int, int], OptimizerLayers] = {}
         self._batch: list[_StepRecords] = []
         self._stepped = False
@@ -294,7 +301,7 @@ class GradientFlow(Callback):
             self._names = parameter_names(pl_module)
             # The FSDP1 root wraps pl_module (trainer.model): read its units' sharding here,
             # since the measuring hook passes parameters, not the module.
-            note_fsdp1(trainer.model or pl_module)
+            self._fsdp1_groups = fsdp1_shard_groups(trainer.model or pl_module)
             self._check_settings(trainer)
         with self._faults.guard("order"):
             self._order.start(self._names, keep=resumed)
@@ -446,7 +453,7 @@ class GradientFlow(Callback):
         if self._order.watching:
             self._faults.run("order", self._order.update)
         plan = self._plan(optimizer)
-        measured = measure(plan, optimizer, trainer.precision_plugin)  # every rank
+        measured = measure(plan, optimizer, trainer.precision_plugin, self._fsdp1_groups)
         if measured is None:
             return
         self._order.note_gradients(plan.names[i] for i in measured.present)
@@ -566,11 +573,15 @@ class GradientFlow(Callback):
     def _send_histograms(
         self, trainer: pl.Trainer, plan: OptimizerLayers, rows: list[int], step: int
     ) -> None:
-        from gradtrace.measure.histograms import send_histograms
-
         # Every rank: with sharded gradients each takes part in combining its shards.
         named = [(plan.names[i], plan.params[i]) for i in rows]
-        send_histograms(trainer.loggers, named, step, write=trainer.is_global_zero)
+        send_histograms(
+            trainer.loggers,
+            named,
+            step,
+            write=trainer.is_global_zero,
+            fsdp1_groups=self._fsdp1_groups,
+        )
 
     def _flush_csv(self) -> None:
         self._last_flush = time.monotonic()

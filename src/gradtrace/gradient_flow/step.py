@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
+from gradtrace.compat import is_fsdp1_flattened, loss_scale_tensor, optimizer_handles_unscaling
+from gradtrace.measure.shards import FSDP1Groups
 from gradtrace.measure.stats import STATS, grad_stats_table
 
 __all__ = ["Measurement", "OptimizerLayers", "measure", "plan_layers"]
@@ -133,27 +134,27 @@ class Measurement:
 
 
 def measure(
-    plan: OptimizerLayers, optimizer: torch.optim.Optimizer, precision_plugin: Any
+    plan: OptimizerLayers,
+    optimizer: torch.optim.Optimizer,
+    precision_plugin: Any,
+    fsdp1_groups: FSDP1Groups | None = None,
 ) -> Measurement | None:
     """Measure ``plan``'s gradients (``None`` if none has one). Every rank must call it: with
-    sharded gradients it issues the one collective."""
+    sharded gradients it issues the one collective (``fsdp1_groups``: how FSDP1 shards them,
+    :func:`~gradtrace.measure.shards.fsdp1_shard_groups`)."""
     # FSDP1 ranks hold a slice of a gradient or None: every rank takes every such row, so
     # that the tables they combine have the same rows.
-    present = [
-        i
-        for i, p in enumerate(plan.params)
-        if p.grad is not None or getattr(p, "_fsdp_flattened", False)
-    ]
+    present = [i for i, p in enumerate(plan.params) if p.grad is not None or is_fsdp1_flattened(p)]
     if not present:
         return None
     scale = None
     scaler = getattr(precision_plugin, "scaler", None)
-    if scaler is not None and scaler.is_enabled() and _optimizer_handles_unscaling(optimizer):
-        scale = scaler._get_scale_async()  # Lightning did not unscale: divide on the device
+    if scaler is not None and scaler.is_enabled() and optimizer_handles_unscaling(optimizer):
+        scale = loss_scale_tensor(scaler)  # Lightning did not unscale: divide on the device
     # Sharded gradients are combined row by row over ranks: rows in the optimizer's order.
     canonical = sorted(range(len(present)), key=lambda k: plan.positions[present[k]])
     named = [(plan.names[present[k]], plan.params[present[k]]) for k in canonical]
-    _, table = grad_stats_table(named, STATS, scale=scale)
+    _, table = grad_stats_table(named, STATS, scale=scale, fsdp1_groups=fsdp1_groups)
     rows = table.cpu().tolist()  # the one device-to-host copy of a measured step
     values: list[list[float]] = [[] for _ in present]
     for row, k in zip(rows, canonical):  # back to the plan's (data-flow) order

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradtrace.compat import NORM_BASE
+
 __all__ = [
     "ACTIVATION_FUNCTIONS",
     "ACTIVATION_MODULES",
@@ -55,7 +57,7 @@ ACTIVATION_MODULES = (
 )
 """Activation modules (each calls one of :data:`ACTIVATION_FUNCTIONS`)."""
 NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
+    NORM_BASE,
     nn.GroupNorm,
     nn.LayerNorm,
     nn.LocalResponseNorm,

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradtrace.compat import is_compiled_module
+
 __all__ = ["EagerHooks", "can_force_eager", "contains_compiled"]
 
 
@@ -25,10 +27,7 @@ def can_force_eager() -> bool:
 
 def contains_compiled(root: nn.Module) -> bool:
     """Whether ``root`` is or holds a ``torch.compile``d module."""
-    return any(
-        "_orig_mod" in mod._modules or getattr(mod, "_compiled_call_impl", None) is not None
-        for mod in root.modules()
-    )
+    return any(is_compiled_module(mod) for mod in root.modules())
 
 
 class _EagerStance:

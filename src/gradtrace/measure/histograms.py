@@ -1,4 +1,5 @@
-"""Gradient histograms for TensorBoard (``add_histogram_raw``) and W&B (``wandb.Histogram``).
+"""Gradient histograms, in the form TensorBoard (``add_histogram_raw``) and W&B
+(``wandb.Histogram``) take (sent by :mod:`gradtrace.gradient_flow.histogram_loggers`).
 
 Each histogram is of a parameter's whole gradient, also when ranks hold only shards of it
 (FSDP, DTensor, DeepSpeed ZeRO): ranges and counts are summed over the shard group the way
@@ -17,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from gradtrace.measure.collectives import all_gather_guarded
-from gradtrace.measure.shards import Held, held_here, reduce_over_ranks, shard_mask
+from gradtrace.measure.shards import FSDP1Groups, Held, held_here, reduce_over_ranks, shard_mask
 
-__all__ = ["BINS", "gradient_histograms", "send_histograms"]
+__all__ = ["BINS", "gradient_histograms"]
 
 BINS = 64
 
@@ -75,20 +76,25 @@ def _counts(
 
 
 def gradient_histograms(
-    named_parameters: Sequence[tuple[str, torch.Tensor]], bins: int = BINS, *, group: Any = None
+    named_parameters: Sequence[tuple[str, torch.Tensor]],
+    bins: int = BINS,
+    *,
+    group: Any = None,
+    fsdp1_groups: FSDP1Groups | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{name: {"edges", "counts", "sum", "sum_squares", "num", "min", "max"}}`` (host lists
     and floats) of each parameter's whole gradient, finite entries only; parameters whose
     gradient has none (or no gradient) are left out.
 
     With sharded gradients, every rank of ``group`` must call it (same parameters, same
-    order): two ``all_gather`` collectives combine the shards. If counting fails on one rank,
+    order): two ``all_gather`` collectives combine the shards (``fsdp1_groups``: as for
+    :func:`~gradtrace.measure.grad_stats`). If counting fails on one rank,
     every rank raises (:class:`~gradtrace.measure.collectives.RankFailure` on the
     others) instead of waiting.
     """
     if not named_parameters:
         return {}
-    held = [held_here(p) for _, p in named_parameters]
+    held = [held_here(p, fsdp1_groups) for _, p in named_parameters]
     grads = [h.grad for h in held if h.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
     sharded = [h.shard_ranks is not None for h in held]
@@ -146,53 +152,3 @@ def gradient_histograms(
 
 def _to_device(flags: list[bool], device: torch.device) -> torch.Tensor:
     return torch.tensor(flags, dtype=torch.bool).to(device, non_blocking=True)
-
-
-def send_histograms(
-    loggers: Sequence[Any],
-    named_parameters: Sequence[tuple[str, torch.Tensor]],
-    step: int,
-    *,
-    write: bool = True,
-) -> int:
-    """Send ``grad_flow/histogram/<name>`` to the TensorBoard and W&B loggers among
-    ``loggers``; return how many took them. Computes nothing when none takes histograms.
-
-    Every rank calls it with the same loggers (Lightning builds them on every rank): ranks
-    holding shards take part in the collectives; only the one with ``write`` logs.
-    """
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
-    takers = [lg for lg in loggers if isinstance(lg, (TensorBoardLogger, WandbLogger))]
-    if not takers:
-        return 0
-    histograms = gradient_histograms(named_parameters)
-    if not write:
-        return 0
-    for logger in takers:
-        if isinstance(logger, TensorBoardLogger):
-            for name, h in histograms.items():
-                logger.experiment.add_histogram_raw(
-                    f"grad_flow/histogram/{name}",
-                    min=h["min"],
-                    max=h["max"],
-                    num=h["num"],
-                    sum=h["sum"],
-                    sum_squares=h["sum_squares"],
-                    bucket_limits=h["edges"][1:],
-                    bucket_counts=h["counts"],
-                    global_step=step,
-                )
-        else:
-            import wandb
-
-            logger.log_metrics(
-                {
-                    f"grad_flow/histogram/{name}": wandb.Histogram(
-                        np_histogram=(h["counts"], h["edges"])
-                    )
-                    for name, h in histograms.items()
-                },
-                step=step,
-            )
-    return len(takers)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from gradtrace.compat import CONV_BASE, own_children, own_parameters
+
 __all__ = ["WEIGHT_BEARING", "Layer", "is_default_layer", "parameter_names", "select_layers"]
 
 WEIGHT_BEARING: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd,
+    CONV_BASE,
     nn.Linear,
     nn.Bilinear,
     nn.Embedding,
@@ -77,11 +79,11 @@ def _visit(root: nn.Module) -> list[tuple[str, nn.Parameter, nn.Module, str]]:
         if id(mod) in seen_modules:
             return
         seen_modules.add(id(mod))
-        for pname, param in mod._parameters.items():
+        for pname, param in own_parameters(mod):
             if param is not None and id(param) not in seen_params:
                 seen_params.add(id(param))
                 found.append((prefix + pname, param, mod, prefix[:-1]))
-        for cname, child in mod._modules.items():
+        for cname, child in own_children(mod):
             if child is None:
                 continue
             wrapped = cname in _WRAPPER_CHILDREN or (

@@ -6,9 +6,8 @@ values to sum here and the ranks whose partial sums together make the full gradi
 partial sums and one collective.
 
 FSDP1 (``use_orig_params=True``) gives an original parameter no link back to its flat
-parameter, so :func:`note_fsdp1` reads each unit's ``FlatParamHandle`` (its sharding strategy
-and process group, as in ``torch/distributed/fsdp/_flat_param.py``) once per module and
-remembers the answer per parameter.
+parameter, so :func:`fsdp1_shard_groups` reads each unit's sharding strategy and process group
+from the module; the caller passes that table to :func:`held_here`.
 
 DeepSpeed ZeRO leaves ``param.grad`` empty after ``engine.backward``: the reduced gradient
 sits in the optimizer's partitions, read here the way ``deepspeed.utils.safe_get_full_grad``
@@ -26,13 +25,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from gradtrace.compat import (
+    deepspeed_zero3_group,
+    deepspeed_zero12_fragment,
+    fsdp1_units,
+    is_deepspeed_zero12,
+    is_fsdp1_flattened,
+)
+
 __all__ = [
     "EVERY_RANK",
     "Held",
     "deepspeed_zero_stage",
+    "fsdp1_shard_groups",
     "held_here",
     "is_sharded",
-    "note_fsdp1",
     "reduce_over_ranks",
     "shard_mask",
 ]
@@ -40,9 +47,10 @@ __all__ = [
 EVERY_RANK: tuple[int, ...] = ()
 """``Held.shard_ranks`` for a gradient sharded over every rank of the collective's group."""
 
-# FSDP1 original parameter -> global ranks of its shard group (None: NO_SHARD, whole here).
-# Weak, by identity: a parameter that is gone drops out; tensors compare by value, not id.
-_FSDP1_SHARD_RANKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+FSDP1Groups = WeakIdKeyDictionary
+"""FSDP1 original parameter -> global ranks of its shard group (``None``: ``NO_SHARD``, whole
+on every rank). Weak and by identity: a parameter that is gone drops out, and tensors compare
+by value, not identity."""
 
 
 @dataclass(frozen=True)
@@ -58,30 +66,20 @@ class Held:
     ranks of the group); ``None``: the gradient is complete here, no collective needed."""
 
 
-def note_fsdp1(module: nn.Module) -> None:
-    """Remember the shard group of every original parameter of the FSDP1 units in ``module``.
+def fsdp1_shard_groups(module: nn.Module) -> FSDP1Groups:
+    """The shard group of every original parameter of the FSDP1 units in ``module``.
 
-    ``NO_SHARD`` units hold whole gradients (no collective); hybrid units
+    ``NO_SHARD`` units hold whole gradients (``None``: no collective); hybrid units
     (``HYBRID_SHARD``, ``_HYBRID_SHARD_ZERO2``) shard over their intra-node group, the
     handle's ``process_group``, and replicate across nodes, so only that group's partial
-    sums add up. Cheap enough to call on every :func:`grad_stats` call with a module.
+    sums add up. Cheap enough to read on every :func:`~gradtrace.measure.grad_stats` call.
     """
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp._flat_param import HandleShardingStrategy
-    except ImportError:  # torch built without distributed
-        return
-    for unit in FullyShardedDataParallel.fsdp_modules(module):
-        handle = unit._handle
-        # No handle: a unit without parameters; no _params: use_orig_params=False, where the
-        # original parameters are not the ones the optimizer and grad_stats see.
-        if handle is None or handle.flat_param._params is None:
-            continue
-        ranks: tuple[int, ...] | None = None
-        if handle._sharding_strategy != HandleShardingStrategy.NO_SHARD:
-            ranks = tuple(dist.get_process_group_ranks(handle.process_group))
-        for param in (*handle.flat_param._params, *handle.flat_param._shared_params):
-            _FSDP1_SHARD_RANKS[param] = ranks
+    groups: FSDP1Groups = WeakIdKeyDictionary()
+    for params, group in fsdp1_units(module):
+        ranks = None if group is None else tuple(dist.get_process_group_ranks(group))
+        for param in params:
+            groups[param] = ranks
+    return groups
 
 
 def _dtensor(grad: torch.Tensor) -> Held | None:
@@ -130,7 +128,7 @@ def _deepspeed_zero3(param: torch.Tensor) -> Held:
     if local is None:
         return Held(None, 0, None)
     # DeepSpeed's own full-gradient gather (_fp32_state_allgather) uses the same group.
-    group = getattr(param, "ds_process_group", None) or param._z3_optimizer.dp_process_group
+    group = deepspeed_zero3_group(param)
     local = local.flatten()
     start = dist.get_rank(group) * local.numel()
     local = local[: max(0, min(local.numel(), param.ds_numel - start))]
@@ -138,33 +136,32 @@ def _deepspeed_zero3(param: torch.Tensor) -> Held:
 
 
 def _deepspeed_zero12(param: torch.Tensor) -> Held:
-    """ZeRO-1/2: the fragment of the reduced gradient in this rank's optimizer partition
-    (``_hp_mapping``; ``None`` where the partition holds none of it), over ``_dp_group``; as
-    DeepSpeed's ``get_full_hp_grad`` reads it before its all_reduce of the whole tensor."""
-    ranks = tuple(dist.get_process_group_ranks(param._dp_group))
-    mapping = param._hp_mapping
-    if mapping is None:
+    """ZeRO-1/2: the fragment of the reduced gradient in this rank's optimizer partition, over
+    the parameter's data-parallel group."""
+    group, fragment = deepspeed_zero12_fragment(param)
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if fragment is None:
         return Held(None, 0, ranks)
-    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).flatten()
-    address = mapping.lp_fragment_address
-    if fragment.numel() == param.numel():  # a whole-tensor buffer (BF16_Optimizer): as DeepSpeed
-        fragment = fragment.narrow(0, address.start, address.numel)
     return Held(fragment, fragment.numel(), ranks)
 
 
-def held_here(param: torch.Tensor) -> Held:
-    """What of ``param``'s gradient this rank holds and which ranks hold the rest."""
+def held_here(param: torch.Tensor, fsdp1_groups: FSDP1Groups | None = None) -> Held:
+    """What of ``param``'s gradient this rank holds and which ranks hold the rest.
+
+    ``fsdp1_groups`` (:func:`fsdp1_shard_groups` of the model) says how an FSDP1 parameter is
+    sharded; without it, or for a parameter it does not know, FSDP1's default is assumed:
+    sharded over the whole group (``FULL_SHARD``/``SHARD_GRAD_OP``)."""
     grad = param.grad
     if grad is None and hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
         return _deepspeed_zero3(param)
-    if grad is None and hasattr(param, "_hp_mapping"):  # DeepSpeed ZeRO-1/2
+    if grad is None and is_deepspeed_zero12(param):
         return _deepspeed_zero12(param)
     shard_ranks: tuple[int, ...] | None = None
-    if getattr(param, "_fsdp_flattened", False):
+    if is_fsdp1_flattened(param):
         # FSDP1 (use_orig_params=True): a slice of the gradient or None on each rank of the
-        # shard group. Not noted (a list of parameters without their module): assume
-        # FULL_SHARD/SHARD_GRAD_OP over the whole group, FSDP1's default.
-        shard_ranks = _FSDP1_SHARD_RANKS.get(param, EVERY_RANK)
+        # shard group.
+        known = fsdp1_groups if fsdp1_groups is not None else {}
+        shard_ranks = known.get(param, EVERY_RANK)
     if grad is None:
         return Held(None, 0, shard_ranks)
     dtensor = _dtensor(grad)
@@ -212,7 +209,7 @@ def reduce_over_ranks(
 def is_sharded(param: torch.Tensor) -> bool:
     """Whether this rank holds only part of ``param`` (an FSDP1 original parameter or a
     DTensor), known before any gradient exists."""
-    return bool(getattr(param, "_fsdp_flattened", False)) or hasattr(param, "device_mesh")
+    return is_fsdp1_flattened(param) or hasattr(param, "device_mesh")
 
 
 def deepspeed_zero_stage(strategy: object) -> int | None:

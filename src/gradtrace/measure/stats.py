@@ -20,9 +20,16 @@ import torch.distributed as dist
 from torch import nn
 
 from gradtrace.checks import check_choice
+from gradtrace.compat import foreach_norm
 from gradtrace.measure.collectives import all_gather_stacked
 from gradtrace.measure.selection import Layer, parameter_names
-from gradtrace.measure.shards import held_here, note_fsdp1, reduce_over_ranks, shard_mask
+from gradtrace.measure.shards import (
+    FSDP1Groups,
+    fsdp1_shard_groups,
+    held_here,
+    reduce_over_ranks,
+    shard_mask,
+)
 
 __all__ = ["PARTIAL_COLUMNS", "STATS", "combine_partial_sums", "grad_stats", "grad_stats_table"]
 
@@ -38,7 +45,6 @@ NamedParameters = Iterable[tuple[str, torch.Tensor]] | Iterable[Layer]
 
 def _named(source: nn.Module | NamedParameters) -> list[tuple[str, torch.Tensor]]:
     if isinstance(source, nn.Module):
-        note_fsdp1(source)
         names = parameter_names(source)
         return [(names[id(p)], p) for p in source.parameters() if p.requires_grad]
     return [(item.name, item.param) if isinstance(item, Layer) else item for item in source]
@@ -52,10 +58,10 @@ def _to_device(values: list[Any], device: torch.device, dtype: torch.dtype) -> t
 def _partial_sums(grads: Sequence[torch.Tensor | None], counts: Sequence[int]) -> torch.Tensor:
     """``[layers x 5]`` partial sums (:data:`PARTIAL_COLUMNS`) of the given local gradients.
 
-    Batched per (device, dtype) with ``torch._foreach_norm``; half precision is reduced in
-    float32, and on the CPU everything in float64 (its float32 norm adds element after element:
-    a relative error of 3e-5 over a 590k-element convolution, where CUDA's tree reduction is
-    accurate to float32). The table is float64 (element counts above 2**24 stay exact).
+    Batched per (device, dtype) with :func:`~gradtrace.compat.foreach_norm`; half precision is
+    reduced in float32, and on the CPU everything in float64 (its float32 norm adds element
+    after element: a relative error of 3e-5 over a 590k-element convolution, where CUDA's tree
+    reduction is accurate to float32). The table is float64 (element counts above 2**24 stay exact).
     """
     present = [g for g in grads if g is not None]
     device = present[0].device if present else torch.device("cpu")
@@ -71,9 +77,9 @@ def _partial_sums(grads: Sequence[torch.Tensor | None], counts: Sequence[int]) -
         if g_device.type == "cpu" and g_dtype != torch.float64:
             acc = torch.float64
         tensors = [grads[i] for i in rows]
-        l1 = torch._foreach_norm(tensors, 1.0, dtype=acc)
-        l2 = torch._foreach_norm(tensors, 2.0, dtype=acc)
-        linf = torch._foreach_norm(tensors, float("inf"))  # a maximum is exact in any dtype
+        l1 = foreach_norm(tensors, 1.0, dtype=acc)
+        l2 = foreach_norm(tensors, 2.0, dtype=acc)
+        linf = foreach_norm(tensors, float("inf"))  # a maximum is exact in any dtype
         nonfinite = [torch.count_nonzero(~torch.isfinite(t)) for t in tensors]
         block = torch.stack(
             [
@@ -107,6 +113,7 @@ def grad_stats_table(
     *,
     scale: torch.Tensor | float | None = None,
     group: Any = None,
+    fsdp1_groups: FSDP1Groups | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """Like :func:`grad_stats`, but as ``(layer names, [layers x len(stats)] tensor)``.
 
@@ -119,7 +126,9 @@ def grad_stats_table(
         check_choice("stats entry", stat, STATS)
     named = _named(module_or_named_parameters)
     names = [name for name, _ in named]
-    held = [held_here(p) for _, p in named]
+    if fsdp1_groups is None and isinstance(module_or_named_parameters, nn.Module):
+        fsdp1_groups = fsdp1_shard_groups(module_or_named_parameters)
+    held = [held_here(p, fsdp1_groups) for _, p in named]
     table = _partial_sums([h.grad for h in held], [h.numel for h in held])
     sharded = [h.shard_ranks is not None for h in held]
     distributed = dist.is_available() and dist.is_initialized()
@@ -149,6 +158,7 @@ def grad_stats(
     *,
     scale: torch.Tensor | float | None = None,
     group: Any = None,
+    fsdp1_groups: FSDP1Groups | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-layer gradient statistics as ``{"<stat>/<layer>": 0-d tensor}``, on the device.
 
@@ -165,6 +175,9 @@ def grad_stats(
             or the scaler's scale tensor, with an optimizer that unscales itself); values are
             divided by it.
         group: process group of the collective (default: the whole world).
+        fsdp1_groups: with ``(name, parameter)`` pairs under FSDP1, how each is sharded:
+            :func:`~gradtrace.measure.shards.fsdp1_shard_groups` of the model (read from the
+            module itself when one is given).
 
     Exact under one process, DDP, FSDP2 ``fully_shard``/DTensor (hybrid meshes and sub-meshes
     too: each rank adds its own replica's shards) and FSDP1 with ``use_orig_params=True``
@@ -173,9 +186,8 @@ def grad_stats(
     combines them; replicated gradients count once. FSDP1 ``NO_SHARD`` gradients are whole on
     every rank (no collective for them); under hybrid sharding only the partial sums of the
     parameter's shard group (FSDP1's intra-node process group) add up. FSDP1's strategy and
-    shard group are read from the module; given ``(name, parameter)`` pairs only, pass the
-    module once first (any call with it will do), else FSDP1 parameters are taken as sharded
-    over ``group``.
+    shard group are read from the module, or from ``fsdp1_groups`` with pairs; without either,
+    FSDP1 parameters are taken as sharded over ``group`` (FSDP1's default).
     DeepSpeed ZeRO 1/2/3 (after ``engine.backward``, where Lightning calls
     ``on_before_optimizer_step``): each rank sums the part of the reduced gradient in its
     partition, combined over the data-parallel group; with fp16 the gradients still carry
@@ -183,7 +195,9 @@ def grad_stats(
     **With sharded parameters, every rank of** ``group`` **must call it** (same parameters,
     same order).
     """
-    names, table = grad_stats_table(module_or_named_parameters, stats, scale=scale, group=group)
+    names, table = grad_stats_table(
+        module_or_named_parameters, stats, scale=scale, group=group, fsdp1_groups=fsdp1_groups
+    )
     if isinstance(stats, str):
         stats = (stats,)
     return {

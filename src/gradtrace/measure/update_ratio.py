@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from gradtrace.compat import foreach_copy, foreach_norm, foreach_sub
+
 __all__ = ["PendingUpdate"]
 
 
@@ -22,17 +24,17 @@ class PendingUpdate:
     @classmethod
     def snapshot(cls, records: list[dict[str, Any]], params: list[torch.Tensor]) -> PendingUpdate:
         with torch.no_grad():  # one batched copy of the weights before the step
-            before = list(torch._foreach_mul([p.detach() for p in params], 1.0))
+            before = foreach_copy([p.detach() for p in params])
         return cls(records, params, before)
 
     def finish(self) -> list[dict[str, Any]]:
         """Fill ``update_ratio`` into the records (one device-to-host copy) and return them."""
         with torch.no_grad():
-            deltas = torch._foreach_sub([p.detach() for p in self.params], self.before)
+            deltas = foreach_sub([p.detach() for p in self.params], self.before)
             norms = torch.stack(
                 [
-                    torch.stack(torch._foreach_norm(deltas)),
-                    torch.stack(torch._foreach_norm(self.before)),
+                    torch.stack(foreach_norm(deltas, 2.0)),
+                    torch.stack(foreach_norm(self.before, 2.0)),
                 ]
             )
         delta_norms, weight_norms = norms.double().cpu().tolist()

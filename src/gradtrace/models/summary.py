@@ -42,8 +42,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+
+from gradtrace.compat import ATEN_ADAPTIVE_AVG_POOL2D, ATEN_CPU_ATTENTION, tree_leaves
+from gradtrace.measure.activation_catalog import NORM_TYPES
 
 __all__ = ["CostRow", "CostTable", "summarize"]
 
@@ -62,12 +64,6 @@ _POOL_TYPES = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
-)
-_NORM_TYPES = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
 )
 
 
@@ -118,10 +114,10 @@ def _cpu_attention_flops(
 
 # Formulas FlopCounterMode lacks: pooling (ours, see the module docstring) and CPU attention.
 _EXTRA_FORMULAS = {
-    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    ATEN_CPU_ATTENTION: _cpu_attention_flops,
     aten.max_pool2d_with_indices: _window_pool_flops,
     aten.avg_pool2d: _window_pool_flops,
-    aten._adaptive_avg_pool2d: _adaptive_pool_flops,
+    ATEN_ADAPTIVE_AVG_POOL2D: _adaptive_pool_flops,
     aten.adaptive_max_pool2d: _adaptive_pool_flops,
     aten.mean: _mean_flops,
 }
@@ -273,7 +269,7 @@ def summarize(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) 
             counted.add(module)
             params = sum(p.numel() for p in module.parameters(recurse=False))
         name = names[module] or type(module).__name__
-        if leaf and (params or own_macs or isinstance(module, _POOL_TYPES + _NORM_TYPES)):
+        if leaf and (params or own_macs or isinstance(module, _POOL_TYPES + NORM_TYPES)):
             tensors = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
             shape = tuple(tensors[0].shape[1:]) if tensors else ()
             memory = sum(t.numel() for t in tensors) * 4 / 1024
