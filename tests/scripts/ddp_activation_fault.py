@@ -8,15 +8,14 @@ again must give values on both. Writes ``rank<r>.json`` into ``out``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import spawn_ranks
 from torch import nn
 
 from gradtrace.measure.activations import ActivationCollector, ActivationFault
@@ -34,29 +33,24 @@ def step(model: nn.Module, net: nn.Sequential, collector: ActivationCollector) -
         return {"fault": str(fault), "layer": fault.layer}
 
 
-def rank_main(rank: int, out: Path, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-        model = nn.parallel.DistributedDataParallel(net)
-        collector = ActivationCollector()
-        layer_called = collector._layer_called
-        if rank == 1:
+def rank_main(rank: int) -> dict:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = nn.parallel.DistributedDataParallel(net)
+    collector = ActivationCollector()
+    layer_called = collector._layer_called
+    if rank == 1:
 
-            def broken(i, output):
-                raise ValueError("injected on rank 1")
+        def broken(i, output):
+            raise ValueError("injected on rank 1")
 
-            collector._layer_called = broken
-        first = step(model, net, collector)
-        collector._layer_called = layer_called
-        second = step(model, net, collector)
-        (out / f"rank{rank}.json").write_text(json.dumps({"first": first, "second": second}))
-    finally:
-        dist.destroy_process_group()
+        collector._layer_called = broken
+    first = step(model, net, collector)
+    collector._layer_called = layer_called
+    second = step(model, net, collector)
+    return {"first": first, "second": second}
 
 
 if __name__ == "__main__":
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(rank_main, args=(Path(sys.argv[1]), port), nprocs=2)
+    port = int(sys.argv[2]) if len(sys.argv) > 2 else 29500 + os.getpid() % 1000
+    spawn_ranks(rank_main, Path(sys.argv[1]), port)

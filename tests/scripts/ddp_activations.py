@@ -8,14 +8,14 @@ must equal one process on all 8. Writes ``rank<r>.json`` and ``single.json`` int
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import spawn_ranks
 from torch import nn
 
 from gradtrace.measure.activations import ActivationCollector
@@ -41,26 +41,16 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 6, generator=g) * 3, torch.randint(0, 3, (8,), generator=g)
 
 
-def rank_main(rank: int, out: Path, device_type: str, port: int) -> None:
-    torch.set_num_threads(1)
-    backend = "nccl" if device_type == "cuda" else "gloo"
+def rank_main(device_type: str, rank: int) -> dict:
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        net = make_net().to(device)
-        model = nn.parallel.DistributedDataParallel(net)
-        x, y = (t[rank * 4 : rank * 4 + 4].to(device) for t in data())
-        stats = measure(model, net, x, y)
-        dist.barrier()  # no rank tears the group down while another still talks to it
-    finally:
-        dist.destroy_process_group()
-    (out / f"rank{rank}.json").write_text(json.dumps(stats))
+    net = make_net().to(device)
+    model = nn.parallel.DistributedDataParallel(net)
+    x, y = (t[rank * 4 : rank * 4 + 4].to(device) for t in data())
+    return measure(model, net, x, y)
 
 
 if __name__ == "__main__":
     out, device_type, port = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    mp.spawn(rank_main, args=(out, device_type, port), nprocs=2)
+    spawn_ranks(functools.partial(rank_main, device_type), out, port, device=device_type)
     net = make_net()
     (out / "single.json").write_text(json.dumps(measure(net, net, *data())))

@@ -10,14 +10,12 @@ ranks' gradients is the one-process gradient.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from grad_stats_distributed import Measured, batch, make_model, measure
+from ranks import spawn_ranks
 from torch import nn
 
 
@@ -42,27 +40,16 @@ def zero(stage: int, offload: bool = False) -> Measured:
     return measure(engine.module)  # where Lightning calls on_before_optimizer_step
 
 
-def worker(rank: int, world: int, port: int, out: Path) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        DS_ACCELERATOR="cpu",
-    )
+def join(rank: int, world: int) -> None:
     import deepspeed
-    import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(1)
-    try:
-        results = {f"zero{stage}": zero(stage) for stage in (1, 2, 3)}
-        results["zero2_offload"] = zero(2, offload=True)
-        dist.barrier()  # no rank tears down gloo while another still talks to it
-    finally:
-        dist.destroy_process_group()
-    (out / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def worker(rank: int) -> dict[str, Measured]:
+    results = {f"zero{stage}": zero(stage) for stage in (1, 2, 3)}
+    results["zero2_offload"] = zero(2, offload=True)
+    return results
 
 
 def main() -> None:
@@ -71,7 +58,9 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--port", type=int, default=29541)
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.world, args.port, args.out), nprocs=args.world)
+    spawn_ranks(
+        worker, args.out, args.port, world=args.world, join=join, env={"DS_ACCELERATOR": "cpu"}
+    )
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ float rounding.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 from torch import nn
 
 from gradtrace.measure import grad_stats
@@ -184,39 +183,29 @@ def dtensor() -> Measured:
     return measure(model)
 
 
-def worker(rank: int, world: int, port: int, out: Path, device_type: str) -> None:
+def worker(device_type: str, rank: int) -> dict[str, Measured]:
     global DEVICE
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device_type == "cuda":
         DEVICE = torch.device("cuda", rank)
-        torch.cuda.set_device(DEVICE)
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        world = dist.get_world_size()
-        replicas = 2 if world >= 4 else 1
-        setups = {
-            "ddp": ddp,
-            "fsdp1": fsdp1,
-            "fsdp1_no_shard": fsdp1_no_shard,
-            # 2 replicas of world // 2 shards from 4 processes on; with 2, one replica of 2
-            # shards. (A mesh of 2 replicas of 1 shard makes FSDP1 fall back to NO_SHARD on
-            # the 1-rank group, where its gradients are not averaged across replicas.)
-            "fsdp1_hybrid": lambda: fsdp1_hybrid(replicas),
-            "fsdp1_hybrid_zero2": lambda: fsdp1_hybrid(replicas, "_HYBRID_SHARD_ZERO2"),
-            "fsdp2": fsdp2,
-            "fsdp2_hybrid": fsdp2_hybrid,
-            "fsdp2_dp_submesh": fsdp2_dp_submesh,
-            "dtensor": dtensor,
-        }
-        if DEVICE.type == "cuda":
-            setups["fsdp1_cpu_offload"] = fsdp1_cpu_offload
-        results = {name: run() for name, run in setups.items()}
-        dist.barrier()  # no rank tears down gloo while another still talks to it
-    finally:
-        dist.destroy_process_group()
-    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    world = dist.get_world_size()
+    replicas = 2 if world >= 4 else 1
+    setups = {
+        "ddp": ddp,
+        "fsdp1": fsdp1,
+        "fsdp1_no_shard": fsdp1_no_shard,
+        # 2 replicas of world // 2 shards from 4 processes on; with 2, one replica of 2
+        # shards. (A mesh of 2 replicas of 1 shard makes FSDP1 fall back to NO_SHARD on
+        # the 1-rank group, where its gradients are not averaged across replicas.)
+        "fsdp1_hybrid": lambda: fsdp1_hybrid(replicas),
+        "fsdp1_hybrid_zero2": lambda: fsdp1_hybrid(replicas, "_HYBRID_SHARD_ZERO2"),
+        "fsdp2": fsdp2,
+        "fsdp2_hybrid": fsdp2_hybrid,
+        "fsdp2_dp_submesh": fsdp2_dp_submesh,
+        "dtensor": dtensor,
+    }
+    if DEVICE.type == "cuda":
+        setups["fsdp1_cpu_offload"] = fsdp1_cpu_offload
+    return {name: run() for name, run in setups.items()}
 
 
 def main() -> None:
@@ -226,7 +215,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=29531)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    mp.spawn(worker, args=(args.world, args.port, args.out, args.device), nprocs=args.world)
+    work = functools.partial(worker, args.device)
+    spawn_ranks(work, args.out, args.port, world=args.world, device=args.device)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ healthy gather returned.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 
 from gradtrace.measure.collectives import RankFailure, all_gather_guarded
 
@@ -25,23 +23,15 @@ def compute(rank: int) -> torch.Tensor:
     return torch.ones(2, 3)
 
 
-def worker(rank: int, out: Path, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def worker(rank: int) -> dict:
     try:
-        try:
-            all_gather_guarded(lambda: compute(rank), (2, 3), torch.float64)
-            raised = None
-        except (RankFailure, ValueError) as err:
-            raised = f"{type(err).__name__}: {err}"
-        healthy = all_gather_guarded(lambda: torch.full((2, 3), rank), (2, 3), torch.long)
-        dist.barrier()  # no rank tears down gloo while another still talks to it
-    finally:
-        dist.destroy_process_group()
-    (out / f"rank{rank}.json").write_text(
-        json.dumps({"raised": raised, "healthy": healthy.tolist()})
-    )
+        all_gather_guarded(lambda: compute(rank), (2, 3), torch.float64)
+        raised = None
+    except (RankFailure, ValueError) as err:
+        raised = f"{type(err).__name__}: {err}"
+    healthy = all_gather_guarded(lambda: torch.full((2, 3), rank), (2, 3), torch.long)
+    return {"raised": raised, "healthy": healthy.tolist()}
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(Path(sys.argv[1]), int(sys.argv[2])), nprocs=2)
+    spawn_ranks(worker, Path(sys.argv[1]), int(sys.argv[2]))
