@@ -2,8 +2,8 @@
 
 The baseline is what a researcher would write by hand, doing the same work as gradtrace:
 the same network from :func:`gradtrace.models.create_model`, the same uint8 tensors, the same
-augmentation functions (:func:`~gradtrace.data.datamodule.crop_flip`,
-:func:`~gradtrace.data.datamodule.normalize`), Adam with the same cosine schedule, batch 100.
+augmentation functions (:func:`~gradtrace.data.augmentation.crop_flip`,
+:func:`~gradtrace.data.augmentation.normalize`), Adam with the same cosine schedule, batch 100.
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradtrace.data.datamodule import (
-    crop_flip,
-    epoch_order,
-    normalize,
-    sample_crops,
-)
+from gradtrace.data.augmentation import crop_flip, normalize, sample_crops
+from gradtrace.data.batches import epoch_order
 from gradtrace.models import create_model
 
 __all__ = ["PlainLoop"]

@@ -47,7 +47,8 @@ from benchmarks.stepper import TrainerSteps  # noqa: E402
 from benchmarks.workloads import PlainLoop  # noqa: E402
 
 from gradtrace.classifier import ImageClassifier  # noqa: E402
-from gradtrace.data.datamodule import ImageDataModule, TrainBatches  # noqa: E402
+from gradtrace.data.batches import TrainBatches  # noqa: E402
+from gradtrace.data.datamodule import ImageDataModule  # noqa: E402
 from gradtrace.gradient_flow import GradientFlow  # noqa: E402
 
 SMALL = {

@@ -20,15 +20,14 @@ from torchvision.transforms.v2 import functional as tvf
 
 import gradtrace.data as ds
 from gradtrace.data import fashion_mnist
-from gradtrace.data.datamodule import (
+from gradtrace.data.augmentation import crop_flip, sample_crops
+from gradtrace.data.batches import (
     EvalBatches,
-    ImageDataModule,
     TrainBatches,
-    crop_flip,
     eval_batch_bounds,
-    sample_crops,
     train_batch_indices,
 )
+from gradtrace.data.datamodule import ImageDataModule
 from test_datasets import write_cifar_archive, write_fashion_mnist, write_image_folder
 
 SMALL = {

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from gradtrace.data.augmentation import resolve_augment, sample_crops
 from gradtrace.data import derive_seed
+from gradtrace.data.augmentation import resolve_augment, sample_crops
 
 __all__ = ["EvalBatches", "TrainBatches", "epoch_order", "eval_batch_bounds", "train_batch_indices"]
 

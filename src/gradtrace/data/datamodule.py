@@ -10,22 +10,21 @@ there for the determinism and DDP guarantees); the augmentation and normalisatio
 ``seed``. On its first ``setup`` it logs one line (:meth:`ImageDataModule.describe`) with the
 settings a run actually uses.
 
-This module is one class, over ~400 lines because each of its 18 options is checked in the
-constructor with a message saying what is valid; what stands alone (reading the sources,
-cutting batches, augmenting) lives in :mod:`gradtrace.data`, :mod:`gradtrace.data.batches` and
-:mod:`gradtrace.data.augmentation`.
+The dataset options are checked by :mod:`gradtrace.data.options`, the splits read and cut by
+:mod:`gradtrace.data.splits`; whether they live on the training device is decided by
+:mod:`gradtrace.data.residency`.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
 from gradtrace import data as ds
+from gradtrace.checks import check_choice, check_int
 from gradtrace.data.augmentation import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -34,43 +33,30 @@ from gradtrace.data.augmentation import (
     crop_flip,
     normalize,
     resolve_augment,
-    sample_crops,
 )
-from gradtrace.data.batches import (
-    EvalBatches,
-    TrainBatches,
-    epoch_order,
-    eval_batch_bounds,
-    train_batch_indices,
+from gradtrace.data.batches import EvalBatches, TrainBatches
+from gradtrace.data.options import (
+    check_md5,
+    check_synthetic_sizes,
+    default_augment,
+    resolve_classes,
+    resolve_image_size,
 )
-from gradtrace.checks import check_choice, check_int
+from gradtrace.data.residency import split_device
+from gradtrace.data.splits import (
+    carve_splits,
+    check_files_present,
+    check_split_sizes,
+    conform,
+    is_flat_image_folder,
+    known_pool_size,
+    read_source,
+    training_subset,
+)
 
-# The batch and augmentation functions were defined here first; importers keep working.
-__all__ = [
-    "EvalBatches",
-    "ImageDataModule",
-    "TrainBatches",
-    "channel_stats",
-    "crop_flip",
-    "epoch_order",
-    "eval_batch_bounds",
-    "normalize",
-    "sample_crops",
-    "train_batch_indices",
-]
+__all__ = ["ImageDataModule"]
 
 log = logging.getLogger(__name__)
-
-CIFAR_TRAIN_SIZE = 50_000  # images in the official CIFAR-10 and CIFAR-100 training archives
-# By default the splits go to a CUDA device only if they take at most this share of its free
-# memory: the rest is the training's (activations, optimizer state, the compiler's buffers).
-RESIDENT_SHARE = 0.5
-
-
-def _default_augment(kind: str) -> str:
-    # Crop + flip is the coursework's CIFAR augmentation; for other data (handwriting, an
-    # ImageFolder of unknown content) a flip can change the class, so nothing by default.
-    return "crop_flip" if kind in ("cifar10", "cifar100") else "none"
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -148,22 +134,11 @@ class ImageDataModule(L.LightningDataModule):
         check_int("seed", seed, 0)
         check_int("crop_padding", crop_padding, 0)
         check_choice("normalization", normalization, NORMALIZATIONS)
-        augment = resolve_augment(augment, _default_augment(self._kind))
+        augment = resolve_augment(augment, default_augment(self._kind))
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be one of 1, 3 or None; got {channels!r}")
-        if md5 is not None and self._kind not in ("cifar10", "cifar100"):
-            raise ValueError(f"md5 only applies to cifar10 and cifar100; got dataset {dataset!r}")
-        if md5 is not None and not (
-            isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)
-        ):
-            raise ValueError(f"md5 must be 32 lowercase hex digits; got {md5!r}")
-        if len(synthetic_sizes) != 2 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in synthetic_sizes
-        ):
-            raise ValueError(
-                f"synthetic_sizes must be two integers >= 1 (training pool, test); "
-                f"got {synthetic_sizes!r}"
-            )
+        check_md5(md5, self._kind, dataset)
+        check_synthetic_sizes(synthetic_sizes)
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -172,21 +147,24 @@ class ImageDataModule(L.LightningDataModule):
         self.normalization = normalization
         self.download, self.md5, self.device_resident = download, md5, device_resident
         self.synthetic_sizes = tuple(synthetic_sizes)
-        self._size = self._resolve_size(image_size)
+        self._size = resolve_image_size(image_size)
         self._channels = channels or (1 if self._kind == "fashion_mnist" else 3)
         if normalization == "cifar10" and self._channels != 3:
             raise ValueError(
                 f"normalization cifar10 needs 3 channels (its constants are per RGB channel); "
                 f"got channels={self._channels}: use normalization split or channels 3"
             )
-        self._num_classes, self._classes = self._resolve_classes(num_classes)
-        if test_size is not None and not self._flat_image_folder():
+        self._num_classes, self._classes = resolve_classes(
+            self._kind, self._folder, dataset, num_classes
+        )
+        if test_size is not None and self._carved_test_size() is None:
             raise ValueError(
                 "test_size only applies to an imagefolder tree without train/ (other datasets "
                 f"have their own test set); got test_size={test_size} with dataset {dataset!r}"
             )
-        self._check_files()
-        pool = self._known_pool_size()
+        if not download:
+            check_files_present(self._kind, root, md5)
+        pool = known_pool_size(self._kind, root, md5, self.synthetic_sizes)
         if pool is not None:
             self._check_sizes(pool, world_size=1)
         self._splits: dict[str, ds.Split] | None = None
@@ -196,10 +174,9 @@ class ImageDataModule(L.LightningDataModule):
         self._stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.save_hyperparameters()
         # Saved resolved: Lightning refuses to start when a key of the model's hparams (which
-        # gets num_classes linked from here) has a different value in the data module's. An
-        # explicit update, because under LightningCLI save_hyperparameters records the config
-        # as given (num_classes: null), not the local variables.
-        # A second call updates both hparams and the hparams_initial that loggers record.
+        # gets num_classes linked from here) differs in the data module's, and under
+        # LightningCLI the first call records the config as given (num_classes: null). A second
+        # call updates both hparams and the hparams_initial that loggers record.
         self.save_hyperparameters(
             {
                 "num_classes": self._num_classes,
@@ -356,39 +333,18 @@ class ImageDataModule(L.LightningDataModule):
         return self.trainer.world_size, self.trainer.global_rank
 
     def _target_device(self) -> torch.device | None:
-        """Where the splits live: the training device when asked (``device_resident``) or, by
-        default, a CUDA device with room for them; ``None``: where they were loaded."""
-        if self.trainer is None or self.device_resident is False:
+        """Where the splits live (see :func:`~gradtrace.data.residency.split_device`);
+        ``None``: where they were loaded. Says once (rank zero) when they do not fit."""
+        if self.trainer is None:
             return None
-        device = self.trainer.strategy.root_device
-        if self.device_resident:
-            return device
-        if device.type != "cuda" or self._splits is None:
-            return None
-        if self._splits["train"][0].device == device:
-            return device  # placed by an earlier setup
-        return device if self._fits_on(device) else None
-
-    def _fits_on(self, device: torch.device) -> bool:
-        """Whether the splits take at most :data:`RESIDENT_SHARE` of ``device``'s free memory
-        (every rank holds them whole on its own GPU); if not, says so once (rank zero)."""
-        assert self._splits is not None
-        needed = sum(t.nbytes for split in self._splits.values() for t in split)
-        free, _ = torch.cuda.mem_get_info(device)
-        if needed <= RESIDENT_SHARE * free:
-            return True
-        if not self._said_not_resident and self._dist()[1] == 0:
-            log.info(
-                "Data: the splits stay in host memory and each batch is copied to %s: they take "
-                "%.3g GiB, more than %d%% of the %.3g GiB free there (device_resident=true puts "
-                "them on the GPU anyway)",
-                device,
-                needed / 2**30,
-                round(100 * RESIDENT_SHARE),
-                free / 2**30,
-            )
-        self._said_not_resident = True
-        return False
+        device, reason = split_device(
+            self._splits, self.trainer.strategy.root_device, self.device_resident
+        )
+        if reason is not None:
+            if not self._said_not_resident and self._dist()[1] == 0:
+                log.info("%s", reason)
+            self._said_not_resident = True
+        return device
 
     def _eval_batches(self, name: str) -> EvalBatches:
         images, labels = self.split(name)
@@ -399,141 +355,56 @@ class ImageDataModule(L.LightningDataModule):
         world_size, rank = self._dist()
         return EvalBatches(images, labels, self.eval_batch_size, world_size=world_size, rank=rank)
 
-    def _resolve_size(self, image_size: int | tuple[int, int] | None) -> tuple[int, int]:
-        if image_size is None:
-            return (32, 32)
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size) != 2 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size
-        ):
-            raise ValueError(
-                f"image_size must be an integer or (H, W), each >= 1; got {image_size!r}"
-            )
-        return size  # type: ignore[return-value]
-
-    def _resolve_classes(self, num_classes: int | None) -> tuple[int, tuple[str, ...] | None]:
-        if self._kind == "synthetic":
-            check_int("num_classes", num_classes, 2, optional=True)
-            return num_classes or 10, None
-        if self._kind == "imagefolder":
-            classes = tuple(ds.image_folder_classes(self._folder))
-            count = len(classes)
-        else:
-            classes = ds.FASHION_MNIST_CLASSES if self._kind == "fashion_mnist" else None
-            count = 100 if self._kind == "cifar100" else 10
-        if num_classes is not None and num_classes != count:
-            raise ValueError(
-                f"num_classes is set by the data for {self.dataset} ({count} classes); "
-                f"leave it unset (it only sizes synthetic data); got {num_classes}"
-            )
-        return count, classes
-
-    def _check_files(self) -> None:
-        if self.download:
-            return
-        if self._kind in ("cifar10", "cifar100"):
-            archive = ds.cifar_archive(self._kind)
-            path = Path(self.root) / archive.filename
-            if not path.is_file():
-                raise ds.DataNotFoundError(
-                    ds.cifar_missing_message(archive, path, self.md5 or archive.md5)
-                )
-        elif self._kind == "fashion_mnist" and ds.find_fashion_mnist(self.root) is None:
-            raise ds.DataNotFoundError(ds.fashion_mnist_missing_message(self.root))
-
-    def _known_pool_size(self) -> int | None:
-        """Training-pool size when it is cheap to know before loading, else None."""
-        if self._kind == "synthetic":
-            return self.synthetic_sizes[0]
-        if self._kind in ("cifar10", "cifar100") and self.md5 is None:
-            return CIFAR_TRAIN_SIZE  # the published checksum pins the content
-        if self._kind == "fashion_mnist":
-            return ds.fashion_mnist_train_size(self.root)
-        return None
-
     def _check_sizes(self, pool: int, world_size: int, has_val: bool = False) -> None:
         """Fail with the valid range when the split sizes do not fit ``pool`` training images."""
-        global_batch = self.batch_size * world_size
-        name = self.dataset
-        test = (self.test_size or self.val_size) if self._flat_image_folder() else 0
-        val = 0 if has_val else self.val_size
-        if pool - test - val < global_batch:
-            test_note = f" after the test split of {test}" if test else ""
-            raise ValueError(
-                f"val_size must be at most {max(pool - test - global_batch, 0)} for {name}: it "
-                f"has {pool} training images{test_note} and one global batch ({global_batch}) "
-                f"must remain for training; got val_size={self.val_size}"
-            )
-        train = pool - test - val
-        if self.subset is not None and not global_batch <= self.subset <= train:
-            raise ValueError(
-                f"subset must be between {global_batch} (one global batch) and {train} (the "
-                f"training split of {name}); got {self.subset}"
-            )
+        check_split_sizes(
+            self.dataset,
+            pool,
+            global_batch=self.batch_size * world_size,
+            val_size=0 if has_val else self.val_size,
+            carved_test=self._carved_test_size() or 0,
+            subset=self.subset,
+        )
 
-    def _flat_image_folder(self) -> bool:
-        """An ImageFolder tree without ``train/``: test and validation are carved from it."""
-        return self._kind == "imagefolder" and not (self._folder / "train").is_dir()
-
-    def _load(self) -> ds.ImageData:
-        if self._kind in ("cifar10", "cifar100"):
-            return ds.read_cifar(self._kind, self.root, self.md5, self.download)
-        if self._kind == "fashion_mnist":
-            return ds.read_fashion_mnist(self.root, self.download)
-        if self._kind == "synthetic":
-            return ds.read_synthetic(
-                self._num_classes, self._channels, self._size, self.synthetic_sizes
-            )
-        return ds.read_image_folder(self._folder, self._channels, self._size)
-
-    def _conform(self, split: ds.Split) -> ds.Split:
-        """Convert channels and resize to what the model expects (torchvision only if needed)."""
-        images, labels = split
-        if images.shape[1] == 1 and self._channels == 3:
-            images = images.repeat(1, 3, 1, 1)
-        elif images.shape[1] == 3 and self._channels == 1:
-            from torchvision.transforms.v2.functional import rgb_to_grayscale
-
-            images = rgb_to_grayscale(images)
-        if tuple(images.shape[2:]) != self._size:
-            from torchvision.transforms.v2.functional import resize
-
-            images = resize(images, list(self._size), antialias=True)
-        return images, labels
+    def _carved_test_size(self) -> int | None:
+        """Size of the test split carved from a flat ImageFolder tree (no ``train/``);
+        ``None`` for a source with a test split of its own (possibly empty)."""
+        if not is_flat_image_folder(self._kind, self._folder):
+            return None
+        return self.test_size or self.val_size
 
     def _load_splits(self) -> dict[str, ds.Split]:
-        data = self._load()
+        data = read_source(
+            self._kind,
+            self._folder,
+            self.root,
+            md5=self.md5,
+            download=self.download,
+            num_classes=self._num_classes,
+            channels=self._channels,
+            size=self._size,
+            synthetic_sizes=self.synthetic_sizes,
+        )
         self._classes = data.classes
-        pool_images, pool_labels = self._conform(data.train)
-        test, val = data.test, data.val
-        world_size, _ = self._dist()
-        self._check_sizes(pool_labels.numel(), world_size, has_val=val is not None)
-        if test is None and self._flat_image_folder():  # carve the test split first
-            size = self.test_size or self.val_size
-            chosen, rest = ds.class_balanced_split(
-                pool_labels, size, ds.derive_seed("test", self.seed), self._num_classes
-            )
-            test = (pool_images[chosen], pool_labels[chosen])
-            pool_images, pool_labels = pool_images[rest], pool_labels[rest]
-        elif test is None:  # train/ (+ val/) without test/: there is no test set
-            test = (pool_images[:0], pool_labels[:0])
-        if val is None:
-            chosen, rest = ds.class_balanced_split(
-                pool_labels, self.val_size, ds.derive_seed("val", self.seed), self._num_classes
-            )
-            val = (pool_images[chosen], pool_labels[chosen])
-            pool_images, pool_labels = pool_images[rest], pool_labels[rest]
+        pool = conform(data.train, self._channels, self._size)
+        self._check_sizes(pool[1].numel(), self._dist()[0], has_val=data.val is not None)
+        train, val, test = carve_splits(
+            pool,
+            data.val,
+            data.test,
+            val_size=self.val_size,
+            carved_test=self._carved_test_size(),
+            seed=self.seed,
+            num_classes=self._num_classes,
+        )
         if self.normalization == "cifar10":
             self._mean, self._std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
         else:
-            self._mean, self._std = channel_stats(pool_images)
+            self._mean, self._std = channel_stats(train[0])
         if self.subset is not None:
-            chosen, _ = ds.class_balanced_split(
-                pool_labels, self.subset, ds.derive_seed("subset", self.seed), self._num_classes
-            )
-            pool_images, pool_labels = pool_images[chosen], pool_labels[chosen]
+            train = training_subset(train, self.subset, self.seed, self._num_classes)
         return {
-            "train": (pool_images, pool_labels),
-            "val": self._conform(val),
-            "test": self._conform(test),
+            "train": train,
+            "val": conform(val, self._channels, self._size),
+            "test": conform(test, self._channels, self._size),
         }
