@@ -8,13 +8,12 @@ import torch
 import torchvision
 
 from gradtrace.models import create_model
-from gradtrace.models.resnet import (
+from gradtrace.models.resnet import ResNet, cifar_blocks
+from gradtrace.models.resnet_blocks import (
     BasicBlock,
     PreActBasicBlock,
     PreActBottleneck,
-    ResNet,
     ZeroPadShortcut,
-    cifar_blocks,
 )
 
 
