@@ -27,7 +27,7 @@ from torch import nn
 
 from gradtrace.models.registry import register_model
 
-__all__ = ["create_timm_model"]
+__all__ = ["VIT_CIFAR", "create_timm_model", "swin_tiny_cifar", "vit_cifar"]
 
 
 def _check_options(img_size: int, patch_size: int, drop_path_rate: float, merges: int = 0) -> None:
@@ -72,19 +72,21 @@ def create_timm_model(
         ) from err
 
 
-@register_model(family="vit", input_size=(3, 32, 32), num_classes=10)
-def vit_tiny_cifar(
+def vit_cifar(
     num_classes: int = 10,
     in_chans: int = 3,
     pretrained: bool = False,
     img_size: int = 32,
     patch_size: int = 4,
     drop_path_rate: float = 0.0,
+    *,
+    timm_name: str,
 ) -> nn.Module:
-    """ViT-Ti with 4x4 patches for 32x32 images (timm vit_tiny_patch16_224)."""
+    """ViT with 4x4 patches for 32x32 images: timm's ``timm_name`` (fixed by each registered
+    name, see :data:`VIT_CIFAR`) resized to the CIFAR geometry."""
     _check_options(img_size, patch_size, drop_path_rate)
     return create_timm_model(
-        "vit_tiny_patch16_224",
+        timm_name,
         pretrained=pretrained,
         num_classes=num_classes,
         in_chans=in_chans,
@@ -94,26 +96,21 @@ def vit_tiny_cifar(
     )
 
 
-@register_model(family="vit", input_size=(3, 32, 32), num_classes=10)
-def vit_small_cifar(
-    num_classes: int = 10,
-    in_chans: int = 3,
-    pretrained: bool = False,
-    img_size: int = 32,
-    patch_size: int = 4,
-    drop_path_rate: float = 0.0,
-) -> nn.Module:
-    """ViT-S with 4x4 patches for 32x32 images (timm vit_small_patch16_224)."""
-    _check_options(img_size, patch_size, drop_path_rate)
-    return create_timm_model(
-        "vit_small_patch16_224",
-        pretrained=pretrained,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        img_size=img_size,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-    )
+VIT_CIFAR: dict[str, tuple[str, str]] = {
+    "vit_tiny_cifar": ("vit_tiny_patch16_224", "ViT-Ti"),
+    "vit_small_cifar": ("vit_small_patch16_224", "ViT-S"),
+}
+"""Registered ViT name -> (timm model, short name)."""
+
+for _name, (_timm_name, _short) in VIT_CIFAR.items():
+    register_model(
+        _name,
+        family="vit",
+        input_size=(3, 32, 32),
+        num_classes=10,
+        timm_name=_timm_name,
+        description=f"{_short} with 4x4 patches for 32x32 images (timm {_timm_name}).",
+    )(vit_cifar)
 
 
 @register_model(family="swin", input_size=(3, 32, 32), num_classes=10)
