@@ -59,6 +59,8 @@ NOT_IDENTITY = frozenset(
 )
 """Trainer settings that do not enter the hash."""
 HASH_LENGTH = 8
+VGG_FAMILIES = ("coursework_vgg", "vgg")
+"""Model families whose run names read ``vgg<depth>``."""
 
 
 def readable_prefix(model: Mapping[str, Any], data: Mapping[str, Any]) -> str:
@@ -70,8 +72,10 @@ def readable_prefix(model: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     arch = str(model.get("arch"))
     depth = model.get("depth")
     if depth is not None:
-        # The coursework family reads best as vgg08 / vgg38, as in the report.
-        arch = f"vgg{depth:02d}" if arch in ("vgg", "coursework_vgg") else f"{arch}-d{depth}"
+        # Both VGG families read as their registered depth names: the coursework network's
+        # vgg08 / vgg38 (as in the report) and the classic vgg11 ... vgg19; their depths
+        # (8 + 6b against 11, 13, 16, 19) never give the same name.
+        arch = f"vgg{depth:02d}" if arch in VGG_FAMILIES else f"{arch}-d{depth}"
     parts = [arch]
     parts += ["bn"] if model.get("batch_norm") else []
     parts += ["rc"] if model.get("residual") else []

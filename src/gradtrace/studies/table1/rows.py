@@ -18,6 +18,7 @@ from typing import Any
 
 from gradtrace.cli.run_files import FinishedRun, RunFilesError, read_run
 from gradtrace.measure import input_output_ratio
+from gradtrace.models.vgg import CONFIGS as VGG_DEPTHS
 from gradtrace.studies.short_run import RunSpec, table1_specs
 
 __all__ = ["METRICS", "RowRun", "collect", "grad_ratio", "matches", "measured"]
@@ -27,9 +28,8 @@ TRAIN_KEYS = ("train/loss_step", "train/loss", "train/acc")
 # Settings that do not change what a row trains: filled in by the CLI from the data
 # (classes, channels) or speed only (memory layout, compilation).
 NOT_ROW_SETTINGS = ("num_classes", "in_chans", "channels_last", "compile")
-# The coursework network's names: the family (before and after its rename) and the aliases
-# that fix a depth.
-COURSEWORK_FAMILY = ("vgg", "coursework_vgg")
+# The coursework network's family and the aliases that fix a depth.
+COURSEWORK_FAMILY = "coursework_vgg"
 COURSEWORK_ALIASES = {"vgg08": 8, "vgg38": 38}
 
 
@@ -107,7 +107,7 @@ def _row_settings(model: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict
     arch = settings.get("arch")
     if arch in COURSEWORK_ALIASES:
         settings["depth"] = settings.get("depth") or COURSEWORK_ALIASES[arch]
-    if arch in COURSEWORK_ALIASES or arch in COURSEWORK_FAMILY:
+    if arch in COURSEWORK_ALIASES or _saved_as_old_coursework_name(arch, settings.get("depth")):
         settings["arch"] = COURSEWORK_FAMILY
     for key in ("batch_norm", "residual"):
         settings[key] = bool(settings.get(key))
@@ -116,6 +116,16 @@ def _row_settings(model: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict
         settings.pop(key, None)
     # config.yaml holds lists where the signature's defaults are tuples (milestones).
     return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def _saved_as_old_coursework_name(arch: Any, depth: Any) -> bool:
+    """Whether a saved run's ``arch: vgg`` is the coursework network.
+
+    Runs saved before the coursework network was registered as ``coursework_vgg`` name it
+    ``vgg``, the name the classic VGG family holds now. The depth tells them apart: the classic
+    VGG has none of the coursework depths (8 + 6b).
+    """
+    return arch == "vgg" and depth is not None and depth not in VGG_DEPTHS
 
 
 def matches(spec: RunSpec, config: Mapping[str, Any], dataset: str) -> bool:
