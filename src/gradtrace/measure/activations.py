@@ -26,17 +26,17 @@ size), so two processes give what one process with the same global batch gives. 
 with a ``GradScaler`` the loss scale is divided out. An error inside a hook never reaches the
 model: the collector stops counting and :meth:`ActivationCollector.compute` raises
 :class:`ActivationFault` on every rank, after the same ``all_reduce``.
+
+This module watches the calls (module hooks and the function mode);
+:mod:`~gradtrace.measure.activation_sums` keeps the partial sums and computes the statistics.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
@@ -48,16 +48,24 @@ from gradtrace.measure.activation_catalog import (
     PASS_THROUGH_FUNCTIONS,
     PASS_THROUGH_MODULES,
     WEIGHT_FUNCTIONS,
-    Bounds,
     module_bounds,
 )
-from gradtrace.measure.collectives import all_reduce_sum
+from gradtrace.measure.activation_sums import (
+    LayerCall,
+    N,
+    add_gradient,
+    add_output,
+    count_activated,
+    empty_row,
+    layer_stats,
+    reduce_table,
+    sums_table,
+)
 from gradtrace.measure.eager_hooks import EagerHooks, can_force_eager, contains_compiled
 from gradtrace.measure.order import primary_output
 
 __all__ = [
     "ACTIVATION_STATS",
-    "SATURATION_TOLERANCE",
     "ActivationCollector",
     "ActivationFault",
     "ActivationsUnavailableError",
@@ -72,13 +80,6 @@ ACTIVATION_STATS: tuple[str, ...] = (
     "act_grad_mean_abs",
 )
 """The per-layer activation statistics, in column order."""
-
-SATURATION_TOLERANCE = 0.01
-"""An output within this fraction of the activation's range from a bound counts as saturated."""
-
-# Columns of the partial-sum table, one row per layer; one more row holds the fault flag.
-_N, _SUM, _SUMSQ, _ZEROS, _N_ZERO, _SAT, _N_SAT, _GRAD, _N_GRAD = range(9)
-_COLUMNS = 9
 
 
 class ActivationsUnavailableError(RuntimeError):
@@ -107,18 +108,6 @@ def loss_scale(precision_plugin: Any) -> float:
     if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())
-
-
-@dataclass
-class _LayerCall:
-    """One call of a measured layer: zeros of its own output, until an activation decides."""
-
-    part: list[Any]
-    """The partial sums it adds to (of the layer's module outputs, or of its weight's
-    functional uses)."""
-    own_zeros: torch.Tensor
-    size: int
-    resolved: bool = False
 
 
 class _ConsumerMode(TorchFunctionMode):
@@ -179,7 +168,7 @@ class ActivationCollector:
         self._parts: list[list[Any]] = []
         self._function_parts: list[list[Any]] = []
         self._running: set[int] = set()  # layers whose own module is running
-        self._calls: list[_LayerCall] = []
+        self._calls: list[LayerCall] = []
         self._mode = _ConsumerMode(self)
         self._mode_active = False
         self._depth = 0
@@ -271,13 +260,8 @@ class ActivationCollector:
         """
         if self.fault is None:
             self.guarded(None, self._resolve_all)
-        table = self._table()
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size(process_group)
-            if world > 1:
-                table = all_reduce_sum(table, process_group)
-        rows = table.cpu().tolist()  # one device-to-host copy
+        table = sums_table([*self._parts, *self._function_parts], failed=self.fault is not None)
+        rows, world = reduce_table(table, process_group)
         self._reset_counts()
         faults = rows.pop()[0]
         if self.fault is not None:
@@ -289,56 +273,21 @@ class ActivationCollector:
         modules, functions = rows[: len(self._names)], rows[len(self._names) :]
         # A layer's module outputs when it ran (every rank agrees after the reduction), else
         # the outputs of functions that applied its weight.
-        rows = [own if own[_N] else used for own, used in zip(modules, functions)]
+        rows = [own if own[N] else used for own, used in zip(modules, functions)]
         out: dict[str, dict[str, float]] = {}
         for name, row in zip(self._names, rows):
-            n = row[_N]
-            if not n:
-                continue
-            variance = (row[_SUMSQ] - row[_SUM] ** 2 / n) / (n - 1) if n > 1 else math.nan
-            stats = {
-                "act_mean": row[_SUM] / n,
-                "act_std": math.sqrt(max(variance, 0.0)) if n > 1 else math.nan,
-                "act_zero_frac": row[_ZEROS] / row[_N_ZERO] if row[_N_ZERO] else math.nan,
-            }
-            if row[_N_SAT]:
-                stats["act_sat_frac"] = row[_SAT] / row[_N_SAT]
-            if row[_N_GRAD]:
-                stats["act_grad_mean_abs"] = row[_GRAD] / row[_N_GRAD] / world / grad_scale
-            out[name] = stats
+            stats = layer_stats(row, world, grad_scale)
+            if stats is not None:
+                out[name] = stats
         return out
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _reset_counts(self) -> None:
-        self._parts = [[0, None, None, None, 0, None, 0, None, 0] for _ in self._names]
-        self._function_parts = [[0, None, None, None, 0, None, 0, None, 0] for _ in self._names]
+        self._parts = [empty_row() for _ in self._names]
+        self._function_parts = [empty_row() for _ in self._names]
         self._calls = []
         self.waiting = WeakIdKeyDictionary()
-
-    def _table(self) -> torch.Tensor:
-        """``[2 layers + 1 x 9]`` float64 partial sums of the layers' module outputs, then of
-        their weights' functional uses; the last row's first entry is 1 when a hook failed
-        here."""
-        parts = [*self._parts, *self._function_parts]
-        counts = torch.zeros(len(parts) + 1, _COLUMNS, dtype=torch.float64)
-        counts[-1, 0] = float(self.fault is not None)
-        slots: list[int] = []
-        sums: list[torch.Tensor] = []
-        if self.fault is None:
-            for r, part in enumerate(parts):
-                for c, value in enumerate(part):
-                    if isinstance(value, torch.Tensor):
-                        slots.append(r * _COLUMNS + c)
-                        sums.append(value)
-                    elif value:
-                        counts[r, c] = value
-        device = sums[0].device if sums else torch.device("cpu")
-        table = counts.to(device)
-        if sums:  # the device-side sums, placed with one stack and one scatter
-            stacked = torch.stack([t.to(device, torch.float64) for t in sums])
-            table.view(-1)[torch.tensor(slots, device=device)] = stacked
-        return table
 
     def guarded(self, layer: str | None, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` as the collector's own code; an error stops all counting (the
@@ -352,9 +301,6 @@ class ActivationCollector:
             self.fault = (layer, err)
         finally:
             self.busy = False
-
-    def _add(self, part: list[Any], column: int, value: torch.Tensor) -> None:
-        part[column] = value if part[column] is None else part[column] + value
 
     # ------------------------------------------------------------------ hooks
 
@@ -412,13 +358,9 @@ class ActivationCollector:
         if output is None or not output.is_floating_point():
             return
         part = self._parts[i] if part is None else part
-        z = output.detach()
-        part[_N] += z.numel()
-        self._add(part, _SUM, torch.sum(z, dtype=torch.float64))
-        self._add(part, _SUMSQ, torch.linalg.vector_norm(z, 2, dtype=torch.float64).square())
+        call = add_output(part, output.detach())
         if output.requires_grad:
             output.register_hook(self._grad_hook(i, part))
-        call = _LayerCall(part, (z == 0).sum(), z.numel())
         self._calls.append(call)
         self.waiting[output] = [*self.waiting.get(output, []), call]
 
@@ -429,8 +371,8 @@ class ActivationCollector:
         return hook
 
     def _grad_arrived(self, part: list[Any], grad: torch.Tensor) -> None:
-        part[_N_GRAD] += grad.numel()
-        self._add(part, _GRAD, torch.linalg.vector_norm(grad.detach(), 1, dtype=torch.float64))
+        """``dL/dz`` of a layer output arrived: add it to ``part``."""
+        add_gradient(part, grad)
 
     def _module_called(self, module: nn.Module, args: Any, output: Any) -> None:
         """An activation, normalization or Identity module ran on a waiting layer output."""
@@ -441,7 +383,7 @@ class ActivationCollector:
         if isinstance(module, PASS_THROUGH_MODULES):
             self.waiting[output] = [*self.waiting.get(output, []), *calls]
         else:
-            self._resolve(calls, output.detach(), module_bounds(module))
+            count_activated(calls, output.detach(), module_bounds(module))
 
     def function_called(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """A torch function ran inside a module call: it may take a waiting layer output
@@ -455,11 +397,11 @@ class ActivationCollector:
         if calls:
             bounds_of = ACTIVATION_FUNCTIONS.get(func)
             if bounds_of is not None:
-                self._resolve(calls, out.detach(), bounds_of(args, kwargs))
+                count_activated(calls, out.detach(), bounds_of(args, kwargs))
             elif func in PASS_THROUGH_FUNCTIONS:
                 self.waiting[out] = [*self.waiting.get(out, []), *calls]
             else:
-                self._resolve(calls)
+                count_activated(calls)
         if func in WEIGHT_FUNCTIONS and self.weight_layers and not self.paused:
             for value in (*args, *kwargs.values()):
                 i = self.weight_layers.get(id(value)) if isinstance(value, torch.Tensor) else None
@@ -469,31 +411,5 @@ class ActivationCollector:
 
     def _resolve_all(self) -> None:
         """Layer calls no activation decided: count the zeros of their own output."""
-        self._resolve([call for call in self._calls if not call.resolved])
+        count_activated([call for call in self._calls if not call.resolved])
         self.waiting = WeakIdKeyDictionary()
-
-    def _resolve(
-        self, calls: list[_LayerCall], activated: torch.Tensor | None = None, bounds: Bounds = None
-    ) -> None:
-        """Add zero (and saturation) counts for ``calls``: of ``activated`` when an activation
-        took their output, else each call's own count."""
-        if activated is not None:
-            zeros = (activated == 0).sum()
-            if bounds is not None:
-                low, high = bounds
-                margin = SATURATION_TOLERANCE * (high - low)
-                saturated = ((activated <= low + margin) | (activated >= high - margin)).sum()
-        for call in calls:
-            if call.resolved:
-                continue
-            call.resolved = True
-            part = call.part
-            if activated is None:
-                self._add(part, _ZEROS, call.own_zeros)
-                part[_N_ZERO] += call.size
-                continue
-            self._add(part, _ZEROS, zeros)
-            part[_N_ZERO] += activated.numel()
-            if bounds is not None:
-                self._add(part, _SAT, saturated)
-                part[_N_SAT] += activated.numel()
