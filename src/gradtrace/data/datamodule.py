@@ -1,18 +1,12 @@
 """``ImageDataModule``: whole splits in memory, batches cut by index, augmentation on the device.
 
-The speed recipe is airbench's: each split is one uint8 tensor (moved to the GPU once when
-training on CUDA, if the splits take at most half of its free memory), a batch is
-``images[indices]``, and the random crop (+ flip) and the normalisation run on the whole batch
-on the training device in ``on_after_batch_transfer``, as one gather. No per-sample Python, no
-worker processes. The batches are :mod:`gradtrace.data.batches`' (seeded, sharded, resumable: see
-there for the determinism and DDP guarantees); the augmentation and normalisation are
-:mod:`gradtrace.data.augmentation`'s. The validation split and the subset are pure functions of
-``seed``. On its first ``setup`` it logs one line (:meth:`ImageDataModule.describe`) with the
-settings a run actually uses.
-
-The dataset options are checked by :mod:`gradtrace.data.options`, the splits read and cut by
-:mod:`gradtrace.data.splits`; whether they live on the training device is decided by
-:mod:`gradtrace.data.residency`.
+airbench's speed recipe: each split is one uint8 tensor (on the GPU when training on CUDA and
+it fits, :mod:`~gradtrace.data.residency`), a batch is ``images[indices]``
+(:mod:`~gradtrace.data.batches`: seeded, sharded, resumable), and the crop, flip and
+normalisation run on the whole batch on the device in ``on_after_batch_transfer``
+(:mod:`~gradtrace.data.augmentation`). No per-sample Python, no worker processes. Options are
+checked by :mod:`~gradtrace.data.options`, splits read and cut by :mod:`~gradtrace.data.splits`;
+the first ``setup`` logs the settings a run actually uses (:meth:`ImageDataModule.describe`).
 """
 
 from __future__ import annotations
@@ -65,8 +59,7 @@ class ImageDataModule(L.LightningDataModule):
     Args:
         dataset: ``cifar10``, ``cifar100``, ``fashion_mnist``, ``synthetic`` or
             ``imagefolder:<path>``.
-        root: folder holding the dataset files (CIFAR archives, Fashion-MNIST IDX files);
-            downloads go there.
+        root: folder of the dataset files (CIFAR archives, Fashion-MNIST IDX); downloads too.
         batch_size: training images per step and process (the global batch is
             ``batch_size * world_size``). ``gradtrace fit`` reads ``--data.batch_size`` as the
             global batch and gives each process its share.
@@ -88,12 +81,10 @@ class ImageDataModule(L.LightningDataModule):
         normalization: ``split`` (the training split's own per-channel mean and std) or
             ``cifar10`` (the original coursework code's fixed CIFAR-10 constants; 3 channels).
         crop_padding: zero padding of the random crop, in pixels.
-        download: download a missing CIFAR archive or Fashion-MNIST (needs internet); one
-            process at a time per file, MD5-checked, so concurrent runs share one download.
+        download: download a missing CIFAR archive or Fashion-MNIST (locked, MD5-checked).
         channels: 1 or 3 (default: the dataset's own; grey is repeated, RGB is converted).
         image_size: ``H`` or ``(H, W)`` to resize to (default 32x32, Fashion-MNIST padded).
-        num_classes: class count of ``synthetic`` data (default 10); other datasets define
-            their own, and a different value is an error.
+        num_classes: class count of ``synthetic`` data (default 10); elsewhere it must match.
         synthetic_sizes: ``(training pool, test)`` image counts of ``synthetic`` data.
         md5: expected MD5 of the CIFAR archive (default: the published one).
         device_resident: keep the uint8 splits on the training device so batches never cross
@@ -319,8 +310,6 @@ class ImageDataModule(L.LightningDataModule):
         if self.trainer is not None:  # "16-true"/"bf16-true" models want their own dtype
             x, labels = self.trainer.precision_plugin.convert_input((x, labels))
         return x, labels
-
-    # ---- internals
 
     def _require_setup(self) -> dict[str, ds.Split]:
         if self._splits is None:

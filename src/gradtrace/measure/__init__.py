@@ -12,8 +12,8 @@ Usable in any training loop (plain PyTorch, Fabric, Hugging Face), with no Light
 * :mod:`~gradtrace.measure.shards` and :mod:`~gradtrace.measure.collectives`: sharded
   gradients and the collectives that combine them;
 * :mod:`~gradtrace.measure.histograms`, :mod:`~gradtrace.measure.update_ratio`,
-  :mod:`~gradtrace.measure.activations` (with :mod:`~gradtrace.measure.activation_catalog`):
-  the other instruments;
+  :mod:`~gradtrace.measure.activations` (with :mod:`~gradtrace.measure.activation_catalog`
+  and :mod:`~gradtrace.measure.activation_sums`): the other instruments;
 * :mod:`~gradtrace.measure.diagnosis`, :mod:`~gradtrace.measure.faults`,
   :mod:`~gradtrace.measure.records`: warnings, guarded features, the history and its CSV.
 """

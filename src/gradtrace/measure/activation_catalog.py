@@ -7,7 +7,8 @@
 * functions that apply a weight (``F.linear``, convolutions, embeddings, ``matmul``);
 * :func:`activation_sources`: which module's output is each layer's output.
 
-Torch alone; :mod:`gradtrace.measure.activations` does the counting.
+Torch alone; :mod:`gradtrace.measure.activations` watches the calls and
+:mod:`gradtrace.measure.activation_sums` counts.
 """
 
 from __future__ import annotations

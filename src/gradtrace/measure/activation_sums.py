@@ -1,4 +1,18 @@
-"""The partial sums behind the activation statistics, and the statistics computed from them.
+"""The partial sums behind the activation statistics, and the statistics computed from them;
+:mod:`~gradtrace.measure.activations` watches the calls that feed them. Per layer:
+
+* the layer's **output** ``z`` (its module's return value, before any activation; the first
+  tensor of a tuple): ``act_mean`` and ``act_std`` (Bessel-corrected, as ``torch.std``) over
+  every element of the batch, and ``act_grad_mean_abs``, the mean of ``|dL/dz|`` (read with
+  ``Tensor.register_hook`` on ``z``: no full backward hooks);
+* the **layer's activation output** ``a = f(z)``: the output of the activation that takes
+  ``z`` itself as its input, a module (``nn.ReLU``) or a function (``F.relu(z)``,
+  ``z.sigmoid()``), possibly through normalization layers, ``Identity`` and reshapes
+  (``Conv -> BatchNorm -> ReLU`` gives the ReLU). ``act_zero_frac`` is the fraction of exact
+  zeros of ``a`` (dead ReLU units), or of ``z`` when anything else takes it first (the next
+  layer, a sum with a shortcut, the loss); ``act_sat_frac`` is the fraction of ``a`` within 1%
+  (of the output range) of the bounds of a saturating activation (sigmoid, tanh, hardtanh,
+  ReLU6, hardsigmoid), absent after any other.
 
 Each layer has two rows of partial sums (:func:`empty_row`, one for its module's outputs and
 one for its weight's functional uses), indexed by the column constants below. An entry is a

@@ -2,20 +2,8 @@
 
 The gradient of a weight is (roughly) its input times the gradient of its output, and the
 coursework report's equation 2 multiplies one factor dE/dx per layer on the way to the input.
-This module measures both sides of that product on measured steps:
-
-* the layer's **output** ``z`` (its module's return value, before any activation; the first
-  tensor of a tuple): ``act_mean`` and ``act_std`` (Bessel-corrected, as ``torch.std``) over
-  every element of the batch, and ``act_grad_mean_abs``, the mean of ``|dL/dz|`` (read with
-  ``Tensor.register_hook`` on ``z``: no full backward hooks);
-* the **layer's activation output** ``a = f(z)``: the output of the activation that takes
-  ``z`` itself as its input, a module (``nn.ReLU``) or a function (``F.relu(z)``,
-  ``z.sigmoid()``), possibly through normalization layers, ``Identity`` and reshapes
-  (``Conv -> BatchNorm -> ReLU`` gives the ReLU). ``act_zero_frac`` is the fraction of exact
-  zeros of ``a`` (dead ReLU units), or of ``z`` when anything else takes it first (the next
-  layer, a sum with a shortcut, the loss); ``act_sat_frac`` is the fraction of ``a`` within 1%
-  (of the output range) of the bounds of a saturating activation (sigmoid, tanh, hardtanh,
-  ReLU6, hardsigmoid), absent after any other.
+This module watches both sides of that product on measured steps (the statistics are
+defined in :mod:`~gradtrace.measure.activation_sums`).
 
 Functions are seen through a ``torch.overrides.TorchFunctionMode`` that is active only while a
 module of the model runs, on measured steps. Every layer call is kept until the step is
@@ -26,9 +14,6 @@ size), so two processes give what one process with the same global batch gives. 
 with a ``GradScaler`` the loss scale is divided out. An error inside a hook never reaches the
 model: the collector stops counting and :meth:`ActivationCollector.compute` raises
 :class:`ActivationFault` on every rank, after the same ``all_reduce``.
-
-This module watches the calls (module hooks and the function mode);
-:mod:`~gradtrace.measure.activation_sums` keeps the partial sums and computes the statistics.
 """
 
 from __future__ import annotations
