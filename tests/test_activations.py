@@ -219,6 +219,7 @@ def test_compiled_model_without_set_stance_is_refused_in_one_line(monkeypatch) -
         pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpus(2)]),
     ],
 )
+@pytest.mark.integration
 def test_two_ddp_processes_match_one_process(tmp_path: Path, device: str) -> None:
     """gloo on the CPU; NCCL on two GPUs (the collector's host-side counts must reach NCCL
     on the GPU)."""

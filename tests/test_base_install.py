@@ -16,14 +16,12 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 import gradtrace
+from helpers.venvs import base_closure, link_into
 
 OPTIONAL = ("torchvision", "timm", "wandb", "matplotlib")
 SRC = Path(gradtrace.__file__).resolve().parent.parent  # the gradtrace under test
@@ -81,44 +79,6 @@ def test_import_gradtrace_and_the_callback_pulls_no_optional_package() -> None:
     assert not with_callback & set(OPTIONAL)
 
 
-def base_closure(
-    root: str = "gradtrace", extras: frozenset[str] = frozenset()
-) -> list[metadata.Distribution]:
-    """Installed distributions that ``pip install gradtrace`` (with ``extras``, default none)
-    needs, recursively."""
-    found: dict[str, tuple[metadata.Distribution, frozenset[str]]] = {}
-    todo: list[tuple[str, frozenset[str]]] = [(root, extras)]
-    while todo:
-        name, extras = todo.pop()
-        dist = metadata.distribution(name)  # PackageNotFoundError: the closure is incomplete
-        key = canonicalize_name(dist.metadata["Name"])
-        if key in found and extras <= found[key][1]:
-            continue
-        extras = extras | (found[key][1] if key in found else frozenset())
-        found[key] = (dist, extras)
-        for text in dist.requires or []:
-            req = Requirement(text)
-            environments = [{"extra": e} for e in sorted(extras)] or [{"extra": ""}]
-            if req.marker is None or any(req.marker.evaluate(env) for env in environments):
-                todo.append((req.name, frozenset(req.extras)))
-    return [dist for key, (dist, _) in found.items() if key != canonicalize_name(root)]
-
-
-def link_into(site: Path, dists: list[metadata.Distribution]) -> set[str]:
-    """Symlink every top-level entry the distributions installed into ``site``."""
-    linked: set[str] = set()
-    for dist in dists:
-        if dist.files is None:
-            raise AssertionError(f"{dist.metadata['Name']} has no RECORD to link from")
-        origin = Path(dist.locate_file(""))
-        for top in {f.parts[0] for f in dist.files}:
-            if top in ("..", "__pycache__") or top in linked:
-                continue  # scripts outside site-packages; shared byte-code folders
-            (site / top).symlink_to(origin / top)
-            linked.add(top)
-    return linked
-
-
 FIT_WITHOUT_EXTRAS = """
 import importlib.util, json, logging
 lines = []
@@ -161,6 +121,7 @@ print(json.dumps({
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_fit_in_a_fresh_venv_with_only_the_base_install(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run(

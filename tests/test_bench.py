@@ -396,6 +396,7 @@ def test_epoch_time_on_a_gpu_compiled_without_falling_back_to_eager(tmp_path: Pa
 # the GPU section's time limits
 
 
+@pytest.mark.integration
 def test_run_bounded_kills_the_child_and_what_it_started_at_the_limit(tmp_path: Path) -> None:
     pid_file = tmp_path / "grandchild.pid"
     script = (
@@ -422,6 +423,7 @@ def test_run_bounded_kills_the_child_and_what_it_started_at_the_limit(tmp_path: 
     assert (finished.timed_out, finished.returncode) == (False, 3)
 
 
+@pytest.mark.integration
 def test_throughput_processes_are_awaited_until_their_ready_line_or_the_deadline() -> None:
     from benchmarks.bounded import kill_group
     from benchmarks.gpu import _wait_for_ready
@@ -594,6 +596,7 @@ def test_training_pool_holds_every_timed_step_in_one_epoch() -> None:
     assert gpu.training_pool() == (12 * 25 * 6 + 1) * 100 + 2_500
 
 
+@pytest.mark.integration
 def test_gpu_check_without_cuda_prints_one_line_and_succeeds_quickly() -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")])

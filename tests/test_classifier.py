@@ -126,7 +126,7 @@ class AuxNet(torch.nn.Module):
         return self.main(x)
 
 
-def test_auxiliary_losses_weigh_0_3_in_training_only() -> None:
+def test_auxiliary_losses_weigh_0_3_in_training_only(tmp_path) -> None:
     module = ImageClassifier(arch="vgg08", num_classes=5, channels_last=False)
     module.net = AuxNet()
     x, y = torch.randn(8, 3, 2, 2), torch.arange(8) % 5
@@ -134,11 +134,15 @@ def test_auxiliary_losses_weigh_0_3_in_training_only() -> None:
     main, aux1, aux2 = (
         F.cross_entropy(head(x.flatten(1)), y) for head in (net.main, net.aux1, net.aux2)
     )
-    module.train()
-    loss = module._shared_step((x, y), "train")
-    torch.testing.assert_close(loss, main + 0.3 * (aux1 + aux2))
+    batch = DataLoader(TensorDataset(x, y), batch_size=8)
+    # validation (eval mode): the main head's loss only, as logged for the one batch
+    results = trainer(tmp_path).validate(module, batch, verbose=False)[0]
+    assert results["val/loss"] == pytest.approx(main.item(), rel=1e-6)
+    # training: the loss of the first step (before any update) as logged
+    t = trainer(tmp_path, max_steps=1, log_every_n_steps=1)
+    t.fit(module, batch)
+    torch.testing.assert_close(t.callback_metrics["train/loss_step"], main + 0.3 * (aux1 + aux2))
     module.eval()
-    torch.testing.assert_close(module._shared_step((x, y), "val"), main)
     assert module(x).shape == (8, 5)
 
 

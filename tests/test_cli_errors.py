@@ -88,6 +88,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_run_prints_no_lightning_noise(tmp_path: Path) -> None:
     """From the shell: no LightningCLI "args parameter" warning, no log_every_n_steps
     warning on a short epoch, no tips or device banners."""

@@ -219,6 +219,7 @@ main(sys.argv[1:])
 @pytest.mark.gpu
 @pytest.mark.slow
 @needs_gpus(2)
+@pytest.mark.integration
 def test_a_2_gpu_ddp_cell_with_sync_batchnorm_measures_what_one_gpu_does(tmp_path: Path) -> None:
     path = tmp_path / "cell.yaml"
     path.write_text(BN_CELL)

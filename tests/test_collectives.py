@@ -103,21 +103,29 @@ def test_grad_stats_histograms_and_activations_reach_the_collective_through_it(
     """In a group of two (faked: the gather and reduce themselves are stand-ins), each of the
     three callers hands every table to the collectives module's device step before its
     collective."""
-    moved: list[torch.Size] = []
-    original = collectives._on_collective_device
+    events: list[object] = []  # "device" for each device step, a tensor's shape per collective
+    original = collectives.collective_device
 
-    def on_device(tensor: torch.Tensor, group: object) -> torch.Tensor:
-        moved.append(tensor.shape)
-        return original(tensor, group)
+    def device_step(device: torch.device, group: object = None) -> torch.device:
+        events.append("device")
+        return original(device, group)
 
     def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor, group: object = None) -> None:
+        events.append(tensor.shape)
         for part in parts:
             part.copy_(tensor)
 
     def all_reduce(tensor: torch.Tensor, group: object = None) -> None:
+        events.append(tensor.shape)
         tensor.mul_(2)
 
-    monkeypatch.setattr(collectives, "_on_collective_device", on_device)
+    def moved() -> list[torch.Size]:
+        """The tables handed to collectives, each right after its device step."""
+        assert events[::2] == ["device"] * len(events[1::2]), events
+        assert all(isinstance(e, torch.Size) for e in events[1::2]), events
+        return events[1::2]
+
+    monkeypatch.setattr(collectives, "collective_device", device_step)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     monkeypatch.setattr(dist, "all_gather", all_gather)
@@ -127,22 +135,23 @@ def test_grad_stats_histograms_and_activations_reach_the_collective_through_it(
     weight._fsdp_flattened = True  # an FSDP1 shard: combined over ranks
     weight.grad = torch.randn(3, 4)
     grad_stats_table([("w", weight)])
-    assert moved == [torch.Size([1, 5])]  # the partial sums
+    assert moved() == [torch.Size([1, 5])]  # the partial sums
     gradient_histograms([("w", weight)], bins=8)
     # ranges, then counts, each with the guard's flag row
-    assert moved[1:] == [torch.Size([2, 5]), torch.Size([2, 8])]
+    assert moved()[1:] == [torch.Size([2, 5]), torch.Size([2, 8])]
 
-    moved.clear()
+    events.clear()
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     collector = ActivationCollector()
     collector.attach(model, {"0": model[0]})
     model(torch.randn(2, 4)).sum().backward()
     collector.detach()
     collector.compute()
-    assert len(moved) == 1  # the activation table, reduced once
+    assert len(moved()) == 1  # the activation table, reduced once
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_part_failing_on_one_rank_makes_every_rank_raise_none_waits(tmp_path: Path) -> None:
     import json
     import subprocess

@@ -28,7 +28,7 @@ from gradtrace.data.batches import (
     train_batch_indices,
 )
 from gradtrace.data.datamodule import ImageDataModule
-from test_datasets import write_cifar_archive, write_fashion_mnist, write_image_folder
+from helpers.data_files import write_cifar_archive, write_fashion_mnist, write_image_folder
 
 SMALL = {
     "dataset": "synthetic",

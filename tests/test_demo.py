@@ -13,7 +13,7 @@ import gradtrace
 from gradtrace.data import DataNotFoundError, fashion_mnist
 from gradtrace.studies import demo
 from gradtrace.studies.short_run import smoke_data
-from test_datasets import md5_of, write_fashion_mnist
+from helpers.data_files import md5_of, write_fashion_mnist
 
 SRC = Path(gradtrace.__file__).resolve().parent.parent
 REPO = SRC.parent
@@ -105,6 +105,7 @@ def fake_commands(folder: Path, uid: int, python_status: int) -> dict[str, str]:
     [(0, 1, True), (0, 0, False), (1000, 1, False)],
     ids=["offline-root-apt", "data-found-no-apt", "offline-not-root-no-apt"],
 )
+@pytest.mark.integration
 def test_makefile_apt_step_only_offline_as_root(
     tmp_path: Path, uid: int, python_status: int, apt_called: bool
 ) -> None:
@@ -130,6 +131,7 @@ def test_makefile_apt_step_only_offline_as_root(
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_demo_output_is_one_screen_without_noise(tmp_path: Path) -> None:
     """The whole output of a (tiny) demo on real-format data: no Lightning tips, device
     banners, deprecation warnings or warning source lines; <= 40 lines; ends with the table,

@@ -161,6 +161,7 @@ def test_without_faults_nothing_is_said(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_hook_failing_on_one_rank_switches_activations_off_on_every_rank(
     tmp_path: Path,
 ) -> None:

@@ -22,123 +22,20 @@ from gradtrace import GradientFlow, GradientFlowWarning, NonFiniteGradientError
 from gradtrace.measure import parameter_names, read_history
 from gradtrace.sweeps.launch import free_port
 from helpers.distributed import needs_gpus
+from helpers.fits import fit, quiet_trainer
 from helpers.logs import rank_zero_lines
-
-IN, HIDDEN, CLASSES = 6, 8, 3
-
-
-class TinyNet(nn.Module):
-    """Registered head-first, called input-first: registration order != data-flow order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = nn.Linear(HIDDEN, CLASSES)
-        self.hidden = nn.Linear(HIDDEN, HIDDEN)
-        self.inp = nn.Linear(IN, HIDDEN)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.hidden(torch.tanh(self.inp(x)))))
-
-
-FLOW = ["net.inp.weight", "net.hidden.weight", "net.head.weight"]
-FLOW_WITH_BIAS = [
-    "net.inp.weight",
-    "net.inp.bias",
-    "net.hidden.weight",
-    "net.hidden.bias",
-    "net.head.weight",
-    "net.head.bias",
-]
-
-
-class Classifier(pl.LightningModule):
-    """Cross-entropy classifier that keeps a copy of every gradient the optimizer sees."""
-
-    def __init__(self, net: nn.Module, lr: float = 0.1) -> None:
-        super().__init__()
-        self.net = net
-        self.lr = lr
-        self.seen: list[dict] = []  # per optimizer step: {"step", "grads", "weights"}
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Runs right after the callbacks' hook, on the same gradients.
-        self.seen.append(
-            {
-                "step": self.trainer.global_step,
-                "grads": {
-                    n: p.grad.detach().clone()
-                    for n, p in self.named_parameters()
-                    if p.grad is not None
-                },
-                "weights": {n: p.detach().clone() for n, p in self.named_parameters()},
-            }
-        )
-
-
-def make_data(n: int = 8, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(
-        torch.randn(n, IN, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
-    )
-
-
-def trainer(tmp_path: Path, callback: GradientFlow, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
-
-
-def fit(
-    tmp_path: Path,
-    model: pl.LightningModule,
-    callback: GradientFlow,
-    batch_size: int = 4,
-    data: TensorDataset | None = None,
-    **kwargs,
-) -> pl.Trainer:
-    t = trainer(tmp_path, callback, **kwargs)
-    t.fit(model, DataLoader(data or make_data(), batch_size=batch_size))
-    return t
-
-
-def expected_stats(g: torch.Tensor) -> dict[str, float]:
-    g = g.double()
-    return {
-        "mean_abs": g.abs().mean().item(),
-        "l2": g.pow(2).sum().sqrt().item(),
-        "max_abs": g.abs().max().item(),
-        "nonfinite": int((~torch.isfinite(g)).sum()),
-    }
-
-
-def assert_record_matches(record: dict, grad: torch.Tensor, rel: float = 1e-5) -> None:
-    for stat, value in expected_stats(grad).items():
-        assert record[stat] == pytest.approx(value, rel=rel), (record["layer"], stat)
-
-
-def by_step(history: list[dict]) -> dict[int, dict[str, dict]]:
-    out: dict[int, dict[str, dict]] = {}
-    for record in history:
-        out.setdefault(record["step"], {})[record["layer"]] = record
-    return out
-
+from helpers.records import assert_record_matches, by_step
+from helpers.tiny import (
+    CLASSES,
+    FLOW,
+    FLOW_WITH_BIAS,
+    HIDDEN,
+    IN,
+    Chain,
+    Classifier,
+    TinyNet,
+    make_data,
+)
 
 # --------------------------------------------------------------------------- values
 
@@ -466,42 +363,6 @@ def test_nonfinite_under_a_grad_scaler_is_recorded_not_raised(tmp_path: Path) ->
 # --------------------------------------------------------------------------- diagnosis
 
 
-class ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``factor`` on the way back."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
-
-
-class Chain(nn.Module):
-    """Four layers; the gradient is multiplied by ``factor`` between layer 1 and layer 2."""
-
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-        self.layers = nn.ModuleList(
-            [
-                nn.Linear(IN, HIDDEN),
-                nn.Linear(HIDDEN, HIDDEN),
-                nn.Linear(HIDDEN, HIDDEN),
-                nn.Linear(HIDDEN, CLASSES),
-            ]
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            if i == 2:
-                x = ScaleGrad.apply(x, self.factor)
-            x = torch.tanh(layer(x)) if i < 3 else layer(x)
-        return x
-
-
 @pytest.mark.parametrize(
     ("factor", "kind", "word"), [(1e-6, "vanish", "drop"), (1e6, "explode", "rise")]
 )
@@ -610,7 +471,7 @@ def test_resumed_fit_appends_to_the_csv_and_a_new_fit_starts_it_afresh(tmp_path:
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(tmp_path, model, first, callbacks=[first, ckpt], enable_checkpointing=True)
     resumed = GradientFlow(every_n_steps=1, plot=False)
-    t = trainer(tmp_path, resumed, max_epochs=2)
+    t = quiet_trainer(tmp_path, [resumed], max_epochs=2)
     t.fit(model, DataLoader(make_data(), batch_size=4), ckpt_path=ckpt.last_model_path)
 
     assert resumed.csv_path == first.csv_path
@@ -741,6 +602,7 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_ddp_two_processes_match_one_process(tmp_path: Path) -> None:
     import importlib.util
     import json
@@ -824,6 +686,7 @@ def _two_processes_and_one(
     ],
 )
 @pytest.mark.parametrize(("strategy", "collectives"), [("fsdp", 1), ("fsdp_no_shard", 0)])
+@pytest.mark.integration
 def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
     tmp_path: Path, accelerator: str, strategy: str, collectives: int
 ) -> None:
@@ -847,6 +710,7 @@ def test_lightning_fsdp_two_processes_match_one_process_with_one_collective(
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_model_parallel_strategy_sub_mesh_matches_one_process(tmp_path: Path) -> None:
     """Lightning's ModelParallelStrategy, fully_shard on the data-parallel sub-mesh (1 rank)
     next to 2 tensor-parallel ranks: each rank's shard group is its own sub-mesh, so the
@@ -881,6 +745,7 @@ def test_model_parallel_strategy_sub_mesh_matches_one_process(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("strategy", "precision"), [("fsdp_cpu_offload", "32-true"), ("fsdp", "16-mixed")]
 )
+@pytest.mark.integration
 def test_lightning_fsdp_on_two_gpus_matches_one_gpu(
     tmp_path: Path, strategy: str, precision: str
 ) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-import types
 import warnings
 from pathlib import Path
 
@@ -21,20 +20,12 @@ from torch.utils.data import DataLoader
 
 from gradtrace import GradientFlow, GradientFlowWarning
 from gradtrace.measure import read_history
+from gradtrace.measure.records import BoundedHistory
 from gradtrace.models import AuxLogits
-from test_gradient_flow import (
-    CLASSES,
-    FLOW,
-    HIDDEN,
-    IN,
-    Chain,
-    Classifier,
-    TinyNet,
-    by_step,
-    expected_stats,
-    fit,
-    make_data,
-)
+from helpers.capture import expected_stats
+from helpers.fits import fit
+from helpers.records import by_step
+from helpers.tiny import CLASSES, FLOW, HIDDEN, IN, Chain, Classifier, TinyNet, make_data
 
 
 def metrics_rows(log_dir: str | Path) -> list[dict[str, str]]:
@@ -344,18 +335,24 @@ def test_resume_keeps_warnings_and_continues_the_csv(tmp_path: Path) -> None:
     assert sorted({r["step"] for r in read_history(moved.csv_path)}) == [2, 3]
 
 
-def test_history_stays_bounded_over_100k_steps() -> None:
-    """Drives the recording path directly: 100k measured steps of a three-layer model."""
-    cb = GradientFlow(every_n_steps=1, plot=False, history_size=50)
-    trainer = types.SimpleNamespace(loggers=[])
+def test_history_stays_bounded_over_100k_steps(tmp_path: Path) -> None:
+    """The store behind ``GradientFlow.history`` over 100k measured steps of a three-layer
+    model, then a fit: ``history`` keeps the last ``history_size`` steps, the CSV all."""
+    history = BoundedHistory(50)
     layers = ["a.weight", "b.weight", "c.weight"]
     for step in range(100_000):
-        records = [{"step": step, "layer": name, "mean_abs": 1.0} for name in layers]
-        cb._emit(trainer, records, {})
-    assert len(cb._history) == 3 * 50
-    history = cb.history
-    assert [r["step"] for r in history[::3]] == list(range(100_000 - 50, 100_000))
-    assert [r["layer"] for r in history[:3]] == layers
+        history.extend({"step": step, "layer": name, "mean_abs": 1.0} for name in layers)
+    assert len(history) == 3 * 50
+    records = history.records()
+    assert [r["step"] for r in records[::3]] == list(range(100_000 - 50, 100_000))
+    assert [r["layer"] for r in records[:3]] == layers
+
+    cb = GradientFlow(every_n_steps=1, plot=False, history_size=2)
+    fit(tmp_path, Classifier(TinyNet()), cb, data=make_data(20))  # 5 steps
+    assert len(cb.history) == 3 * 2
+    assert [r["step"] for r in cb.history[::3]] == [3, 4]
+    assert [r["layer"] for r in cb.history[:3]] == FLOW
+    assert [r["step"] for r in read_history(cb.csv_path)[::3]] == [0, 1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------- histograms

@@ -94,6 +94,7 @@ def _assert_equal_to_one_process(
         pytest.param(4, "cuda", marks=[pytest.mark.gpu, needs_gpus(4)]),
     ],
 )
+@pytest.mark.integration
 def test_processes_equal_one_process(tmp_path: Path, world: int, device: str) -> None:
     """DDP, FSDP1 (use_orig_params; FULL_SHARD, NO_SHARD, HYBRID_SHARD, _HYBRID_SHARD_ZERO2;
     CPU offload on GPUs), FSDP2 fully_shard (world; hybrid 2 replicas x world/2 shards; the dp
@@ -143,6 +144,7 @@ def test_processes_equal_one_process(tmp_path: Path, world: int, device: str) ->
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_deepspeed_zero_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     """DeepSpeed ZeRO stages 1, 2 and 3, and 2 with the optimizer offloaded (engine on the CPU
     accelerator, fp32) right after ``engine.backward``: partial sums of each rank's partition

@@ -99,6 +99,7 @@ def test_torch_compile_representative_models() -> None:
     assert out.shape == (2, 10)
 
 
+@pytest.mark.integration
 def test_import_does_not_load_timm_or_torchvision() -> None:
     code = (
         "import sys, gradtrace.models; "

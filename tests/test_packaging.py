@@ -17,9 +17,12 @@ import pytest
 from packaging.requirements import Requirement
 
 import gradtrace
-from test_base_install import base_closure, link_into
+from helpers.venvs import base_closure, link_into
 
 REPO = Path(gradtrace.__file__).resolve().parents[2]  # the checkout under test
+
+# Every test builds the wheel and the sdist in a subprocess (the module fixture ``dist``).
+pytestmark = pytest.mark.integration
 
 
 def clean_env() -> dict[str, str]:

@@ -454,6 +454,7 @@ def test_cells_that_would_share_a_run_directory_are_refused(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_the_exact_agent_command_line_runs_in_a_subprocess(tmp_path: Path) -> None:
     config = sweep_config("table1")
     cell = next(c for c in expand(config) if c.params["model.batch_norm"]
@@ -501,6 +502,7 @@ SMALL_RUN = [
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_sweep_local_reports_a_failed_cell_runs_the_other_and_skips_it_on_rerun(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -574,6 +576,7 @@ def test_sweep_local_refuses_overrides_it_sets_itself(tmp_path: Path) -> None:
             commands.run_local(path, overrides=[override], dry_run=True)
 
 
+@pytest.mark.integration
 def test_the_gpu_pool_runs_one_cell_per_gpu_at_a_time(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
@@ -600,6 +603,7 @@ def test_the_gpu_pool_runs_one_cell_per_gpu_at_a_time(tmp_path: Path) -> None:
     assert all((tmp_path / "root" / f"c{i}" / "done.json").is_file() for i in range(4))
 
 
+@pytest.mark.integration
 def test_cells_running_at_once_get_their_own_master_port(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -685,6 +689,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds descendants through /proc")
+@pytest.mark.integration
 def test_stopping_reaches_children_in_process_groups_of_their_own(tmp_path: Path) -> None:
     groups = ProcessGroups()
     pid_file = tmp_path / "grandchild"
@@ -731,6 +736,7 @@ def fake_wandb(folder: Path, fail: str | None = None, error: str | None = None) 
     return str(exe)
 
 
+@pytest.mark.integration
 def test_agents_create_the_sweep_and_start_one_agent_per_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -762,6 +768,7 @@ def test_agents_create_the_sweep_and_start_one_agent_per_gpu(
     assert messages[-1] == "sweep p/abc123: 2 of 2 agents succeeded"
 
 
+@pytest.mark.integration
 def test_agents_report_a_failed_agent_and_join_an_existing_sweep(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -786,6 +793,7 @@ def test_agents_report_a_failed_agent_and_join_an_existing_sweep(
     ]
 
 
+@pytest.mark.integration
 def test_an_agent_that_reports_an_error_and_exits_0_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -874,9 +882,10 @@ parameters:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_ddp_cell_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     # The model and settings of tests/test_cli.py's DDP test, through a sweep cell.
-    from test_cli import DDP_EQUALITY_OVERRIDES, assert_same_training
+    from helpers.cli_runs import DDP_EQUALITY_OVERRIDES, assert_same_training
 
     path = tmp_path / "ddp.yaml"
     path.write_text(DDP_CELL)
@@ -912,6 +921,7 @@ parameters:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_two_ddp_cells_at_once_both_finish_despite_an_inherited_rendezvous(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -257,6 +257,7 @@ def make_runs(root: Path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_from_collects_finished_cli_runs_into_the_table_and_figures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

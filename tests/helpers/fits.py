@@ -1,5 +1,5 @@
 """A quiet Lightning Trainer for tests: CPU, no progress bar, summary, checkpoints or logger
-unless asked for."""
+unless asked for; and a one-epoch fit of a tiny model with a callback."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["quiet_trainer"]
+from helpers.tiny import make_data
+
+__all__ = ["fit", "quiet_trainer"]
 
 
 def quiet_trainer(root: Path | None, callbacks: list[pl.Callback], **options: Any) -> pl.Trainer:
@@ -26,3 +29,20 @@ def quiet_trainer(root: Path | None, callbacks: list[pl.Callback], **options: An
     if root is not None:
         settings["default_root_dir"] = root
     return pl.Trainer(**{**settings, **options})
+
+
+def fit(
+    root: Path,
+    model: pl.LightningModule,
+    callback: pl.Callback,
+    batch_size: int = 4,
+    data: TensorDataset | None = None,
+    **options: Any,
+) -> pl.Trainer:
+    """Fit ``model`` with ``callback`` on ``data`` (default: :func:`helpers.tiny.make_data`)
+    for one epoch under a :func:`quiet_trainer`; ``options`` override its settings (among
+    them ``callbacks``, which then replace ``[callback]``)."""
+    callbacks = options.pop("callbacks", [callback])
+    trainer = quiet_trainer(root, callbacks, **{"max_epochs": 1, **options})
+    trainer.fit(model, DataLoader(data or make_data(), batch_size=batch_size))
+    return trainer
