@@ -18,14 +18,14 @@ The ``gpu``-marked tests it runs on one GPU (when this was written; ``pytest -m 
 * ``tests/test_datamodule.py::test_cuda_device_resident_batches``
 * ``tests/test_fast_path.py::test_fast_path_keeps_the_gradient_flow_on_a_gpu``
 * ``tests/test_fast_path.py::test_no_host_syncs_from_gradtrace_on_unlogged_gpu_steps``
-* ``tests/test_gradient_flow_callback.py::test_fp16_fused_adam_matches_fp32_on_a_gpu``
+* ``tests/test_gradient_flow_values.py::test_fp16_fused_adam_matches_fp32_on_a_gpu``
 * ``tests/test_histograms.py::test_counts_ranges_and_sums_match_numpy[cuda]``
 
 The ``gpu``-marked tests that need 2 to 4 GPUs skip on one (pytest lists them as skipped,
 with the GPU count they need): DDP and FSDP on 2 GPUs (``test_activations.py``,
-``test_cluster.py``, ``test_gradient_flow.py``), ``grad_stats`` over 2 and 4 GPU processes
-(``test_gradient_flow_stats.py``) and the ``test_*_on_2_gpus`` tests. Run ``pytest -m gpu``
-on a machine with 4 GPUs for them.
+``test_cluster.py``, ``test_gradient_flow_distributed.py``), ``grad_stats`` over 2 and 4 GPU
+processes (``test_stats.py``) and the ``test_*_on_2_gpus`` tests. Run ``pytest -m gpu`` on a
+machine with 4 GPUs for them.
 
 ``python -m benchmarks.gpu_check [--out reports]`` from the repository root.
 """

@@ -1,6 +1,6 @@
 """Fit a small model with GradientFlow on ``--devices`` CPU processes; dump what each rank saw.
 
-Used by tests/test_gradient_flow.py: with ``--devices 2`` Lightning's DDP (or FSDP, with
+Used by tests/test_gradient_flow_distributed.py: with ``--devices 2`` Lightning's DDP (or FSDP, with
 ``--strategy fsdp``) re-runs this script for rank 1.
 Global batch 8 (``8 // devices`` per rank), 24 samples, SGD; at ``--poison-step``
 every rank puts inf into one gradient entry of ``net.hidden.weight`` and

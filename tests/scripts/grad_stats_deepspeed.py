@@ -2,7 +2,7 @@
 offloaded to the CPU, on ``--world`` gloo CPU processes (``DS_ACCELERATOR=cpu``, fp32, SGD);
 each rank writes the stats, the collective count and the histograms as JSON, per setup.
 
-Used by tests/test_gradient_flow_stats.py against one process on the model and batch of
+Used by tests/test_stats.py against one process on the model and batch of
 grad_stats_distributed.py: every rank sees the full batch, so DeepSpeed's average of the
 ranks' gradients is the one-process gradient.
 """

@@ -5,7 +5,7 @@ parameter set; each rank writes the stats, the collective count and the gradient
 as JSON. ``--device cuda``: NCCL, one GPU per process, and FSDP1 with CPU offload too;
 otherwise every mesh is an explicit CPU mesh (FSDP2's default is CUDA when a GPU is visible).
 
-Used by tests/test_gradient_flow_stats.py, which compares the 2-process values with one
+Used by tests/test_stats.py, which compares the 2-process values with one
 process on the same model and batch. Every rank sees the full batch (the DDP/FSDP average of
 equal per-rank gradients is the one-process gradient), so the values must agree exactly up to
 float rounding.
