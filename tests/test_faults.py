@@ -79,8 +79,8 @@ FAULTS = [
     (ActivationCollector, "activations", {"activations": True}, "net.0.weight"),
     ("ActivationCollector._grad_arrived", "activations", {"activations": True}, "head.weight"),
     ("ActivationCollector.function_called", "activations", {"activations": True}, None),
-    ("gradtrace.gradient_flow.callback.draw_figure", "plots", {}, None),
-    ("gradtrace.gradient_flow.callback.send_histograms", "histograms", {}, None),
+    ("gradtrace.gradient_flow.figures.draw_figure", "plots", {}, None),
+    ("gradtrace.gradient_flow.fit_layers.send_histograms", "histograms", {}, None),
     (Diagnosis, "diagnosis", {}, None),
     (PendingUpdate, "update_ratio", {"update_ratio": True}, None),
     (CsvRecords, "files", {}, None),
@@ -233,7 +233,7 @@ def test_a_feature_switched_off_is_not_run_again(
         calls.append(1)
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr("gradtrace.gradient_flow.callback.send_histograms", failing)
+    monkeypatch.setattr("gradtrace.gradient_flow.fit_layers.send_histograms", failing)
     flow, trainer, _ = fit(tmp_path, histogram_every_n_steps=1)
     assert trainer.global_step == STEPS
     assert list(flow.faults) == ["histograms"]

@@ -1,88 +1,57 @@
 """``GradientFlow``: the Lightning callback that measures per-layer gradients during training.
 
-Thin glue over the pieces of this package: :func:`~gradtrace.measure.select_layers`
-(which parameters), :func:`~gradtrace.gradient_flow.is_measured_step` (which steps),
-:func:`~gradtrace.measure.grad_stats_table` (the values), the layer order (where each
-gradient enters the backward pass), the activation recorder, the diagnosis and the records
-(bounded history, CSV, loggers). Every feature runs guarded (:mod:`.faults`): an internal
-error switches that feature off with one warning and training goes on. Plots need matplotlib
-(``pip install 'gradtrace[plot]'``) and are skipped without it.
+Its hooks follow a training step: at train start the layers (:mod:`.fit_layers`) and settings
+(:mod:`.settings`); on a measured batch the gradients before each optimizer step, held
+(:mod:`.held_records`) until the batch ends, then reported (:mod:`.reporting`); figures at each
+epoch's end (:mod:`.figures`). Every feature runs guarded (:mod:`gradtrace.measure.faults`).
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from gradtrace.checks import check_choice, check_int
 from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis, ActivationRecorder
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
-from gradtrace.gradient_flow.figures import draw_figure, matplotlib_missing
-from gradtrace.gradient_flow.histogram_loggers import send_histograms
+from gradtrace.gradient_flow.figures import FitFigures
+from gradtrace.gradient_flow.fit_layers import FitLayers
+from gradtrace.gradient_flow.held_records import HeldRecords
 from gradtrace.gradient_flow.output_dir import output_directory
-from gradtrace.gradient_flow.step import OptimizerLayers, measure, plan_layers
-from gradtrace.measure.activations import ACTIVATION_STATS
-from gradtrace.measure.diagnosis import Diagnosis, GradientFlowWarning
+from gradtrace.gradient_flow.reporting import (
+    DEFAULT_FILENAME,
+    NAMESPACE,
+    RecordOutlets,
+    log_summary,
+    metric_namespaces,
+    record_columns,
+)
+from gradtrace.gradient_flow.settings import check_arguments, warn_about_fit_settings
+from gradtrace.measure.diagnosis import Diagnosis
 from gradtrace.measure.faults import Faults
 from gradtrace.measure.order import LayerOrder
-from gradtrace.measure.records import BoundedHistory, CsvRecords, input_output_ratio
-from gradtrace.measure.selection import Layer, parameter_names, select_layers
-from gradtrace.measure.shards import (
-    FSDP1Groups,
-    deepspeed_zero_stage,
-    fsdp1_shard_groups,
-    is_sharded,
-)
+from gradtrace.measure.records import BoundedHistory, input_output_ratio
+from gradtrace.measure.shards import deepspeed_zero_stage
 from gradtrace.measure.stats import STATS
-from gradtrace.measure.update_ratio import PendingUpdate
 
 __all__ = ["GradientFlow"]
-
-# Write the CSV at least this often (seconds) even inside a long epoch.
-_FLUSH_INTERVAL_S = 60.0
-_DEFAULT_FILENAME = "gradient_flow.csv"
-_NAMESPACE = "grad_flow"
-
-
-@dataclass
-class _StepRecords:
-    """One optimizer step's records, held until the end of its batch (activation statistics
-    and update ratios are known only then)."""
-
-    records: list[dict[str, Any]]
-    summary: dict[str, float]
-    update: PendingUpdate | None = None
 
 
 class GradientFlow(Callback):
     """Record per-layer gradient statistics at Lightning's logging steps, plot and diagnose.
+    What is recorded when, where it goes and what is warned about: ``docs/callback.md``.
 
-    Add it to any Lightning ``Trainer``::
+    Example::
 
         from gradtrace import GradientFlow
-        trainer = Trainer(callbacks=[GradientFlow(activations=True)])
 
-    At step 0, at every step Lightning's loggers write and at the last step it records, for
-    each layer (by default the weights of convolutions, linear and embedding layers,
-    attention input projections and recurrent layers), the gradient the optimizer is about to
-    use (``mean_abs``, ``l2``, ``max_abs``, ``nonfinite``; exact under DDP, FSDP and DTensor),
-    in data-flow order (where each gradient enters the backward pass). Records go to the
-    loggers (``grad_flow/<stat>/<layer>``, plus ``grad_flow/grad_norm``,
-    ``grad_flow/input_output_ratio`` and ``grad_flow/nonfinite``), to :attr:`history` and to
-    ``<run dir>/<filename>``; plots go to ``<run dir>/<filename stem>/``. A
-    :class:`GradientFlowWarning` says when gradients vanish, explode or are not finite, and,
-    with ``activations=True``, when units are dead or saturated. An internal error switches
-    the failing feature off with one warning; only ``on_nonfinite="raise"`` stops a run.
-    The full reference is ``docs/callback.md``.
+        flow = GradientFlow(activations=True)
+        Trainer(callbacks=[flow]).fit(model, data)
+        flow.input_output_ratio(last_n=5)  # far below 1: gradients vanish toward the input
 
     Args:
         include: name globs or module types (or type names) whose parameters are also layers.
@@ -130,40 +99,26 @@ class GradientFlow(Callback):
         vanishing_ratio: float | None = 1e-3,
         exploding_ratio: float | None = 1e4,
         on_nonfinite: str = "warn",
-        filename: str = _DEFAULT_FILENAME,
+        filename: str = DEFAULT_FILENAME,
         activations: bool = False,
         dead_fraction: float | None = 0.9,
         saturated_fraction: float | None = 0.9,
         activation_patience: int = 3,
     ) -> None:
         super().__init__()
-        check_choice("activations", activations, (False, True))
-        check_int("activation_patience", activation_patience, 1)
-        if isinstance(stats, str):
-            stats = (stats,)
-        stats = tuple(stats)
-        if not stats:
-            raise ValueError(f"stats must name at least one of {', '.join(STATS)}; got none")
-        for stat in stats:
-            check_choice("stats entry", stat, STATS)
-        if plot and "mean_abs" not in stats:
-            raise ValueError(
-                f"plot=True draws mean_abs, so stats must include 'mean_abs'; got {stats}"
-                " (or pass plot=False)"
-            )
-        check_int("every_n_steps", every_n_steps, 1, optional=True)
-        check_int("history_size", history_size, 1, optional=True)
-        check_int("histogram_every_n_steps", histogram_every_n_steps, 1, optional=True)
-        if not isinstance(filename, str) or not filename or Path(filename).name != filename:
-            raise ValueError(
-                f"filename must be a plain file name such as 'gradient_flow.csv'; got {filename!r}"
-            )
-        select_layers(torch.nn.Module(), include, exclude)  # checks the patterns now
+        self.stats, self.include, self.exclude = check_arguments(
+            include=include,
+            exclude=exclude,
+            stats=stats,
+            plot=plot,
+            every_n_steps=every_n_steps,
+            history_size=history_size,
+            histogram_every_n_steps=histogram_every_n_steps,
+            filename=filename,
+            activations=activations,
+            activation_patience=activation_patience,
+        )
         self.diagnosis = Diagnosis(vanishing_ratio, exploding_ratio, warmup_steps, on_nonfinite)
-
-        self.include = tuple(include) if not isinstance(include, (str, type)) else (include,)
-        self.exclude = tuple(exclude) if not isinstance(exclude, (str, type)) else (exclude,)
-        self.stats = tuple(s for s in STATS if s in stats)
         self.update_ratio = update_ratio
         self.every_n_steps = every_n_steps
         self.history_size = history_size
@@ -180,7 +135,7 @@ class GradientFlow(Callback):
         self.csv_path: Path | None = None
         """Where the CSV goes (``<run dir>/<filename>``, or ``<stem>-v<N>.csv`` beside an
         earlier fit's), known once training starts."""
-        self.namespace = _NAMESPACE
+        self.namespace = NAMESPACE
         """Prefix of every metric name: ``grad_flow``, or ``grad_flow-<filename stem>`` for
         the second and later GradientFlow of one Trainer."""
         self.last_step: int | None = None
@@ -230,14 +185,12 @@ class GradientFlow(Callback):
     @property
     def columns(self) -> list[str]:
         """The columns of every record and of the CSV, in order (the one place that says)."""
-        columns = ["step", "layer", *self.stats]
-        if self.update_ratio:
-            columns.append("update_ratio")
-        if self._scaler_in_use:
-            columns.append("scaler_skipped")
-        if self.activations:
-            columns += ACTIVATION_STATS
-        return columns
+        return record_columns(
+            self.stats,
+            update_ratio=self.update_ratio,
+            scaler_in_use=self._scaler_in_use,
+            activations=self.activations,
+        )
 
     # ---------------------------------------------------------------- state
 
@@ -246,17 +199,13 @@ class GradientFlow(Callback):
         self._faults = Faults()
         self._scaler_in_use = False
         self._grads_unavailable = False  # DeepSpeed: the optimizer steps flat partitions
-        self._layers: list[Layer] = []
-        self._names: dict[int, str] = {}
-        self._fsdp1_groups: FSDP1Groups | None = None
-        self._plans: dict[tuple[int, int, int], OptimizerLayers] = {}
-        self._batch: list[_StepRecords] = []
+        histogram_every = self.histogram_every_n_steps
+        self._fit_layers = FitLayers(self._order, self._faults, histogram_every, self.update_ratio)
+        self._held = HeldRecords()
         self._stepped = False
-        self._csv: CsvRecords | None = None
-        self._last_flush = time.monotonic()
         self._epoch_first_step = 0
-        self._plots_unavailable = False
-        self._run_dir: Path | None = None
+        self._outlets = RecordOutlets(self._history, self._faults)
+        self._figures = FitFigures(self._faults, self.plot, self.log_scale, self._order.rank_of)
         self._activations = ActivationRecorder(self.activation_diagnosis)
 
     @property
@@ -285,36 +234,13 @@ class GradientFlow(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resumed = logging_step(trainer) > 0
-        self._reset_fit()
-        if not resumed:
-            self._history = BoundedHistory(self.history_size)
-            self.diagnosis.reset()
-            self.activation_diagnosis.reset()
-            self.last_step = None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._scaler_in_use = scaler is not None and scaler.is_enabled()
-        self.namespace = self._find_namespace(trainer)
-        self._run_dir = output_directory(trainer, self.dirpath)  # every rank: it broadcasts
-        self.csv_path = self._run_dir / self.filename
-        with self._faults.guard("gradients"):
-            self._layers = select_layers(pl_module, self.include, self.exclude)
-            self._names = parameter_names(pl_module)
-            # The FSDP1 root wraps pl_module (trainer.model): read its units' sharding here,
-            # since the measuring hook passes parameters, not the module.
-            self._fsdp1_groups = fsdp1_shard_groups(trainer.model or pl_module)
-            self._check_settings(trainer)
+        csv_path = self._start_fit(trainer, resumed=resumed)
+        self._select_layers(trainer, pl_module)
         with self._faults.guard("order"):
-            self._order.start(self._names, keep=resumed)
-        if trainer.is_global_zero:
-            with self._faults.guard("files"):
-                self._csv = CsvRecords(self.csv_path, self.columns)
-                earlier = self._csv.start(resume_step=logging_step(trainer) if resumed else None)
-                self.csv_path = self._csv.path
-                if earlier is not None:
-                    rank_zero_info(
-                        f"GradientFlow: {earlier} holds an earlier fit's records; this fit "
-                        f"writes {self.csv_path.name} beside it"
-                    )
+            self._order.start(self._fit_layers.names, keep=resumed)
+        if trainer.is_global_zero:  # a resumed fit appends to its CSV from its step on
+            resume_step = logging_step(trainer) if resumed else None
+            self.csv_path = self._outlets.open_csv(csv_path, self.columns, resume_step)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_first_step = logging_step(trainer)
@@ -325,9 +251,8 @@ class GradientFlow(Callback):
         self._stepped = False
         self._faults.run("order", self._order.watch, pl_module)
         if self.activations and self._faults.active("activations") and self._measured(trainer):
-            self._faults.run(
-                "activations", self._activations.start, trainer, pl_module, self._layers
-            )
+            layers = self._fit_layers.layers
+            self._faults.run("activations", self._activations.start, trainer, pl_module, layers)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
@@ -351,10 +276,9 @@ class GradientFlow(Callback):
         self._stepped = True
         if self._grads_unavailable or not self._faults.active("gradients"):
             return
-        if not self._measured(trainer):
-            return
-        with self._faults.guard("gradients"):
-            self._measure(trainer, pl_module, optimizer)
+        if self._measured(trainer):
+            with self._faults.guard("gradients"):
+                self._measure_gradients(trainer, pl_module, optimizer)
 
     def on_train_batch_end(
         self,
@@ -364,247 +288,109 @@ class GradientFlow(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._order.watching:
-            with self._faults.guard("order"):
-                self._order.end_watch()
-                self._plans.clear()  # built with the provisional order
+        self._fit_layers.end_order_watch()
         # Automatic optimization may accumulate over several batches before it steps.
         if self._activations.attached and (self._stepped or not pl_module.automatic_optimization):
-            self._add_activation_stats(trainer)
-        self._finish_batch(trainer)
+            self._held.add_activation_stats(trainer, self._activations, self._faults)
+        self._release_records(trainer, stepped=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._activations.close()  # a measured batch that never stepped
-        if not trainer.is_global_zero:
-            return
-        self._flush_csv()
-        records = [r for r in self.history if r["step"] >= self._epoch_first_step]
-        if records and self.plot:
-            self._plot(trainer, "flow", records, f"epoch_{trainer.current_epoch:03d}")
+        if trainer.is_global_zero:
+            self._outlets.flush()
+            epoch = [r for r in self.history if r["step"] >= self._epoch_first_step]
+            stem = f"epoch_{trainer.current_epoch:03d}"
+            self._figures.draw(trainer, "flow", epoch, self.csv_path, stem)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._activations.close()
         self._order.close()
-        if not trainer.is_global_zero:
-            return
-        self._flush_csv()
-        history = self.history
-        if history and self.plot:
-            self._plot(trainer, "heatmap", history, "heatmap")
+        if trainer.is_global_zero:
+            self._outlets.flush()
+            self._figures.draw(trainer, "heatmap", self.history, self.csv_path, "heatmap")
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._activations.close()
         self._order.close()
-        batch, self._batch = self._batch, []
-        if not trainer.is_global_zero:
-            return
-        for entry in batch:  # the batch never finished
-            if entry.update is not None:
-                entry.update.abandon()
-            self._emit(trainer, entry.records, entry.summary)
-        self._flush_csv()
+        self._release_records(trainer, stepped=False)  # the batch never finished
+        if trainer.is_global_zero:
+            self._outlets.flush()
 
-    # ---------------------------------------------------------------- measuring
+    # ---------------------------------------------------------------- the steps of a fit
+
+    def _start_fit(self, trainer: pl.Trainer, *, resumed: bool) -> Path:
+        """Fresh per-fit state (a fit that does not resume also forgets the last one's records
+        and warnings) and the metric namespace; returns where the CSV goes."""
+        if not resumed:
+            self._history = BoundedHistory(self.history_size)
+            self.diagnosis.reset()
+            self.activation_diagnosis.reset()
+            self.last_step = None
+        self._reset_fit()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._scaler_in_use = scaler is not None and scaler.is_enabled()
+        flows = [cb for cb in trainer.callbacks if isinstance(cb, GradientFlow)]
+        namespaces = metric_namespaces([flow.filename for flow in flows])
+        self.namespace = next((n for f, n in zip(flows, namespaces) if f is self), NAMESPACE)
+        run_dir = output_directory(trainer, self.dirpath)  # every rank: it broadcasts
+        self.csv_path = run_dir / self.filename
+        return self.csv_path
+
+    def _select_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the layers, then warn about settings that they and the Trainer make unusable."""
+        with self._faults.guard("gradients"):
+            self._fit_layers.select(trainer, pl_module, self.include, self.exclude)
+            zero_stage = deepspeed_zero_stage(trainer.strategy)
+            self._grads_unavailable = zero_stage is not None
+            warn_about_fit_settings(
+                zero_stage=zero_stage,
+                log_every_n_steps=trainer.log_every_n_steps,
+                every_n_steps=self.every_n_steps,
+                update_ratio=self.update_ratio,
+                layers=self._fit_layers.layers,
+                faults=self._faults,
+            )
 
     def _measured(self, trainer: pl.Trainer) -> bool:
+        """:meth:`is_measured_step`, guarded: ``False`` when it fails."""
         measured = False
         with self._faults.guard("gradients"):
             measured = self.is_measured_step(trainer)
         return measured
 
-    def _check_settings(self, trainer: pl.Trainer) -> None:
-        """Settings known only at train start: said with one warning each, never raised."""
-        zero_stage = deepspeed_zero_stage(trainer.strategy)
-        self._grads_unavailable = zero_stage is not None
-        if self._grads_unavailable:
-            warnings.warn(
-                f"GradientFlow does not measure under DeepSpeed (ZeRO stage {zero_stage}): its "
-                "optimizer steps flat partitions, not the model's parameters, so this run "
-                "records nothing. gradtrace.grad_stats(pl_module) in on_before_optimizer_step "
-                "reads ZeRO's gradient partitions exactly (with fp16, pass "
-                "scale=<the DeepSpeed optimizer's loss_scale>)",
-                GradientFlowWarning,
-                stacklevel=3,
-            )
-        if self.every_n_steps is None and trainer.log_every_n_steps < 1:
-            warnings.warn(
-                f"GradientFlow follows Trainer(log_every_n_steps={trainer.log_every_n_steps}): "
-                "only the first and the last step are measured; pass every_n_steps to measure "
-                "more",
-                GradientFlowWarning,
-                stacklevel=3,
-            )
-        if self.update_ratio and any(is_sharded(layer.param) for layer in self._layers):
-            self._faults.disable("update_ratio", ValueError("sharded parameters"))
-            warnings.warn(
-                "GradientFlow(update_ratio=True) needs whole parameters on global rank 0; with "
-                "sharded parameters (FSDP, DTensor) this fit records no update ratios",
-                GradientFlowWarning,
-                stacklevel=3,
-            )
-
-    def _measure(
+    def _measure_gradients(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """Measure ``optimizer``'s layers (every rank); hold the records until the batch ends."""
+        """Measure ``optimizer``'s layers (every rank) and hold their records until the batch
+        ends, with what the same gradients feed: the summary, histograms, the weights' copy for
+        update ratios, the vanishing/exploding check and the non-finite check."""
         step = logging_step(trainer)
-        if self._order.watching:
-            self._faults.run("order", self._order.update)
-        plan = self._plan(optimizer)
-        measured = measure(plan, optimizer, trainer.precision_plugin, self._fsdp1_groups)
+        measured = self._fit_layers.measure(trainer, optimizer)
         if measured is None:
             return
-        self._order.note_gradients(plan.names[i] for i in measured.present)
-        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-        suffix = f"/optimizer_{index}" if index else ""
-        summary = measured.summary_values(self.namespace, suffix)
-        for key, value in summary.items():
-            # The loggers get them with the per-layer values (step 0 included); this is for
-            # EarlyStopping, ModelCheckpoint and the progress bar.
-            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False)
+        summary = log_summary(trainer, pl_module, optimizer, measured, self.namespace)
         self.last_step = step
-        records = measured.records(step, self.stats)
-        skipped = self._scaler_in_use and measured.any_nonfinite
-        if self._scaler_in_use:
-            for record in records:
-                record["scaler_skipped"] = int(skipped)
-        entry = _StepRecords(records, summary)
-        self._batch.append(entry)
-        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
-            self._faults.run(
-                "histograms", self._send_histograms, trainer, plan, measured.layer_rows, step
-            )
+        scaler_skipped = measured.any_nonfinite if self._scaler_in_use else None
+        held = self._held.hold(measured.records(step, self.stats), summary, scaler_skipped)
+        self._fit_layers.send_histograms_if_due(trainer, measured, step)
         if trainer.is_global_zero:
-            if self.update_ratio:
-                params = [plan.params[i] for i in measured.layer_rows]
-                entry.update = self._faults.run(
-                    "update_ratio", PendingUpdate.snapshot, records, params
-                )
+            held.update = self._fit_layers.copy_weights(measured, held.records)
             self._faults.run("diagnosis", self.diagnosis.check_path, step, measured.path_means())
-        if not skipped:  # a GradScaler skips such steps: expected in fp16
-            self.diagnosis.nonfinite(
-                step, measured.nonfinite_layers(), report=trainer.is_global_zero
-            )
+        if not scaler_skipped:  # a GradScaler skips such steps: expected in fp16
+            nonfinite = measured.nonfinite_layers()
+            self.diagnosis.nonfinite(step, nonfinite, report=trainer.is_global_zero)
 
-    def _plan(self, optimizer: torch.optim.Optimizer) -> OptimizerLayers:
-        """The parameters ``optimizer`` steps, in data-flow order, and which are layers."""
-        params = sum(len(group["params"]) for group in optimizer.param_groups)
-        key = (id(optimizer), params, self._order.version)
-        plan = self._plans.get(key)
-        if plan is None:
-            layer_ids = {id(layer.param) for layer in self._layers}
-            order = self._order
-            plan = plan_layers(optimizer, self._names, layer_ids, order.rank_of, order.main_path)
-            self._plans[key] = plan
-        return plan
-
-    def _add_activation_stats(self, trainer: pl.Trainer) -> None:
-        """Read the measured batch's activation statistics into its records (every rank)."""
-        stats: dict[str, dict[str, float]] = {}
-        with self._faults.guard("activations"):
-            stats = self._activations.finish(trainer)  # every rank: one all_reduce
-        for entry in self._batch:
-            for record in entry.records:
-                record.update(stats.get(record["layer"], {}))
-        if stats:
-            blank = (r["layer"] for e in self._batch for r in e.records if "act_mean" not in r)
-            self._activations.report_blank(trainer, blank)
-        if stats and trainer.is_global_zero:
-            self._faults.run("diagnosis", self._activations.diagnose, logging_step(trainer), stats)
-
-    def _finish_batch(self, trainer: pl.Trainer) -> None:
-        """The batch is over: fill in update ratios and emit its records (global rank 0)."""
-        batch, self._batch = self._batch, []
-        if not trainer.is_global_zero:
-            return
-        for entry in batch:
-            if entry.update is not None:
-                self._faults.run("update_ratio", entry.update.finish)
-            self._emit(trainer, entry.records, entry.summary)
-
-    # ---------------------------------------------------------------- reporting
-
-    def _find_namespace(self, trainer: pl.Trainer) -> str:
-        """``grad_flow``, unless other GradientFlows of this Trainer use it (see
-        :attr:`namespace`)."""
-        flows = [cb for cb in trainer.callbacks if isinstance(cb, GradientFlow)]
-        taken: set[str] = set()
-        for flow in flows:
-            base = _NAMESPACE
-            if len(flows) > 1 and flow.filename != _DEFAULT_FILENAME:
-                base = f"{_NAMESPACE}-{Path(flow.filename).stem}"
-            name, k = base, 2
-            while name in taken:
-                name, k = f"{base}-{k}", k + 1
-            taken.add(name)
-            if flow is self:
-                return name
-        return _NAMESPACE
+    def _release_records(self, trainer: pl.Trainer, *, stepped: bool) -> None:
+        """The batch is over: emit its records (global rank 0)."""
+        for held in self._held.release(stepped=stepped, faults=self._faults):
+            if trainer.is_global_zero:
+                self._emit(trainer, held.records, held.summary)
 
     def _emit(
         self, trainer: pl.Trainer, records: list[dict[str, Any]], summary: dict[str, float]
     ) -> None:
-        """Store, log and write the records of one optimizer step (global rank 0): the one
-        place records leave the callback."""
-        if not records:
-            return
-        self._history.extend(records)
-        if self._csv is not None:
-            self._faults.run("files", self._csv.add, records)
-        self._faults.run("loggers", self._log_metrics, trainer, records, summary)
-        if time.monotonic() - self._last_flush > _FLUSH_INTERVAL_S:
-            self._flush_csv()
-
-    def _log_metrics(
-        self, trainer: pl.Trainer, records: list[dict[str, Any]], summary: dict[str, float]
-    ) -> None:
-        metrics = {
-            f"{self.namespace}/{key}/{r['layer']}": r[key]
-            for r in records
-            for key in self.columns[2:]
-            if key in r
-        }
-        metrics.update(summary)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=records[0]["step"])
-
-    def _send_histograms(
-        self, trainer: pl.Trainer, plan: OptimizerLayers, rows: list[int], step: int
-    ) -> None:
-        # Every rank: with sharded gradients each takes part in combining its shards.
-        named = [(plan.names[i], plan.params[i]) for i in rows]
-        send_histograms(
-            trainer.loggers,
-            named,
-            step,
-            write=trainer.is_global_zero,
-            fsdp1_groups=self._fsdp1_groups,
-        )
-
-    def _flush_csv(self) -> None:
-        self._last_flush = time.monotonic()
-        if self._csv is not None:
-            self._faults.run("files", self._csv.flush)
-
-    def _plot(
-        self, trainer: pl.Trainer, kind: str, records: list[dict[str, Any]], stem: str
-    ) -> None:
-        if self._plots_unavailable or self.csv_path is None or not self._faults.active("plots"):
-            return
-        missing = matplotlib_missing()
-        if missing is not None:
-            self._plots_unavailable = True
-            rank_zero_info(
-                f"GradientFlow: no gradient-flow plots ({missing}); install matplotlib "
-                "(pip install 'gradtrace[plot]') to get them. The CSV and logger metrics are "
-                "unaffected."
-            )
-            return
-        order = sorted({r["layer"] for r in records}, key=self._order.rank_of)
-        path = self.csv_path.parent / self.csv_path.stem / f"{stem}.png"
-        step = logging_step(trainer)
-        self._faults.run(
-            "plots", draw_figure, trainer, kind, records, order, path, step, self.log_scale
-        )
+        """Store, write and log one optimizer step's records (global rank 0)."""
+        values = self.columns[2:]  # after step and layer
+        self._outlets.emit(trainer.loggers, records, summary, self.namespace, values)
