@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,10 +26,7 @@ from gradtrace.measure.activations import (
     ActivationsUnavailableError,
     loss_scale,
 )
-from gradtrace.sweeps.launch import free_port
-from helpers.distributed import needs_gpus
-
-SCRIPTS = Path(__file__).parent / "scripts"
+from helpers.distributed import needs_gpus, run_rank_script
 
 
 def small_net() -> nn.Sequential:
@@ -225,14 +220,7 @@ def test_two_ddp_processes_match_one_process(tmp_path: Path, device: str) -> Non
     on the GPU)."""
     import json
 
-    script = SCRIPTS / "ddp_activations.py"
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), device, str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_rank_script("ddp_activations.py", lambda port: [str(tmp_path), device, str(port)], 120)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((tmp_path / "single.json").read_text())
     for got in ranks:  # every rank holds the reduced values

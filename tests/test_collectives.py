@@ -22,7 +22,7 @@ from gradtrace.measure.activations import ActivationCollector
 from gradtrace.measure.collectives import collective_device
 from gradtrace.measure.histograms import gradient_histograms
 from gradtrace.measure.stats import grad_stats_table
-from gradtrace.sweeps.launch import free_port
+from helpers.distributed import run_rank_script
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gradtrace"
 # torch.distributed functions that move data between ranks
@@ -154,17 +154,8 @@ def test_grad_stats_histograms_and_activations_reach_the_collective_through_it(
 @pytest.mark.integration
 def test_a_part_failing_on_one_rank_makes_every_rank_raise_none_waits(tmp_path: Path) -> None:
     import json
-    import subprocess
-    import sys
 
-    script = Path(__file__).parent / "scripts" / "guarded_gather.py"
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_rank_script("guarded_gather.py", lambda port: [str(tmp_path), str(port)], 120)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["raised"] == "RankFailure: it failed on rank(s) [1] of the group"
     assert rank1["raised"] == "ValueError: counting failed here"

@@ -4,7 +4,7 @@ against the installed versions, and none read anywhere else.
 FSDP1's handle internals (``fsdp1_units``) and DeepSpeed's partitions
 (``deepspeed_zero3_group``, ``deepspeed_zero12_fragment``) need process groups: the
 multi-process tests pin them (FSDP1 hybrid and NO_SHARD, ZeRO 1/2/3 in
-``test_gradient_flow_stats.py``), whose values are wrong if either moves.
+``test_stats.py``), whose values are wrong if either moves.
 """
 
 from __future__ import annotations

@@ -6,8 +6,6 @@ stays off for the rest of the fit, the others go on, and training finishes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,9 +22,9 @@ from gradtrace.measure.activations import ActivationCollector
 from gradtrace.measure.diagnosis import Diagnosis
 from gradtrace.measure.records import CsvRecords
 from gradtrace.measure.update_ratio import PendingUpdate
+from helpers.distributed import run_rank_script
 from helpers.fits import quiet_trainer
 
-SCRIPTS = Path(__file__).parent / "scripts"
 STEPS = 4
 
 
@@ -165,13 +163,7 @@ def test_without_faults_nothing_is_said(tmp_path: Path) -> None:
 def test_a_hook_failing_on_one_rank_switches_activations_off_on_every_rank(
     tmp_path: Path,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "ddp_activation_fault.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_rank_script("ddp_activation_fault.py", lambda port: [str(tmp_path), str(port)], 180)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # the rank that failed names its error and layer; the other learns it from the reduction
     assert rank1["first"]["fault"].startswith("ValueError at layer '0.weight': injected")

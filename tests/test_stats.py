@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,10 +11,7 @@ import torch
 from torch import nn
 
 from gradtrace.measure import grad_stats, grad_stats_table, select_layers
-from gradtrace.sweeps.launch import free_port
-from helpers.distributed import needs_gpus
-
-SCRIPTS = Path(__file__).parent / "scripts"
+from helpers.distributed import SCRIPTS, needs_gpus, run_rank_script
 
 
 def _tiny() -> nn.Module:
@@ -102,16 +98,18 @@ def test_processes_equal_one_process(tmp_path: Path, world: int, device: str) ->
     NCCL on GPUs) vs 1 CPU process, statistics and histograms. FSDP1 hybrid sharding is one
     replica of 2 shards with 2 processes, 2 replicas of 2 shards with 4; the dp sub-mesh has
     1 rank (2 processes) or 2 (4 processes), next to tp = 2."""
-    script = SCRIPTS / "grad_stats_distributed.py"
-    port = str(free_port())
-    args = [str(tmp_path), "--world", str(world), "--port", port, "--device", device]
-    done = subprocess.run(
-        [sys.executable, str(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_rank_script(
+        "grad_stats_distributed.py",
+        lambda port: [
+            str(tmp_path),
+            "--world",
+            str(world),
+            "--port",
+            str(port),
+            "--device",
+            device,
+        ],
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     sys.path.insert(0, str(SCRIPTS))
     try:
         import grad_stats_distributed as dist_script
@@ -150,15 +148,7 @@ def test_deepspeed_zero_two_gloo_processes_equal_one_process(tmp_path: Path) -> 
     accelerator, fp32) right after ``engine.backward``: partial sums of each rank's partition
     and one all_gather."""
     pytest.importorskip("deepspeed")
-    script = SCRIPTS / "grad_stats_deepspeed.py"
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SCRIPTS,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_rank_script("grad_stats_deepspeed.py", lambda port: [str(tmp_path), "--port", str(port)])
     sys.path.insert(0, str(SCRIPTS))
     try:
         import grad_stats_distributed as dist_script

@@ -30,12 +30,15 @@ from gradtrace.gradient_flow.reporting import (
     metric_namespaces,
     record_columns,
 )
-from gradtrace.gradient_flow.settings import check_arguments, warn_about_fit_settings
+from gradtrace.gradient_flow.settings import (
+    check_arguments,
+    deepspeed_zero_stage,
+    warn_about_fit_settings,
+)
 from gradtrace.measure.diagnosis import Diagnosis
 from gradtrace.measure.faults import Faults
 from gradtrace.measure.order import LayerOrder
 from gradtrace.measure.records import BoundedHistory, input_output_ratio
-from gradtrace.measure.shards import deepspeed_zero_stage
 from gradtrace.measure.stats import STATS
 
 __all__ = ["GradientFlow"]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from gradtrace.checks import check_choice, check_int
 from gradtrace.measure.diagnosis import GradientFlowWarning
@@ -18,7 +19,7 @@ from gradtrace.measure.selection import Layer, select_layers
 from gradtrace.measure.shards import is_sharded
 from gradtrace.measure.stats import STATS
 
-__all__ = ["check_arguments", "warn_about_fit_settings"]
+__all__ = ["check_arguments", "deepspeed_zero_stage", "warn_about_fit_settings"]
 
 # warnings.warn's stacklevel that points past this module and the callback's two frames
 # (the hook and its helper) at Lightning's call of the hook.
@@ -107,3 +108,13 @@ def warn_about_fit_settings(
 def _as_tuple(patterns: Sequence[str | type] | str | type) -> tuple[str | type, ...]:
     """One name glob or module type, or several, as a tuple."""
     return (patterns,) if isinstance(patterns, (str, type)) else tuple(patterns)
+
+
+def deepspeed_zero_stage(strategy: object) -> int | None:
+    """The ZeRO stage of a Lightning ``DeepSpeedStrategy``, ``None`` for any other strategy.
+
+    Read from the strategy's config, so that deepspeed need not be importable here.
+    """
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return None
+    return int(strategy.config.get("zero_optimization", {}).get("stage", 0))

@@ -36,7 +36,6 @@ from gradtrace.compat import (
 __all__ = [
     "EVERY_RANK",
     "Held",
-    "deepspeed_zero_stage",
     "fsdp1_shard_groups",
     "held_here",
     "is_sharded",
@@ -210,15 +209,3 @@ def is_sharded(param: torch.Tensor) -> bool:
     """Whether this rank holds only part of ``param`` (an FSDP1 original parameter or a
     DTensor), known before any gradient exists."""
     return is_fsdp1_flattened(param) or hasattr(param, "device_mesh")
-
-
-def deepspeed_zero_stage(strategy: object) -> int | None:
-    """The ZeRO stage of a Lightning ``DeepSpeedStrategy``, ``None`` for any other strategy.
-
-    Read from the strategy's config, so that deepspeed need not be importable here.
-    """
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    if not isinstance(strategy, DeepSpeedStrategy):
-        return None
-    return int(strategy.config.get("zero_optimization", {}).get("stage", 0))
