@@ -11,32 +11,15 @@ from __future__ import annotations
 import builtins
 import importlib
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-import gradtrace
-from helpers.venvs import base_closure, link_into
+from helpers.venvs import base_closure, run_python, venv_with
 
 OPTIONAL = ("torchvision", "timm", "wandb", "matplotlib")
-SRC = Path(gradtrace.__file__).resolve().parent.parent  # the gradtrace under test
-
-
-def run_python(python: str | Path, code: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    environ.update(PYTHONPATH=str(SRC), PYTHONNOUSERSITE="1", **env)
-    return subprocess.run(
-        [str(python), "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=300,
-    )
 
 
 def imports_while(action: Callable[[], object]) -> set[str]:
@@ -123,18 +106,7 @@ print(json.dumps({
 @pytest.mark.slow
 @pytest.mark.integration
 def test_fit_in_a_fresh_venv_with_only_the_base_install(tmp_path: Path) -> None:
-    venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
-    )
-    python = venv / "bin" / "python"
-    site = Path(
-        run_python(
-            python, "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-        ).stdout.strip()
-    )
-    assert site.is_relative_to(venv)
-    linked = link_into(site, base_closure())
+    python, site, linked = venv_with(tmp_path / "venv", base_closure())
     assert {"torch", "lightning", "pytorch_lightning", "lightning_utilities"} <= linked
     assert not linked & set(OPTIONAL)
 

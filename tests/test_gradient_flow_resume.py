@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -69,39 +68,26 @@ def test_resume_keeps_warnings_and_continues_the_csv(tmp_path: Path) -> None:
     stale = [row.replace("1,", "2,", 1) for row in rows if row.startswith("1,")]
     first.csv_path.write_text("\n".join([*rows, *stale]) + "\n")
 
+    def resume_in(version: str) -> GradientFlow:
+        """Resume the fit from its last checkpoint with the CSV logger's ``version``; a
+        repeated GradientFlowWarning fails the test."""
+        flow = GradientFlow(every_n_steps=1, plot=False, warmup_steps=0)
+        logger = CSVLogger(tmp_path, name="run", version=version)
+        trainer = quiet_trainer(tmp_path, [flow], max_epochs=2, logger=logger)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradientFlowWarning)
+            trainer.fit(model, data, ckpt_path=ckpt.last_model_path)
+        return flow
+
     # same log directory: the CSV goes on; the vanishing warning is not repeated
-    same = GradientFlow(every_n_steps=1, plot=False, warmup_steps=0)
-    t = pl.Trainer(
-        max_epochs=2,
-        logger=CSVLogger(tmp_path, name="run", version="same"),
-        callbacks=[same],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", GradientFlowWarning)
-        t.fit(model, data, ckpt_path=ckpt.last_model_path)
+    same = resume_in("same")
     assert same.csv_path == first.csv_path
     assert [r["step"] for r in read_history(same.csv_path)] == [
         s for s in range(4) for _ in range(4)
     ]
 
     # a new log directory: a new CSV, whose steps continue
-    moved = GradientFlow(every_n_steps=1, plot=False, warmup_steps=0)
-    t = pl.Trainer(
-        max_epochs=2,
-        logger=CSVLogger(tmp_path, name="run", version="moved"),
-        callbacks=[moved],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", GradientFlowWarning)
-        t.fit(model, data, ckpt_path=ckpt.last_model_path)
+    moved = resume_in("moved")
     assert moved.csv_path != first.csv_path
     assert sorted({r["step"] for r in read_history(moved.csv_path)}) == [2, 3]
 

@@ -49,7 +49,13 @@ from gradtrace.sweeps.grid import (
     load_sweep,
     with_ddp,
 )
-from gradtrace.sweeps.launch import CellResult, Interrupted, parse_gpus, run_cells
+from gradtrace.sweeps.launch import (
+    CellResult,
+    Interrupted,
+    parse_gpus,
+    run_cells,
+    split_run_arguments,
+)
 
 __all__ = ["local_runs", "main", "run_local"]
 
@@ -189,11 +195,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; see the module docstring. Returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, overrides = argv[:split], argv[split + 1 :]
+    argv, overrides = split_run_arguments(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
     if overrides and args.action != "local":

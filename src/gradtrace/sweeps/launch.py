@@ -46,6 +46,7 @@ __all__ = [
     "free_port",
     "parse_gpus",
     "run_cells",
+    "split_run_arguments",
 ]
 
 DONE_FILE = "done.json"
@@ -60,6 +61,15 @@ PORT_RANGE = range(20000, 32768)
 
 class Interrupted(Exception):
     """The launcher was stopped (Ctrl-C or SIGTERM) and stopped its children."""
+
+
+def split_run_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A launcher's own arguments, and those after ``--`` that it passes on to every run."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    split = argv.index("--")
+    return argv[:split], argv[split + 1 :]
 
 
 def parse_gpus(value: str | None) -> list[str]:

@@ -41,7 +41,7 @@ from gradtrace.studies.short_run import table1_specs
 from gradtrace.studies.table1.figures import figures
 from gradtrace.studies.table1.report import format_report
 from gradtrace.studies.table1.rows import METRICS, RowRun, collect, measured
-from gradtrace.sweeps.launch import Interrupted, parse_gpus, run_cells
+from gradtrace.sweeps.launch import Interrupted, parse_gpus, run_cells, split_run_arguments
 
 __all__ = ["SMOKE_STEPS", "full_commands", "main", "smoke"]
 
@@ -142,11 +142,7 @@ def smoke(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; see ``python -m gradtrace.studies.table1 --help``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, extra = argv[:split], argv[split + 1 :]
+    argv, extra = split_run_arguments(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="make reproduce-table1",
         description=__doc__,
