@@ -33,7 +33,7 @@ from gradtrace.classifier import ImageClassifier
 from gradtrace.data.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
 from gradtrace.models import create_model
-from host_syncs import HostSyncCounter, _copy_direction
+from helpers.host_syncs import HostSyncCounter, copy_direction
 
 STATS = ("mean_abs", "l2", "max_abs")
 
@@ -308,11 +308,11 @@ def test_copies_that_wait_are_told_apart_without_a_gpu() -> None:
         SimpleNamespace(device=torch.device("cuda")),
     )
     to_cuda, to_cpu = {"device": torch.device("cuda")}, {"device": torch.device("cpu")}
-    assert _copy_direction(aten._to_copy.default, (gpu,), to_cpu) == "device-to-host copy"
-    assert _copy_direction(aten._to_copy.default, (cpu,), to_cuda) == "blocking host-to-device copy"
-    assert _copy_direction(aten._to_copy.default, (cpu,), {**to_cuda, "non_blocking": True}) is None
-    assert _copy_direction(aten._to_copy.default, (cpu,), {"dtype": torch.half}) is None
-    assert _copy_direction(aten.copy_.default, (cpu, gpu), {}) == "device-to-host copy"
-    assert _copy_direction(aten.copy_.default, (gpu, cpu, True), {}) is None
-    assert _copy_direction(aten.copy_.default, (gpu, cpu), {}) == "blocking host-to-device copy"
-    assert _copy_direction(aten.add.Tensor, (cpu, cpu), {}) is None
+    assert copy_direction(aten._to_copy.default, (gpu,), to_cpu) == "device-to-host copy"
+    assert copy_direction(aten._to_copy.default, (cpu,), to_cuda) == "blocking host-to-device copy"
+    assert copy_direction(aten._to_copy.default, (cpu,), {**to_cuda, "non_blocking": True}) is None
+    assert copy_direction(aten._to_copy.default, (cpu,), {"dtype": torch.half}) is None
+    assert copy_direction(aten.copy_.default, (cpu, gpu), {}) == "device-to-host copy"
+    assert copy_direction(aten.copy_.default, (gpu, cpu, True), {}) is None
+    assert copy_direction(aten.copy_.default, (gpu, cpu), {}) == "blocking host-to-device copy"
+    assert copy_direction(aten.add.Tensor, (cpu, cpu), {}) is None

@@ -44,7 +44,7 @@ _MACHINERY = (
 )
 
 
-def _copy_direction(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+def copy_direction(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """``device-to-host copy`` or ``blocking host-to-device copy`` (both wait), else None.
 
     A copy to the CPU waits for the device; a host-to-device copy with
@@ -116,7 +116,7 @@ class HostSyncCounter(TorchDispatchMode):
                 not self.device_only or any(_on_device(a) for a in args)
             ):
                 self.counts[self._caller(str(func.overloadpacket))] += 1
-            elif (copy := _copy_direction(func, args, kwargs)) is not None:
+            elif (copy := copy_direction(func, args, kwargs)) is not None:
                 self.counts[self._caller(copy)] += 1
         return func(*args, **kwargs)
 
