@@ -4,11 +4,12 @@ Used by tests/test_faults.py: two gloo processes run a DDP step with an Activati
 whose layer hook raises on rank 1 only. Both ranks must reach the same all_reduce (no rank
 waits forever), both must raise ActivationFault, and a second step with the hooks working
 again must give values on both. Writes ``rank<r>.json`` into ``out``.
+
+``python ddp_activation_fault.py OUT PORT``
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -52,5 +53,4 @@ def rank_main(rank: int) -> dict:
 
 
 if __name__ == "__main__":
-    port = int(sys.argv[2]) if len(sys.argv) > 2 else 29500 + os.getpid() % 1000
-    spawn_ranks(rank_main, Path(sys.argv[1]), port)
+    spawn_ranks(rank_main, Path(sys.argv[1]), int(sys.argv[2]))

@@ -386,14 +386,10 @@ class GradientFlow(Callback):
             self.diagnosis.nonfinite(step, nonfinite, report=trainer.is_global_zero)
 
     def _release_records(self, trainer: pl.Trainer, *, stepped: bool) -> None:
-        """The batch is over: emit its records (global rank 0)."""
+        """The batch is over: store, write and log its records (global rank 0)."""
+        values = self.columns[2:]  # after step and layer
         for held in self._held.release(stepped=stepped, faults=self._faults):
             if trainer.is_global_zero:
-                self._emit(trainer, held.records, held.summary)
-
-    def _emit(
-        self, trainer: pl.Trainer, records: list[dict[str, Any]], summary: dict[str, float]
-    ) -> None:
-        """Store, write and log one optimizer step's records (global rank 0)."""
-        values = self.columns[2:]  # after step and layer
-        self._outlets.emit(trainer.loggers, records, summary, self.namespace, values)
+                self._outlets.emit(
+                    trainer.loggers, held.records, held.summary, self.namespace, values
+                )
