@@ -6,15 +6,18 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from gradtrace.classifier import ImageClassifier
 from gradtrace.cli.configs import list_configs, resolve_config
+from gradtrace.cli.errors import UserError
 from gradtrace.cli.main import main
 from gradtrace.cli.run_identity import ResumeCheckpoint, config_hash, readable_prefix, run_name
 from gradtrace.cli.trainer_cli import GradtraceCLI, last_checkpoint, run_directory
@@ -228,15 +231,23 @@ def test_run_names_tell_apart_what_the_prefix_does_not() -> None:
     }
     clipped = {**base, "trainer": {**base["trainer"], "gradient_clip_val": 1.0}}
     decayed = {**base, "model": {**base["model"], "weight_decay": 5e-4}}
+    watched = [
+        {"class_path": "gradtrace.GradientFlow", "init_args": {"every_n_steps": 5}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+        {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"},
+    ]
     elsewhere = {
         **base,
-        "trainer": {**base["trainer"], "default_root_dir": "/x", "callbacks": [{"a": 1}]},
+        "trainer": {**base["trainer"], "default_root_dir": "/x", "callbacks": watched},
         "ckpt_path": "last",
     }
-    names = {run_name(c, env={}) for c in (base, clipped, decayed)}
-    assert len(names) == 3
+    early_stop = {"class_path": "lightning.pytorch.callbacks.EarlyStopping"}
+    stopped = {**base, "trainer": {**base["trainer"], "callbacks": [*watched, early_stop]}}
+    names = {run_name(c, env={}) for c in (base, clipped, decayed, stopped)}
+    assert len(names) == 4
     assert all(n.startswith("vgg38-cifar100-lr0.001-") for n in names)
-    # Where it is saved, its callbacks and the checkpoint it resumes from are not the run.
+    # Where it is saved, the callbacks that only watch or save it and the checkpoint it
+    # resumes from are not the run; a callback that changes training (early stopping) is.
     assert config_hash(elsewhere) == config_hash(base)
     agent = {"WANDB_SWEEP_ID": "s1", "WANDB_RUN_ID": "abc"}
     assert run_name(base, env=agent) == "vgg38-cifar100-lr0.001-abc"
@@ -299,7 +310,7 @@ def test_table1_print_config_states_precision_cosine_floor_and_normalisation(cap
 
 
 def test_unknown_config_lists_the_shipped_ones() -> None:
-    with pytest.raises(SystemExit, match="no config file 'table1/vgg99'; shipped configs: arch/"):
+    with pytest.raises(UserError, match="no config file 'table1/vgg99'; shipped configs: arch/"):
         resolve_config("table1/vgg99")
 
 
@@ -330,24 +341,28 @@ def test_summary_options_and_errors(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["summary", "--arch", "vgg38", "--option", "width"])
     assert exit_info.value.code == 2
-    assert "--option expects KEY=VALUE, got 'width'" in capsys.readouterr().err
+    assert "gradtrace: error: --option expects KEY=VALUE; got 'width'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["summary", "--arch", "vgg37"])
     assert "unknown model 'vgg37'; closest: vgg38" in capsys.readouterr().err
 
 
-class CrashAtStep(pl.Callback):
-    """Simulates a fault (a killed job) once training reaches ``step``."""
+def crash_at_step(step: int) -> Callable[..., Any]:
+    """A ``training_step`` that simulates a fault (a killed job) once training reaches ``step``:
+    patched into the model, not a callback, so the command line stays the one resumed."""
+    original = ImageClassifier.training_step
 
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+    def training_step(self: ImageClassifier, *args: Any, **kwargs: Any) -> Any:
+        if self.trainer.global_step == step:
             raise RuntimeError("simulated fault")
+        return original(self, *args, **kwargs)
+
+    return training_step
 
 
-def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
+def test_resumed_run_ends_like_an_uninterrupted_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # 18 steps per epoch, 3 epochs; the fault hits in the middle of the third epoch. The
     # faulty run also has the user's own ModelCheckpoint, which must not cost the resume
     # checkpoint; no --run_name: the directory comes from the settings both times.
@@ -359,14 +374,21 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         "--trainer.callbacks.monitor=val/loss",
     ]
-    crash = ["--trainer.callbacks+=test_cli.CrashAtStep", "--trainer.callbacks.step=45"]
-    with pytest.raises(RuntimeError, match="simulated fault"):
-        GradtraceCLI(args=["fit", *faulty, *own, *crash])
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageClassifier, "training_step", crash_at_step(45))
+        with pytest.raises(RuntimeError, match="simulated fault"):
+            main(["fit", *faulty, *own])
     run = only_run(tmp_path / "faulty")
     logged_before = {int(r["step"]) for r in metrics_rows(run)}
     assert max(logged_before) >= 40  # the fault came after steps past the checkpoint (36)
+    capsys.readouterr()
     main(["fit", *faulty, *own, "--ckpt_path=last"])
     assert only_run(tmp_path / "faulty") == run  # resumed in place
+    # It says what it resumed from: the end of the second epoch (18 steps each).
+    resumed_line = (
+        f"gradtrace: resuming from {run}/checkpoints/last.ckpt (saved at epoch 1, step 36)"
+    )
+    assert resumed_line in capsys.readouterr().err.splitlines()
 
     straight_run = only_run(tmp_path / "straight")
     straight = torch.load(last_checkpoint(straight_run), weights_only=False)
@@ -389,12 +411,16 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
 
 
 def test_ckpt_path_last_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *SMALL, *QUIET, "--model.arch=vgg08", "--ckpt_path=last",
-              f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
-    # The message is the exit's, or printed by main() with status 2.
-    message = f"{exit_info.value.code} {capsys.readouterr().err}"
-    assert re.search(r"--ckpt_path last: no checkpoint at \S+/checkpoints/last\.ckpt", message)
+    root = f"--trainer.default_root_dir={tmp_path}"
+    for missing, message in (
+        ("last", r"--ckpt_path last: no checkpoint at \S+/checkpoints/last\.ckpt \(this run "),
+        ("nowhere.ckpt", r"--ckpt_path nowhere.ckpt: no such file; give `last` "),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *SMALL, *QUIET, "--model.arch=vgg08", f"--ckpt_path={missing}", root])
+        assert exit_info.value.code == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert re.match("gradtrace: error: " + message, line)
     assert not list(tmp_path.rglob("metrics.csv"))  # stopped before training
 
 

@@ -3,7 +3,9 @@ a traceback only with ``--debug``; and a normal run's output free of Lightning's
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import gradtrace
-from gradtrace.cli.main import main
+from gradtrace.cli.main import COMMANDS, main
+from gradtrace.cli.trainer_cli import GradtraceCLI
 from gradtrace.data import DataNotFoundError, fashion_mnist
+from helpers.data_files import write_image_folder
 
 SRC = Path(gradtrace.__file__).resolve().parent.parent
 TINY = [
@@ -30,8 +34,8 @@ def user_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         main(args)
     assert info.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith("gradtrace: ")
-    return line.removeprefix("gradtrace: ").removeprefix("error: ")
+    assert line.startswith("gradtrace: error: ")
+    return line.removeprefix("gradtrace: error: ")
 
 
 def test_missing_data(
@@ -107,3 +111,117 @@ def test_a_run_prints_no_lightning_noise(tmp_path: Path) -> None:
     for noise in ("args parameter", "log_every_n_steps", "Tip:", "GPU available", "Deprecat"):
         assert noise not in output
     assert list(tmp_path.rglob("metrics.csv"))  # it did train
+
+
+def test_lightnings_own_optimizer_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    # One way to choose them, the model's options, which name the run; LightningCLI's
+    # --optimizer used to replace --model.optimizer silently, in the same run directory.
+    line = user_error(["fit", *TINY, "--optimizer", "SGD", "--optimizer.lr", "0.5"], capsys)
+    assert line.startswith("unrecognized arguments: --optimizer SGD")
+    line = user_error(["fit", *TINY, "--lr_scheduler=StepLR"], capsys)
+    assert line.startswith("unrecognized arguments: --lr_scheduler=StepLR")
+
+
+def test_option_prefixes_and_unknown_commands_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = user_error(["fit", *TINY, "--trainer.max_step", "3"], capsys)
+    assert line.startswith("unrecognized arguments: --trainer.max_step 3")
+    assert user_error(["fti", "--help"], capsys) == (
+        "unknown command 'fti'; did you mean 'fit'? commands: fit, validate, test, predict, "
+        "summary, compare (gradtrace --help)"
+    )
+    line = user_error(["summary", "--arch", "vgg08", "--mark"], capsys)
+    assert line == "unrecognized arguments: --mark (all options: gradtrace summary --help)"
+
+
+def test_wandb_without_a_login_is_one_line_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+    root = f"--trainer.default_root_dir={tmp_path / 'runs'}"
+    line = user_error(["fit", *TINY, "--wandb=true", root], capsys)
+    assert line == (
+        "--wandb true needs a W&B login: run `wandb login` (or set WANDB_API_KEY), or log to "
+        "local files with WANDB_MODE=offline and upload them later with `wandb sync`"
+    )
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_models_and_data_that_cannot_work_fail_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = f"--trainer.default_root_dir={tmp_path / 'runs'}"
+    # GoogLeNet's ImageNet stem leaves its auxiliary heads a 2x2 map on 32x32 images: said
+    # before training, with the option that fixes it (it used to be torch's "Output size is
+    # too small" at the first step).
+    line = user_error(["fit", *TINY, "--model.arch=googlenet", root], capsys)
+    assert line.startswith(
+        "googlenet cannot take 32x32 images: GoogLeNet's auxiliary heads need a 14x14 to 16x16 "
+        "map after inception 4a"
+    )
+    assert "--model.arch_kwargs '{stem: cifar}'" in line
+    line = user_error(["fit", *TINY, "--model.arch=vgg", "--model.depth=38", root], capsys)
+    assert "--model.arch coursework_vgg --model.depth 38" in line
+    one_class = tmp_path / "pets"
+    write_image_folder(one_class, 2, ((8, 8),))
+    for extra in sorted(one_class.iterdir())[1:]:
+        shutil.rmtree(extra)
+    line = user_error(["fit", f"--data.dataset=imagefolder:{one_class}", root], capsys)
+    assert line.startswith(
+        f"imagefolder path {one_class} has one class folder ('class_0'); a classifier needs at "
+        "least 2"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+class ParsersBuilt(Exception):
+    """Raised by :class:`ParsersOnly` with its parsers, before anything is parsed."""
+
+    def __init__(self, cli: GradtraceCLI) -> None:
+        self.cli = cli
+
+
+class ParsersOnly(GradtraceCLI):
+    def parse_arguments(self, parser: object, args: object) -> None:
+        raise ParsersBuilt(self)
+
+
+def test_every_option_says_what_it_does() -> None:
+    with pytest.raises(ParsersBuilt) as built:
+        ParsersOnly(args=["fit"])
+    parsers = built.value.cli._subcommand_parsers  # no public accessor
+    assert sorted(parsers) == ["fit", "predict", "test", "validate"]
+    for name, parser in parsers.items():
+        assert parser.prog == f"gradtrace [options] {name}"
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or not action.option_strings:
+                continue
+            assert action.help, (name, action.option_strings)
+            assert not action.help.startswith("(type"), (name, action.option_strings)
+
+
+def test_help_reads_as_gradtrace(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["/somewhere/gradtrace/__main__.py"])  # python -m gradtrace
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--help"])
+    assert info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert help_text.startswith("usage: gradtrace [options] fit ")
+    assert "Shipped configs (--config NAME): arch/googlenet" in help_text
+    assert "--debug shows the traceback of a user error" in help_text
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    overview = " ".join(capsys.readouterr().out.split())
+    assert list(COMMANDS) == ["fit", "validate", "test", "predict", "summary", "compare"]
+    for command, sentence in COMMANDS.items():  # whole sentences, none cut off
+        assert sentence[0].isupper(), sentence
+        assert sentence.endswith("."), sentence
+        assert f" {command} {sentence} " in overview

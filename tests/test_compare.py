@@ -147,7 +147,7 @@ def test_bad_input_gets_one_line_naming_the_path(tmp_path: Path, capsys) -> None
         assert done.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
-        assert err.startswith("gradtrace compare: error: "), err
+        assert err.startswith("gradtrace: error: "), err
         assert str(folder) in err, err
         assert expected in err
     assert not (tmp_path / "x.png").exists()

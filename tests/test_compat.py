@@ -133,6 +133,26 @@ def test_lightning_cli_reads_a_value_under_the_subcommand() -> None:
     assert compat.lightning_cli_config_value(cli, config, "model", {}) == {}
 
 
+def test_a_lightning_cli_subcommand_option_gets_new_help() -> None:
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    class HelpSet(Exception):
+        pass
+
+    class CLI(LightningCLI):
+        def setup_parser(self, *args: object) -> None:
+            super().setup_parser(*args)
+            compat.set_subcommand_option_help(self, "ckpt_path", {"fit": "resume from here"})
+            raise HelpSet(self)
+
+    with pytest.raises(HelpSet) as info:
+        CLI(LightningModule, LightningDataModule, args=["fit"])
+    cli = info.value.args[0]
+    assert cli._subcommand_parsers["fit"].format_help().count("resume from here") == 1
+    assert "resume from here" not in cli._subcommand_parsers["test"].format_help()
+
+
 def test_own_parameters_and_children_keep_repeats_and_empty_slots() -> None:
     shared = nn.Parameter(torch.ones(2))
     child = nn.Linear(2, 2)

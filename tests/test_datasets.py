@@ -118,8 +118,8 @@ def test_download_offline_says_what_to_put_where(
         ds.DataNotFoundError, match=r"could not download .*unreachable.tar.gz: .*put it there"
     ):
         ds.read_cifar("cifar10", tmp_path, download=True)
-    # No partial file left behind (the empty lock file stays).
-    assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz.lock"]
+    # Nothing left behind: no partial file, no lock file.
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_download_then_verify_then_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,10 +129,7 @@ def test_download_then_verify_then_read(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(CIFAR10, "url", source.as_uri())
     root = tmp_path / "data"
     data = ds.read_cifar("cifar10", root, md5=md5, download=True)
-    assert sorted(p.name for p in root.iterdir()) == [
-        "cifar-10-python.tar.gz",
-        "cifar-10-python.tar.gz.lock",
-    ]
+    assert [p.name for p in root.iterdir()] == ["cifar-10-python.tar.gz"]  # no lock file
     assert data.train[1].tolist() == written["train"][1].tolist()
 
 
@@ -208,7 +205,7 @@ def test_two_processes_download_one_verified_archive(tmp_path: Path) -> None:
     assert outcomes == [("ok", md5), ("ok", md5)]
     assert server.requests == 1  # the waiting process reused the first one's file
     assert path.read_bytes() == payload
-    assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == [path.name]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def test_download_with_the_wrong_checksum_leaves_nothing(tmp_path: Path) -> None:
@@ -218,7 +215,7 @@ def test_download_with_the_wrong_checksum_leaves_nothing(tmp_path: Path) -> None
     path = tmp_path / "data" / "archive.tar.gz"
     with pytest.raises(ChecksumError, match=r"failed its MD5 check: expected 0{32}"):
         ds.download_verified(source.as_uri(), path, "0" * 32)
-    assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == []
+    assert list(path.parent.iterdir()) == []
 
 
 def test_a_damaged_file_in_place_is_refused_not_overwritten(tmp_path: Path) -> None:

@@ -140,9 +140,13 @@ def test_caffe_initialisation_without_batch_norm(googlenet: torch.nn.Module) -> 
 def test_aux_heads_reject_other_input_sizes() -> None:
     model = create_model("googlenet", num_classes=10, stem="cifar")
     x = torch.randn(1, 3, 64, 64)
-    with pytest.raises(ValueError, match=r"gave \(10, 10\) instead of \(4, 4\).*aux_logits=False"):
+    with pytest.raises(ValueError, match=r"got a 32x32 map. aux_logits=False takes other sizes"):
         model.train()(x)
     assert model.eval()(x).shape == (1, 10)
+    # The ImageNet stem on 32x32 images: the check comes before the pooling that would fail.
+    imagenet_stem = create_model("googlenet", num_classes=10)
+    with pytest.raises(ValueError, match=r"got a 2x2 map"):
+        imagenet_stem.train()(torch.randn(2, 3, 32, 32))
 
 
 def test_inception_is_reusable_on_its_own() -> None:

@@ -84,11 +84,16 @@ def test_cifar_head() -> None:
 
 
 def test_invalid_depth() -> None:
-    with pytest.raises(ValueError, match="depth must be one of 11, 13, 16, 19; got 12"):
+    with pytest.raises(ValueError, match="depth must be one of 11, 13, 16, 19; got 12$"):
         VGG(depth=12)
-    # The coursework network's depths (8 + 6b) belong to coursework_vgg, not to vgg.
-    with pytest.raises(ValueError, match="depth must be one of 11, 13, 16, 19; got 38"):
+    # The coursework network's depths (8 + 6b) belong to coursework_vgg: the message says so.
+    with pytest.raises(ValueError) as info:
         create_model("vgg", depth=38)
+    assert str(info.value) == (
+        "the classic VGG's depth must be one of 11, 13, 16, 19; got 38 (Table 1's VGG38 is "
+        "--model.arch coursework_vgg --model.depth 38)"
+    )
+    create_model("coursework_vgg", depth=38)  # what the message suggests is valid
 
 
 def test_vgg_is_the_classic_family_by_depth() -> None:

@@ -34,23 +34,41 @@ class ImageClassifier(pl.LightningModule):
     hyperparameters: ``ImageClassifier.load_from_checkpoint(path)`` rebuilds the same network.
 
     Args:
-        arch: registered model name (``gradtrace.models.list_models()``).
+        arch: registered model name (``gradtrace.models.list_models()``; ``vgg08``/``vgg38``
+            are the coursework network, ``vgg11``-``vgg19`` the classic VGG).
         num_classes: classifier outputs; the CLI links it to the data module's class count.
         in_chans: input channels; the CLI links it to the data module's channels.
-        depth, batch_norm, residual, norm, activation, init: forwarded to the model when not
-            ``None`` (``norm``: ``batch``, ``group``, ``layer`` or ``none``).
+        depth: weight layers, for the families that take one: ``coursework_vgg`` (8 + 6k:
+            8, 14, 20, ..., 38, ...) or ``vgg`` (11, 13, 16, 19); default: the model's.
+        batch_norm: ``true`` adds batch normalisation (``norm=batch``); default: the model's.
+        residual: ``true`` adds residual connections (coursework VGG, plain/ResNet CIFAR
+            nets); default: the model's.
+        norm: normalisation layer: ``batch``, ``group``, ``layer`` or ``none``; default: the
+            model's.
+        activation: ``relu``, ``leaky_relu``, ``elu``, ``selu``, ``sigmoid`` or ``tanh``;
+            default: the model's.
+        init: weight initialisation: ``pytorch`` (PyTorch's default), ``kaiming`` or
+            ``xavier``; default: the model's.
         arch_kwargs: any other model options, e.g. ``{"downsample_shortcut": "avgpool"}``.
         optimizer: ``adam`` (the coursework's), ``adamw`` or ``sgd``.
         lr: learning rate (1e-3 as in the coursework).
         lr_min: the floor the cosine schedules anneal to (``eta_min``; the original coursework
             code: 2e-5); must be below ``lr``.
         weight_decay: L2 penalty (decoupled for AdamW).
-        momentum, nesterov: SGD only.
+        momentum: SGD's momentum (``sgd`` only), in [0, 1).
+        nesterov: Nesterov momentum (``sgd`` only).
         scheduler: ``cosine`` annealing over the whole run (default, per step),
             ``warmup_cosine`` (linear warm-up for ``warmup_fraction`` of the steps, then cosine;
             ViT), ``multistep`` (times ``gamma`` at the ``milestones`` fractions of the run;
             ResNet paper), ``step`` (times ``gamma`` every ``step_size`` epochs), ``plateau``
             (times ``gamma`` when ``val/acc`` stalls for ``patience`` epochs; VGG paper), ``none``.
+        warmup_fraction: the fraction of the run ``warmup_cosine`` warms up for, in [0, 1).
+        milestones: increasing fractions of the run, in (0, 1), where ``multistep``
+            multiplies the learning rate by ``gamma``.
+        step_size: epochs between ``step``'s multiplications by ``gamma`` (>= 1).
+        patience: epochs without a better ``val/acc`` before ``plateau`` multiplies the
+            learning rate by ``gamma`` (>= 0).
+        gamma: the factor of the ``multistep``, ``step`` and ``plateau`` schedules (> 0).
         label_smoothing: cross-entropy label smoothing.
         aux_weight: weight of auxiliary-head losses (GoogLeNet: 0.3), training only.
         channels_last: run convolutions in NHWC (faster on CPUs and tensor cores).
@@ -97,6 +115,7 @@ class ImageClassifier(pl.LightningModule):
         check_range("lr", lr, low=0.0, low_inclusive=False)
         check_range("lr_min", lr_min, low=0.0, high=lr, high_inclusive=False)
         check_range("weight_decay", weight_decay, low=0.0)
+        check_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
         check_range("warmup_fraction", warmup_fraction, low=0.0, high=1.0, high_inclusive=False)
         check_range("gamma", gamma, low=0.0, low_inclusive=False)
         check_range("label_smoothing", label_smoothing, low=0.0, high=1.0, high_inclusive=False)
@@ -126,6 +145,7 @@ class ImageClassifier(pl.LightningModule):
                 f"{overlap} given both as arguments and in arch_kwargs; give them once"
             )
         options.update(arch_kwargs or {})
+        self._net_options = options
         self.net = create_model(arch, num_classes=num_classes, in_chans=in_chans, **options)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -139,6 +159,23 @@ class ImageClassifier(pl.LightningModule):
         self.metrics.update({f"{stage}_acc": _accuracy(num_classes, top_k=1) for stage in STAGES})
         if num_classes > 5:
             self.metrics.update({f"{stage}_acc5": _accuracy(num_classes, 5) for stage in STAGES})
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raise ``ValueError`` when the network cannot take ``height`` x ``width`` images
+        (GoogLeNet's ImageNet stem on 32x32 images, a ViT built for another size), before any
+        training: a copy on the meta device runs one training-mode batch, which checks every
+        shape and computes nothing."""
+        hp = self.hparams
+        with torch.device("meta"):
+            net = create_model(
+                hp.arch, num_classes=hp.num_classes, in_chans=hp.in_chans, **self._net_options
+            )
+            images = torch.empty(2, hp.in_chans, height, width)
+        try:
+            net.train()(images)
+        except (RuntimeError, ValueError, AssertionError) as err:  # timm asserts its size
+            reason = " ".join(str(err).split())
+            raise ValueError(f"{hp.arch} cannot take {height}x{width} images: {reason}") from None
 
     def configure_callbacks(self) -> list[pl.Callback]:
         # A callback, not this module's setup/teardown hooks: Lightning tells callbacks, not

@@ -39,6 +39,7 @@ __all__ = [
     "optimizer_handles_unscaling",
     "own_children",
     "own_parameters",
+    "set_subcommand_option_help",
     "should_update_logs",
     "tree_leaves",
 ]
@@ -80,6 +81,16 @@ def lightning_cli_config_value(cli: Any, config: Any, key: str, default: Any = N
     """``key`` of a LightningCLI config namespace, under the running subcommand if any
     (``LightningCLI._get``: the public ``config`` needs the subcommand spelled out)."""
     return cli._get(config, key, default=default)
+
+
+def set_subcommand_option_help(cli: Any, option: str, help_by_subcommand: dict[str, str]) -> None:
+    """Replace the help text of a LightningCLI subcommand's ``option`` (``ckpt_path``: the
+    Trainer method's generic docstring). The subcommand parsers are ``_subcommand_parsers``
+    and their options argparse's ``_actions``: neither has a public accessor."""
+    for subcommand, text in help_by_subcommand.items():
+        parser = cli._subcommand_parsers[subcommand]
+        [action] = [a for a in parser._actions if a.dest == option]
+        action.help = text
 
 
 # ---------------------------------------------------------------- torch

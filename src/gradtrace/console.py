@@ -9,7 +9,9 @@ and other packages print. Inside it:
 - deprecation warnings raised by other packages (torch's ``LeafSpec`` through Lightning, ...)
   are silenced; gradtrace's own are shown;
 - Lightning's warning that a short epoch has fewer batches than ``log_every_n_steps`` is
-  silenced: gradtrace's commands log the last step of every epoch anyway;
+  silenced: gradtrace's commands log the last step of every epoch anyway; so is its warning
+  that a checkpoint directory is not empty: a gradtrace run's directory is fixed, and a
+  resumed run writes into it again;
 - every warning that is shown prints as one line, ``Category: message``, without the source
   line that Python's default format adds;
 - gradtrace's own info lines (e.g. the data settings a run uses) are printed, message only.
@@ -36,6 +38,8 @@ _active = False  # inside quiet_output already (the demo wraps short_run, which 
 _SILENCED_MESSAGES = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r".*does not have many workers",  # gradtrace's batches are cut in memory, no workers
+    # A run's directory is fixed (resumed runs write into it again): not a mistake here.
+    r"Checkpoint directory .* exists and is not empty",
 )
 
 

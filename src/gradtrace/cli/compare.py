@@ -9,16 +9,15 @@ dead or saturated layer in data-flow order.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gradtrace.checks import check_int
+from gradtrace.cli.errors import CommandParser, UserError
 from gradtrace.cli.run_files import (
     GRADIENT_FLOW_FILE,
     FinishedRun,
@@ -177,11 +176,12 @@ def markdown_table(rows: Sequence[ComparedRun]) -> str:
 
 def compare_main(argv: Sequence[str]) -> int:
     """``gradtrace compare``: print the table and write the overlaid figure."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="gradtrace compare",
         description="Overlay the gradient flow (and activations, when recorded) of finished "
-        "runs by relative depth and print a markdown table: run, final val acc, input/output "
-        "gradient ratio, first dead or saturated layer.",
+        "runs by relative depth in one figure, and print a markdown table of the run, its "
+        "final validation accuracy, its input/output gradient ratio and its first dead or "
+        "saturated layer.",
     )
     parser.add_argument(
         "run_dirs",
@@ -191,23 +191,33 @@ def compare_main(argv: Sequence[str]) -> int:
         help="a run directory, or a folder of them (a sweep's or the demo's output)",
     )
     parser.add_argument(
-        "-o", "--output", type=Path, default=Path("flow.png"), help="figure (default: flow.png)"
+        "-o", "--output", type=Path, default=Path("flow.png"), help="the figure (default: flow.png)"
     )
     parser.add_argument(
         "--last-n-steps", type=int, default=5, help="logged steps averaged per run (default: 5)"
     )
-    parser.add_argument("--dead-fraction", type=float, default=0.9, help="default: 0.9")
-    parser.add_argument("--saturated-fraction", type=float, default=0.9, help="default: 0.9")
-    parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=0.9,
+        help="a layer is dead when more than this fraction of its outputs is zero (default: 0.9)",
+    )
+    parser.add_argument(
+        "--saturated-fraction",
+        type=float,
+        default=0.9,
+        help="a layer is saturated when more than this fraction of its outputs sits in the flat "
+        "part of its activation (default: 0.9)",
+    )
+    parser.add_argument("--title", default=None, help="the figure's title (default: none)")
     args = parser.parse_args(list(argv))
     try:
         import matplotlib  # noqa: F401  (optional: the "plot" extra)
     except ImportError:
-        print(
-            "gradtrace compare: error: the figure needs matplotlib (pip install 'gradtrace[plot]')",
-            file=sys.stderr,
-        )
-        return 2
+        raise UserError(
+            "gradtrace compare draws a figure, which needs matplotlib: "
+            "pip install 'gradtrace[plot]'"
+        ) from None
     try:
         rows = compare_runs(
             args.run_dirs,
@@ -218,8 +228,7 @@ def compare_main(argv: Sequence[str]) -> int:
             title=args.title,
         )
     except ValueError as err:  # RunFilesError included
-        print(f"gradtrace compare: error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from None
     print(markdown_table(rows))
     print(f"\nFigure: {args.output}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from gradtrace.measure.records import drop_rows_from_step
 __all__ = [
     "IDENTITY_SECTIONS",
     "NOT_IDENTITY",
+    "OBSERVING_CALLBACKS",
     "ContinuousRunFiles",
     "ResumeCheckpoint",
     "RunCSVLogger",
@@ -46,11 +48,8 @@ IDENTITY_SECTIONS = ("seed_everything", "model", "data", "trainer")
 """The config sections that make a run what it is (shared by fit, validate, test, predict)."""
 NOT_IDENTITY = frozenset(
     {
-        # Where and how results are shown or saved, not what is trained. Callbacks are left
-        # out so that a user's own ModelCheckpoint or GradientFlow settings (or a callback
-        # that stops the job) resume into the same directory.
+        # Where and how results are shown or saved, not what is trained.
         "default_root_dir",
-        "callbacks",
         "logger",
         "enable_progress_bar",
         "enable_model_summary",
@@ -58,6 +57,19 @@ NOT_IDENTITY = frozenset(
     }
 )
 """Trainer settings that do not enter the hash."""
+OBSERVING_CALLBACKS = (
+    "gradtrace.gradient_flow.callback.GradientFlow",
+    "lightning.pytorch.callbacks.checkpoint.Checkpoint",
+    "lightning.pytorch.callbacks.lr_monitor.LearningRateMonitor",
+    "lightning.pytorch.callbacks.progress.progress_bar.ProgressBar",
+    "lightning.pytorch.callbacks.model_summary.ModelSummary",
+    "lightning.pytorch.callbacks.device_stats_monitor.DeviceStatsMonitor",
+    "lightning.pytorch.callbacks.prediction_writer.BasePredictionWriter",
+)
+"""Callbacks (and their subclasses) that watch or save a run without changing what it trains:
+they stay out of the hash, so a run resumed with other GradientFlow or checkpoint settings
+continues in its own directory. Any other callback (early stopping, SWA, a fine-tuning
+schedule, ...) enters it."""
 HASH_LENGTH = 8
 VGG_FAMILIES = ("coursework_vgg", "vgg")
 """Model families whose run names read ``vgg<depth>``."""
@@ -87,10 +99,30 @@ def readable_prefix(model: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
+def _import_class(path: str) -> Any:
+    module_name, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _observes(callback: Any) -> bool:
+    class_path = callback.get("class_path") if isinstance(callback, Mapping) else None
+    try:
+        cls = _import_class(class_path)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return False  # unknown: counted as changing the run
+    observers = tuple(_import_class(path) for path in OBSERVING_CALLBACKS)
+    return isinstance(cls, type) and issubclass(cls, observers)
+
+
 def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
     out = {key: config.get(key) for key in IDENTITY_SECTIONS}
     trainer = dict(out.get("trainer") or {})
+    callbacks = trainer.pop("callbacks", None) or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     out["trainer"] = {k: v for k, v in trainer.items() if k not in NOT_IDENTITY}
+    training_callbacks = [cb for cb in callbacks if not _observes(cb)]
+    if training_callbacks:  # absent otherwise: the hashes of runs without them are unchanged
+        out["trainer"]["callbacks"] = training_callbacks
     return out
 
 

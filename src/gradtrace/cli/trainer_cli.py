@@ -28,14 +28,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from gradtrace.classifier import ImageClassifier
 from gradtrace.cli.configs import list_configs, resolve_config_args
+from gradtrace.cli.errors import UserError
 from gradtrace.cli.run_identity import ContinuousRunFiles, ResumeCheckpoint, RunCSVLogger, run_name
-from gradtrace.compat import lightning_cli_config_value
+from gradtrace.compat import lightning_cli_config_value, set_subcommand_option_help
 from gradtrace.data.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
 
 __all__ = [
+    "SUBCOMMAND_DESCRIPTIONS",
     "GradtraceCLI",
     "SavePredictions",
+    "check_wandb_login",
     "idle_gpus_note",
     "last_checkpoint",
     "run_directory",
@@ -43,10 +46,49 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+SUBCOMMAND_DESCRIPTIONS = {
+    "fit": "Train a model; each run writes into its own directory under runs/, and "
+    "--ckpt_path last resumes it there.",
+    "validate": "Evaluate a model (a checkpoint with --ckpt_path) on the validation split.",
+    "test": "Evaluate a model (a checkpoint with --ckpt_path) on the test split.",
+    "predict": "Write a model's class probabilities for the test split to predictions.pt in "
+    "its run directory.",
+}
+"""The LightningCLI subcommands and what each does, in one sentence."""
+
+CKPT_PATH_HELP = {
+    "fit": "`last` resumes this run from <run directory>/checkpoints/last.ckpt (one line says "
+    "so when there is none), or the path of a checkpoint to resume from; default: start afresh.",
+    **{
+        stage: "The checkpoint to evaluate: `last` (this run's checkpoints/last.ckpt) or a "
+        "path; default: the model as initialised."
+        for stage in ("validate", "test", "predict")
+    },
+}
+# W&B modes that need no account: log to local files only.
+WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
+
 
 def _wandb_wanted(flag: bool | None) -> bool:
     # ``wandb agent`` exports WANDB_SWEEP_ID to the runs it launches.
     return bool(flag) if flag is not None else "WANDB_SWEEP_ID" in os.environ
+
+
+def check_wandb_login() -> None:
+    """Raise :class:`UserError` unless W&B can log: a login (``wandb login``,
+    ``WANDB_API_KEY``) or a local mode (``WANDB_MODE=offline``). On a terminal without a login,
+    W&B asks for the key as usual."""
+    if os.environ.get("WANDB_MODE", "").lower() in WANDB_LOCAL_MODES:
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError:
+        raise UserError(
+            "--wandb true needs a W&B login: run `wandb login` (or set WANDB_API_KEY), or log "
+            "to local files with WANDB_MODE=offline and upload them later with `wandb sync`"
+        ) from None
 
 
 def idle_gpus_note(how: str) -> str | None:
@@ -58,6 +100,11 @@ def idle_gpus_note(how: str) -> str | None:
         return None
     ids = ",".join(map(str, range(visible)))
     return f"gradtrace: {visible} GPUs visible, using 1; {how.format(n=visible, ids=ids)}"
+
+
+def _lightning_checkpoint_keyword(path: str) -> bool:
+    # What Trainer.fit resolves itself: best/hpc/registry checkpoints and remote URLs.
+    return path in ("best", "hpc") or path.startswith("registry") or "://" in path
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -101,8 +148,12 @@ class GradtraceCLI(LightningCLI):
 
         A shipped config name after ``--config`` is resolved to its file. Parse errors raise
         jsonargparse's ``ArgumentError`` instead of exiting, so :func:`main` can print them as
-        one line.
+        one line. The optimizer and its schedule are the model's options
+        (``--model.optimizer``, ``--model.scheduler``), so they are part of the run's identity:
+        LightningCLI's own ``--optimizer`` and ``--lr_scheduler`` are not offered.
         """
+        configs = ", ".join(list_configs())
+        strict = {"exit_on_error": False, "allow_abbrev": False}  # no --trainer.max_step
         super().__init__(
             ImageClassifier,
             ImageDataModule,
@@ -112,17 +163,31 @@ class GradtraceCLI(LightningCLI):
             trainer_defaults={"default_root_dir": "runs", "precision": "32-true", "devices": 1},
             # A resumed run writes its config into its own directory again.
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
             parser_kwargs={
-                "description": "Train and evaluate gradtrace models. "
-                "Also: `gradtrace summary --help` for a model's per-layer cost table, "
-                "`gradtrace compare --help` to compare finished runs. "
-                f"Shipped configs (--config NAME): {', '.join(list_configs())}. "
-                "--debug shows the traceback of a user error.",
-                "exit_on_error": False,
+                "prog": "gradtrace",
+                "description": "Train and evaluate gradtrace models (gradtrace --help lists "
+                "every command).",
+                **strict,
+                **{
+                    name: {
+                        "description": f"{text} Shipped configs (--config NAME): {configs}. "
+                        "--debug shows the traceback of a user error instead of one line.",
+                        **strict,
+                    }
+                    for name, text in SUBCOMMAND_DESCRIPTIONS.items()
+                },
             },
             args=None if args is None else resolve_config_args(list(args)),
             run=run,
         )
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            set_subcommand_option_help(self, "ckpt_path", CKPT_PATH_HELP)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument(
@@ -139,7 +204,13 @@ class GradtraceCLI(LightningCLI):
             help="Also log to Weights & Biases (default: only under `wandb agent`). "
             "WANDB_MODE=offline logs without network; `wandb sync` uploads later.",
         )
-        parser.add_argument("--wandb_project", type=str, default="gradtrace")
+        parser.add_argument(
+            "--wandb_project",
+            type=str,
+            default="gradtrace",
+            help="The W&B project the run logs to, with --wandb true (under `wandb agent`: the "
+            "sweep's project).",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.in_chans", apply_on="instantiate")
 
@@ -214,7 +285,10 @@ class GradtraceCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        trainer = self._settings().trainer
+        settings = self._settings()
+        if _wandb_wanted(settings.wandb):
+            check_wandb_login()
+        trainer = settings.trainer
         if str(trainer.devices) == "1" and str(trainer.accelerator) in ("auto", "gpu", "cuda"):
             note = idle_gpus_note(
                 "--trainer.devices={n} runs DDP over {n} with the same global batch"
@@ -224,22 +298,47 @@ class GradtraceCLI(LightningCLI):
 
     def _resolve_ckpt_path(self) -> None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = str(self._last_checkpoint())
+        path = config.get("ckpt_path")
+        if path is None or _lightning_checkpoint_keyword(str(path)):
             return
+        if not Path(path).is_file():
+            raise UserError(
+                f"--ckpt_path {path}: no such file; give `last` (this run's "
+                "checkpoints/last.ckpt) or the path of a checkpoint"
+            )
+        if rank_zero_only.rank == 0:
+            # Memory-mapped: only the two counters are read, whatever the checkpoint's size.
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            doing = "resuming from" if self.subcommand == "fit" else "loading"
+            log.info(
+                "gradtrace: %s %s (saved at epoch %s, step %s)",
+                doing,
+                path,
+                saved.get("epoch"),
+                saved.get("global_step"),
+            )
+
+    def _last_checkpoint(self) -> Path:
         last = last_checkpoint(self.run_dir)
         if last is None:
-            raise SystemExit(
-                f"gradtrace: --ckpt_path last: no checkpoint at {self.run_dir}/checkpoints/"
-                "last.ckpt (this run has not finished an epoch with these settings; check "
+            raise UserError(
+                f"--ckpt_path last: no checkpoint at {self.run_dir}/checkpoints/last.ckpt (this "
+                "run has not finished an epoch with these settings; check "
                 "--trainer.default_root_dir and --run_name, or leave out --ckpt_path to start)"
             )
-        config["ckpt_path"] = str(last)
+        return last
 
     def instantiate_classes(self) -> None:
         # Model and data options are checked when the classes are built; report a bad value
         # like a bad flag (usage + message, exit 2) instead of a traceback.
         try:
             super().instantiate_classes()
+            if isinstance(self.model, ImageClassifier) and isinstance(
+                self.datamodule, ImageDataModule
+            ):
+                self.model.check_image_size(*self.datamodule.image_size)
         except ValueError as err:
             self.parser.error(str(err))
 
@@ -265,7 +364,9 @@ class _ParseOnlyCLI(GradtraceCLI):
     """Stops once the arguments are parsed, before anything is built or seeded."""
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        # Not LightningCLI's parse_arguments: it warns when given args while sys.argv has
+        # its own (a launcher's), which is what run_directory is for.
+        self.config = parser.parse_args(args)
         self.subcommand = self.config.get("subcommand")
         raise _RunDirectoryFound(self.run_dir)
 

@@ -2,11 +2,13 @@
 
 Several runs starting together on a fresh machine (a sweep's agents, Table 1's runs) all ask
 for the same archive. :func:`download_verified` takes an exclusive lock next to the file
-(``<file>.lock``, a ``filelock.FileLock``, which comes with torch; the empty lock file stays),
-downloads to a temporary file in the same folder (``urllib``: ``http(s)://`` and ``file://``
-URLs, redirects followed), checks the published MD5, then renames it into place, so the final
-path only ever holds a complete, verified file. A process that waited on the lock finds the
-verified file and reuses it.
+(``<file>.lock``, a ``filelock.FileLock``, which comes with torch), downloads to a temporary
+file in the same folder (``urllib``: ``http(s)://`` and ``file://`` URLs, redirects followed),
+checks the published MD5, then renames it into place, so the final path only ever holds a
+complete, verified file. A process that waited on the lock finds the verified file and reuses
+it. The lock file is removed afterwards, whether the download worked or not: the lock only
+saves duplicate downloads (the rename keeps concurrent ones correct), so a process that locks
+a removed file at worst downloads once more.
 """
 
 from __future__ import annotations
@@ -63,23 +65,31 @@ def download_verified(urls: str | list[str], path: str | Path, md5: str) -> Path
     path = Path(path)
     urls = [urls] if isinstance(urls, str) else list(urls)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            verify_md5(path, md5, urls[0])
+    lock_path = Path(str(path) + ".lock")
+    try:
+        with FileLock(str(lock_path)):
+            return _download_locked(urls, path, md5)
+    finally:
+        lock_path.unlink(missing_ok=True)
+
+
+def _download_locked(urls: list[str], path: Path, md5: str) -> Path:
+    if path.is_file():
+        verify_md5(path, md5, urls[0])
+        return path
+    errors = []
+    for url in urls:
+        temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        try:
+            _fetch(url, temporary)
+            verify_md5(temporary, md5, url)
+            os.replace(temporary, path)
             return path
-        errors = []
-        for url in urls:
-            temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
-            try:
-                _fetch(url, temporary)
-                verify_md5(temporary, md5, url)
-                os.replace(temporary, path)
-                return path
-            except OSError as err:  # urllib's URLError and socket timeouts are OSErrors
-                errors.append(f"{url}: {err}")
-            finally:
-                temporary.unlink(missing_ok=True)
-        raise DownloadError(f"could not download {path.name} ({'; '.join(errors)})")
+        except OSError as err:  # urllib's URLError and socket timeouts are OSErrors
+            errors.append(f"{url}: {err}")
+        finally:
+            temporary.unlink(missing_ok=True)
+    raise DownloadError(f"could not download {path.name} ({'; '.join(errors)})")
 
 
 def _fetch(url: str, destination: Path) -> None:

@@ -135,14 +135,17 @@ class InceptionAux(nn.Module):
         self.fc2 = nn.Linear(1024, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(x)
-        if x.shape[-2:] != (4, 4):
+        if not all(14 <= side <= 16 for side in x.shape[-2:]):
+            # Checked before the 5x5/3 pooling, which fails on small maps with a bare
+            # "Output size is too small".
+            height, width = x.shape[-2:]
             raise ValueError(
-                "GoogLeNet's auxiliary heads need a 14x14 to 16x16 map after inception 4a "
-                f"(224x224 input with stem='imagenet', 32x32 with stem='cifar'); their pooling "
-                f"gave {tuple(x.shape[-2:])} instead of (4, 4). Use aux_logits=False for other "
-                "input sizes"
+                "GoogLeNet's auxiliary heads need a 14x14 to 16x16 map after inception 4a: "
+                "224x224 images with stem='imagenet' (the default), 32x32 with stem='cifar' "
+                "(--model.arch_kwargs '{stem: cifar}', as in --config arch/googlenet); got a "
+                f"{height}x{width} map. aux_logits=False takes other sizes"
             )
+        x = self.pool(x)
         x = self.relu(self.fc1(torch.flatten(self.conv(x), 1)))
         return self.fc2(self.dropout(x))
 

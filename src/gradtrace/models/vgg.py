@@ -46,6 +46,13 @@ WIDTHS = (64, 128, 256, 512, 512)
 HEADS: dict[str, tuple[int, int]] = {"imagenet": (7, 4096), "cifar": (1, 512)}
 
 
+def _coursework_hint(depth: object) -> str:
+    # Table 1's depths (8 + 6b: 8, 14, ..., 38) belong to the coursework network.
+    if isinstance(depth, int) and depth >= 8 and (depth - 8) % 6 == 0:
+        return f" (Table 1's VGG{depth:02d} is --model.arch coursework_vgg --model.depth {depth})"
+    return ""
+
+
 class VGG(nn.Module):
     """VGG-11/13/16/19 ("configurations A, B, D, E"), torchvision-compatible layout."""
 
@@ -63,7 +70,11 @@ class VGG(nn.Module):
         (``None``: ReLU) is every activation."""
         super().__init__()
         act_layer = act_layer or nn.ReLU
-        check_choice("depth", depth, CONFIGS)
+        if depth not in CONFIGS:
+            raise ValueError(
+                f"the classic VGG's depth must be one of {', '.join(map(str, CONFIGS))}; got "
+                f"{depth!r}{_coursework_hint(depth)}"
+            )
         check_choice("head", head, tuple(HEADS))
         check_range("dropout", dropout, 0.0, 1.0, high_inclusive=False)
         layers: OrderedDict[str, nn.Module] = OrderedDict()

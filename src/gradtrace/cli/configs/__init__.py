@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gradtrace.cli.errors import UserError
+
 __all__ = ["CONFIG_DIR", "list_configs", "resolve_config", "resolve_config_args"]
 
 CONFIG_DIR = Path(__file__).parent
@@ -24,16 +26,15 @@ def resolve_config(value: str) -> str:
     shipped = CONFIG_DIR / f"{value.removesuffix('.yaml')}.yaml"
     if shipped.is_file():
         return str(shipped)
-    raise SystemExit(
-        f"gradtrace: no config file {value!r}; shipped configs: {', '.join(list_configs())}"
-    )
+    raise UserError(f"no config file {value!r}; shipped configs: {', '.join(list_configs())}")
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config NAME`` made a path (:func:`resolve_config`)."""
+    """``argv`` with every ``--config NAME`` (or ``-c NAME``) made a path
+    (:func:`resolve_config`)."""
     out = list(argv)
     for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
             out[i + 1] = resolve_config(out[i + 1])
         elif arg.startswith("--config="):
             out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
