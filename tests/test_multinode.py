@@ -12,6 +12,7 @@ the time limit nears, and give each agent or shard its GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ import torch
 
 from gradtrace.cli.trainer_cli import run_directory
 from gradtrace.measure import read_history
-from gradtrace.sweeps.launch import ProcessGroups, free_port
+from gradtrace.sweeps.launch import free_port
 from helpers.cli_runs import QUIET, metrics_rows
 from helpers.multinode import (
     Launch,
@@ -277,13 +278,13 @@ def test_fit_template_runs_gradtrace_in_the_jobs_shape_and_resumes_only_a_checkp
 
 @pytest.mark.integration
 def test_fit_template_requeues_its_job_on_the_time_limit_signal(job: BatchJob) -> None:
-    groups = ProcessGroups()
-    script = groups.start(
+    script = subprocess.Popen(
         job.command("fit-multinode.sbatch"),
         env={**job.env, **FIT_JOB, "STUB_SRUN_SECONDS": "120"},
         cwd=job.workdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the script and what it started
     )
     try:
         deadline = time.monotonic() + 120
@@ -294,7 +295,10 @@ def test_fit_template_requeues_its_job_on_the_time_limit_signal(job: BatchJob) -
         os.kill(script.pid, signal.SIGUSR1)  # what --signal=B:USR1@90 sends to the batch shell
         assert script.wait(timeout=60) == 128 + signal.SIGUSR1  # ended by it, after the trap
     finally:
-        groups.stop(grace=5)
+        # What SLURM does to a requeued job: stop everything it runs (here the srun stand-in).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)
+        script.wait()
     assert [call["args"] for call in job.calls("scontrol")] == [["requeue", JOB_ID]]
 
 
