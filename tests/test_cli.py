@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gradtrace.classifier import ImageClassifier
 from gradtrace.cli.configs import list_configs, resolve_config
@@ -266,6 +268,8 @@ def test_run_directory_is_the_cli_own_and_follows_the_resolved_settings(tmp_path
     assert flags.parent == tmp_path
     cli = GradtraceCLI(args=["--model.arch=vgg08", "--model.lr=0.01", root], run=False)
     assert cli.run_dir == flags
+    # What Lightning writes into its root on its own (SLURM's hpc_ckpt_N.ckpt) stays in the run.
+    assert cli.trainer.default_root_dir == str(flags)
 
 
 def test_every_shipped_config_parses(capsys) -> None:
@@ -408,6 +412,24 @@ def test_resumed_run_ends_like_an_uninterrupted_one(
     assert flow == [
         (r["step"], r["layer"]) for r in read_history(straight_run / "gradient_flow.csv")
     ]
+
+
+def test_a_fit_stopped_by_sigterm_does_not_read_as_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What Lightning's loop raises once its SIGTERM handler has run (preemption, a job's time
+    # limit): a SystemExit without a code, which used to end the command with status 0.
+    def training_step(self: ImageClassifier, *args: Any, **kwargs: Any) -> Any:
+        raise SIGTERMException
+
+    monkeypatch.setattr(ImageClassifier, "training_step", training_step)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SMALL, *QUIET, f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "gradtrace: stopped by SIGTERM before the end; rerun the same command with "
+        "--ckpt_path last to resume from the last epoch's checkpoint"
+    )
 
 
 def test_ckpt_path_last_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys) -> None:

@@ -231,7 +231,8 @@ class ImageClassifier(pl.LightningModule):
         # Only on the steps where Lightning writes to the loggers (the value it would write).
         trainer = attached_trainer(self)
         if trainer is None or should_update_logs(trainer):
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+            # Under DDP, the mean over the processes: the global batch's loss, as on one.
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, sync_dist=True)
         return loss
 
     def on_train_epoch_end(self) -> None:

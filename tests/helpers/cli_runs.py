@@ -41,6 +41,7 @@ DDP_EQUALITY_OVERRIDES = [
     "--data.synthetic_sizes=[200, 50]",
     "--data.val_size=20",
     "--trainer.max_epochs=1",
+    "--trainer.log_every_n_steps=4",
     "--trainer.accelerator=cpu",
     "--trainer.callbacks+=gradtrace.GradientFlow",
     "--trainer.callbacks.every_n_steps=1",
@@ -63,3 +64,8 @@ def assert_same_training(single: Path, ddp: Path) -> None:
     rows_ddp = metrics_rows(ddp)
     for key in ("val/loss", "val/acc", "train/loss"):
         assert last_value(rows_ddp, key) == pytest.approx(last_value(rows_single, key), rel=1e-4)
+    # The per-step loss is the global batch's too (rank 0's half-batch loss before).
+    step_losses = [[float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+                   for rows in (rows_single, rows_ddp)]  # fmt: skip
+    assert step_losses[1] == pytest.approx(step_losses[0], rel=1e-5)
+    assert len(step_losses[0]) > 1

@@ -7,12 +7,14 @@ line, ``gradtrace: error: ...``, and exit status 2 (:mod:`gradtrace.cli.errors`)
 from __future__ import annotations
 
 import difflib
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
 
 import yaml
 from jsonargparse import ArgumentError
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gradtrace.cli.configs import list_configs, resolve_config_args
 from gradtrace.cli.errors import CommandParser, UserError, one_line
@@ -156,6 +158,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     try:
         _run(args, argv_given=argv is not None)
+    except SIGTERMException:
+        # Lightning ends a SIGTERM'd fit (preemption, a job's time limit, a launcher stopping
+        # it) as a plain exit, status 0: it would read as finished.
+        print(
+            "gradtrace: stopped by SIGTERM before the end; rerun the same command with "
+            "--ckpt_path last to resume from the last epoch's checkpoint",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
     except USER_ERRORS as err:
         if debug:
             raise

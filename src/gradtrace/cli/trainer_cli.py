@@ -228,6 +228,9 @@ class GradtraceCLI(LightningCLI):
         settings = self._settings()
         trainer_config = lightning_cli_config_value(self, self.config_init, "trainer", {})
         run_dir = self.run_dir
+        # What Lightning writes into its root by itself (SLURM's hpc_ckpt_N.ckpt on a requeue
+        # signal, restored by the next fit there) belongs to this run, not to runs/.
+        kwargs["default_root_dir"] = str(run_dir)
         if trainer_config.get("logger") in (None, True):
             loggers: list[Logger] = [RunCSVLogger(save_dir=run_dir.parent, name=run_dir.name)]
             if _wandb_wanted(settings.wandb):
