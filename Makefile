@@ -37,21 +37,29 @@ format: $(STAMP)
 demo-data: $(STAMP)
 	@sh scripts/fetch-demo-data.sh $(BIN)/python
 
+# Writes runs/demo/ (summary.md, gradient_flow.png, the runs); exit status 1 when one of the
+# study's claims does not hold.
 demo: demo-data
 	@$(BIN)/python -m gradtrace.studies.demo $(ARGS)
 
+# The runs, report.md and figures/ go to runs/table1/ (BUDGET=smoke: runs/table1-smoke/);
+# ARGS=--update-reports also refreshes the committed reports/table1.md and reports/figures/.
 # ARGS passes more options through, e.g. ARGS="--from runs/sweeps/table1" or, for the runs
-# themselves, ARGS="-- --data.root=/datasets/cifar".
+# themselves, ARGS="-- --data.root=/datasets/cifar". One line per run (its output is in its
+# launch.log); exit status 1 when a run failed or a claim of the report does not hold.
 reproduce-table1: $(STAMP) $(if $(filter smoke,$(BUDGET)),demo-data)
 	$(BIN)/python -m gradtrace.studies.table1 --budget $(or $(BUDGET),full) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
-# DDP=N runs each cell as one DDP run over N of the GPUS (same global batch).
+# DDP=N runs each cell as one DDP run over N of the GPUS (same global batch). One line per
+# agent as it ends; each agent's output, its runs' included, is in runs/sweeps/<grid>/agent-<n>.log.
 sweep: $(STAMP)
 	$(BIN)/python -m gradtrace.sweeps agents $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(ARGS)
 
-# ARGS="-- --trainer.max_epochs=10" appends CLI overrides to every run.
+# ARGS="-- --trainer.max_epochs=10" appends CLI overrides to every run; SHARD=K/N runs only
+# the cells i with i % N == K (0 <= K < N; one SLURM array task each). One line per run as it
+# ends (its output is in its launch.log) and a summary; exit status 1 when a run failed.
 sweep-local: $(STAMP)
-	$(BIN)/python -m gradtrace.sweeps local $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(ARGS)
+	$(BIN)/python -m gradtrace.sweeps local $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(DDP),--ddp $(DDP)) $(if $(SHARD),--shard $(SHARD)) $(ARGS)
 
 # The bench lives in benchmarks/ (not installed with gradtrace); run from the repository root.
 bench: $(STAMP)

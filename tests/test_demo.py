@@ -1,4 +1,5 @@
-"""``make demo``: where its data comes from (each step's message), and what it prints."""
+"""``make demo``: where its data comes from (each step's message), what it prints, and its exit
+status when the study's claims do not hold."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import gradtrace
 from gradtrace.data import DataNotFoundError, fashion_mnist
 from gradtrace.studies import demo
-from gradtrace.studies.short_run import smoke_data
+from gradtrace.studies.short_run import RunResult, RunSpec, smoke_data
 from helpers.data_files import md5_of, write_fashion_mnist
 
 SRC = Path(gradtrace.__file__).resolve().parent.parent
@@ -176,3 +177,58 @@ def test_synthetic_data_only_when_asked(
     assert data.dataset == "synthetic"
     assert description.startswith("SYNTHETIC data (asked for)")
     assert "Synthetic data (asked for): the numbers below say nothing" in caplog.text
+
+
+@pytest.mark.parametrize(("bn_rc_acc", "status"), [(0.55, 0), (0.12, 1)])
+def test_the_demo_exits_1_naming_the_claims_that_do_not_hold(
+    bn_rc_acc: float,
+    status: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Training replaced by made-up results at the demo's 150 steps, enough to settle every
+    claim: VGG38 BN + RC at 12% (< 2x chance) does not learn."""
+    accuracy = {"vgg08": 0.5, "vgg38": 0.1, "vgg38-bn-rc": bn_rc_acc}
+
+    def made_up(spec: RunSpec, data: object, steps: int, root: Path) -> RunResult:
+        first = 1e-9 if spec.name == "vgg38" else 0.3  # first/last layer mean |grad|
+        history = [
+            {"step": step, "layer": layer, "mean_abs": value}
+            for step in (0, 10)
+            for layer, value in (("stem", first), ("head", 1.0))
+        ]
+        metrics = {"train/loss": 1.0, "val/loss": 1.0, "val/acc": accuracy[spec.name]}
+        return RunResult(spec, 1000, 10, steps, metrics, first, root / spec.name, history)
+
+    monkeypatch.setattr(demo, "smoke_data", lambda **kwargs: (None, "made-up data"))
+    monkeypatch.setattr(demo, "short_run", made_up)
+    assert demo.main(["--out", str(tmp_path)]) == status
+    captured = capsys.readouterr()
+    summary = tmp_path / "summary.md"
+    table, claims = summary.read_text().split("\nThe study's claims:\n")
+    assert table in captured.out
+    assert claims.splitlines()[:2] == [
+        "- holds: plain VGG38 stays at chance: val acc 10.0% (chance 10%)",
+        "- holds: plain VGG38's gradient collapses toward the input: first/last layer mean "
+        "|grad| 1.0e-09 (< 0.001)",
+    ]
+    assert claims.splitlines()[3] == (
+        "- holds: VGG08 (lr 0.001) learns: val acc 50.0% (> 2x chance, 20%)"
+    )
+    if status == 0:
+        assert "VGG38 BN + RC (lr 0.001) learns: val acc 55.0%" in claims.splitlines()[2]
+        assert f"The study's claims: 4 of 4 hold (each with its evidence in {summary})." in (
+            captured.out.splitlines()
+        )
+        assert captured.err == ""
+    else:
+        assert claims.splitlines()[2] == (
+            "- **DOES NOT HOLD**: VGG38 BN + RC (lr 0.001) learns: val acc 12.0% (> 2x chance, 20%)"
+        )
+        assert "The study's claims: 3 of 4 hold, 1 does not hold (each with its evidence in " in (
+            captured.out
+        )
+        assert captured.err.splitlines() == [
+            f"make demo: 1 claim(s) do not hold: VGG38 BN + RC (lr 0.001) learns (see {summary})"
+        ]

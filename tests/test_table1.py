@@ -1,6 +1,7 @@
 """``make reproduce-table1``: parameter counts, the figures' layers, row matching against the
 code's defaults, the smoke budget end to end (tiny, synthetic), collecting finished CLI runs
-(``--from``), the report and the figures."""
+(``--from``), the report and the figures, the claims and the exit status, where the report
+goes (``runs/``, ``reports/`` only when asked) and the full budget's launcher output."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import yaml
 from gradtrace.classifier import ImageClassifier
 from gradtrace.cli.main import main as cli_main
 from gradtrace.cli.run_files import read_run
+from gradtrace.studies import claims as study_claims
 from gradtrace.studies.short_run import table1_specs
 from gradtrace.studies.table1 import figures as table1_figures
 from gradtrace.studies.table1 import report as table1_report
@@ -81,9 +83,9 @@ def test_grad_ratio_is_first_over_last_layer_over_the_last_records() -> None:
         for layer, value in (("in", 1e-6 * (s + 1)), ("mid", 1.0), ("out", 1e-2))
     ]
     # last 5 steps of "in": (4 + 5 + 6 + 7 + 8) / 5 * 1e-6 = 6e-6; "out": 1e-2.
-    assert table1_rows.grad_ratio(history) == pytest.approx(6e-4)
-    assert table1_rows.grad_ratio(history, last_n=1) == pytest.approx(8e-4)
-    assert math.isnan(table1_rows.grad_ratio(history[:1]))
+    assert study_claims.grad_ratio(history) == pytest.approx(6e-4)
+    assert study_claims.grad_ratio(history, last_n=1) == pytest.approx(8e-4)
+    assert math.isnan(study_claims.grad_ratio(history[:1]))
 
 
 def test_full_budget_commands_run_the_shipped_configs_and_resume(tmp_path: Path) -> None:
@@ -195,8 +197,8 @@ def test_smoke_budget_writes_a_complete_table_and_five_figures_on_synthetic_data
          "--val-size", "4", "--every", "1", "--val-checks", "1", "--out", str(out),
          "--root", str(tmp_path / "r"), "--synthetic"]
     )  # fmt: skip
-    assert code == 0
-    report = (out / "table1.md").read_text()
+    assert code == 0  # too few steps to establish the accuracy claims: none fails
+    report = (out / "report.md").read_text()
     assert report.startswith("# Table 1 of the MLP Coursework 2 report, reproduced (smoke budget)")
     assert "**WARNING: SYNTHETIC DATA** (asked for with `--synthetic`)" in report
     assert "- Data: SYNTHETIC data (asked for)" in report
@@ -228,6 +230,13 @@ def test_smoke_budget_writes_a_complete_table_and_five_figures_on_synthetic_data
         assert f"](figures/{name})" in report
     assert sorted(p.name for p in (out / "figures").iterdir()) == FIGURES
     assert "## The qualitative result" in report
+    # 2 steps (VGG38 RC: 4) of the 150 (300) that settle whether a row learns
+    verdicts = [line for line in report.splitlines() if line.startswith("- ") and ": " in line]
+    accuracy = [line for line in verdicts if "val acc" in line]
+    assert len(accuracy) == 6
+    for line in accuracy:
+        needed = "4 of the 300" if "VGG38 RC (lr" in line else "2 of the 150"
+        assert line.startswith(f"- not established at this budget ({needed} steps it needs): ")
 
 
 def make_runs(root: Path) -> None:
@@ -284,7 +293,7 @@ def test_from_collects_finished_cli_runs_into_the_table_and_figures(
 
     out = tmp_path / "reports"
     assert table1.main(["--from", str(root), "--dataset", "synthetic", "--out", str(out)]) == 0
-    report = (out / "table1.md").read_text()
+    report = (out / "report.md").read_text()
     assert "(full budget)" in report
     assert "Smoke budget" not in report
     assert "- Budget: **full**; 4 optimizer steps (2 epochs) per row." in report
@@ -339,3 +348,186 @@ def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "after `--` go to full-budget runs only" in capsys.readouterr().err
     assert table1.main(["--from", "/nonexistent/runs"]) == 2
     assert "--from /nonexistent/runs: no such folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Claims, exit status and where the report goes, on rows made up for the purpose
+
+
+def fake_row(
+    name: str, val_acc: float, steps: int | None = None, ratio: float = 0.5
+) -> table1_rows.RowRun:
+    """A smoke-budget row (10 classes) that trained ``steps`` (default: just enough to settle
+    its claims), reached ``val_acc``, and whose first/last layer mean |grad| is ``ratio``."""
+    steps = study_claims.settling_steps(name) if steps is None else steps
+    layers = table1_figures.figure_layers(make_row(name, 10, 1))
+    last = len(layers) - 1
+    history = [
+        {"step": step, "layer": layer, "mean_abs": 1e-2 * ratio ** (1 - i / last)}
+        for step in range(0, steps, max(1, steps // 5))
+        for i, layer in enumerate(layers)
+    ]
+    half = steps // 2
+    return table1_rows.RowRun(
+        spec=table1_specs((name,))[0],
+        metrics={"train/loss": 1.5, "train/acc": val_acc, "val/loss": 1.6, "val/acc": val_acc},
+        steps=steps,
+        epochs=2,
+        curves={
+            "train/loss": [(1, 2.3), (steps, 1.5)],
+            "val/loss": [(half, 1.9), (steps, 1.6)],
+            "val/acc": [(half, val_acc / 2), (steps, val_acc)],
+            "train/acc_epoch": [(1, val_acc / 2), (2, val_acc)],
+        },
+        history=history,
+        source=Path("runs/table1-smoke") / name,
+        num_classes=10,
+        in_chans=1,
+    )
+
+
+def as_reported(**changed: table1_rows.RowRun) -> list[table1_rows.RowRun]:
+    """The seven rows as the report has them (plain VGG38 at chance with a collapsed gradient,
+    the others learning), but those in ``changed``."""
+    rows = {
+        spec.name: fake_row(spec.name, 0.10 if spec.name == "vgg38" else 0.5)
+        for spec in table1_specs()
+    }
+    rows["vgg38"] = fake_row("vgg38", 0.10, ratio=1e-9)
+    rows.update({name.replace("_", "-"): row for name, row in changed.items()})
+    return list(rows.values())
+
+
+def test_claims_hold_fail_or_are_not_established_at_the_budget() -> None:
+    verdicts = {c.name: c.verdict for c in study_claims.check_claims(as_reported())}
+    assert verdicts == {
+        "plain VGG38 stays at chance": "holds",
+        "plain VGG38's gradient collapses toward the input": "holds",
+        "VGG38 BN (lr 0.001) learns": "holds",
+        "VGG38 RC (lr 0.001) learns": "holds",
+        "VGG38 BN + RC (lr 0.001) learns": "holds",
+        "VGG38 BN + RC (lr 0.01) learns": "holds",
+        "VGG08 (lr 0.001) learns": "holds",
+    }
+    # 2x chance is 20%: 19% does not learn; plain VGG38 at 16% (> 1.5x chance) left chance;
+    # a first/last ratio of 2e-3 is no collapse (< 1e-3).
+    failing = as_reported(
+        vgg38=fake_row("vgg38", 0.16, ratio=2e-3), vgg38_bn=fake_row("vgg38-bn", 0.19)
+    )
+    claims = study_claims.check_claims(failing)
+    assert study_claims.does_not_hold_line(claims) == (
+        "3 claim(s) do not hold: plain VGG38 stays at chance; plain VGG38's gradient collapses "
+        "toward the input; VGG38 BN (lr 0.001) learns"
+    )
+    assert "- **DOES NOT HOLD**: VGG38 BN (lr 0.001) learns: val acc 19.0% (> 2x chance, 20%)" in (
+        study_claims.claims_markdown(claims)
+    )
+    # One step short of settling (VGG38 RC: 299 of 300): neither holds nor fails.
+    short = as_reported(
+        vgg38_bn=fake_row("vgg38-bn", 0.19, steps=149), vgg38_rc=fake_row("vgg38-rc", 0.1, 299)
+    )
+    claims = {c.name: c for c in study_claims.check_claims(short)}
+    assert study_claims.does_not_hold_line(list(claims.values())) is None
+    assert claims["VGG38 BN (lr 0.001) learns"].markdown() == (
+        "- not established at this budget (149 of the 150 steps it needs): VGG38 BN (lr 0.001) "
+        "learns: val acc 19.0% (> 2x chance, 20%)"
+    )
+    assert claims["VGG38 RC (lr 0.001) learns"].reason == "299 of the 300 steps it needs"
+    # the gradient claim needs two layers' records, at any step
+    one_layer = fake_row("vgg38", 0.1, ratio=1e-9)
+    one_layer.history = one_layer.history[:1]
+    rows = as_reported(vgg38=one_layer)
+    [gradient] = [c for c in study_claims.check_claims(rows) if "gradient" in c.name]
+    assert (gradient.verdict, gradient.reason) == ("not established", "no gradients of two layers")
+
+
+@pytest.fixture
+def fake_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[list[table1_rows.RowRun]]:
+    """The smoke budget's training replaced by the rows put in the returned list; the working
+    directory is ``tmp_path`` with a committed ``reports/`` of its own."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports" / "figures").mkdir(parents=True)
+    (tmp_path / "reports" / "table1.md").write_text("the committed report\n")
+    (tmp_path / "reports" / "figures" / FIGURES[0]).write_bytes(b"the committed figure")
+    planned: list[list[table1_rows.RowRun]] = []
+    monkeypatch.setattr(table1, "smoke", lambda root, **kwargs: (planned.pop(), "made-up data"))
+    return planned
+
+
+SMOKE = ["--budget", "smoke", "--synthetic"]
+
+
+def test_the_report_goes_under_runs_and_into_reports_only_when_asked(
+    tmp_path: Path, fake_smoke: list[list[table1_rows.RowRun]]
+) -> None:
+    fake_smoke.append(as_reported())
+    assert table1.main(SMOKE) == 0
+    out = tmp_path / "runs" / "table1-smoke"
+    report = (out / "report.md").read_text()
+    assert "- Data: made-up data." in report
+    assert sorted(p.name for p in (out / "figures").iterdir()) == FIGURES
+    assert (tmp_path / "reports" / "table1.md").read_text() == "the committed report\n"
+    committed_figure = tmp_path / "reports" / "figures" / FIGURES[0]
+    assert committed_figure.read_bytes() == b"the committed figure"
+    assert sorted(p.name for p in (tmp_path / "reports" / "figures").iterdir()) == FIGURES[:1]
+
+    fake_smoke.append(as_reported())
+    assert table1.main([*SMOKE, "--update-reports", "--out", "elsewhere"]) == 0
+    out = tmp_path / "elsewhere"
+    assert (tmp_path / "reports" / "table1.md").read_text() == (out / "report.md").read_text()
+    for name in FIGURES:
+        committed = (tmp_path / "reports" / "figures" / name).read_bytes()
+        assert committed == (out / "figures" / name).read_bytes()
+        assert committed.startswith(PNG)
+
+
+def test_a_claim_that_does_not_hold_exits_1_after_writing_the_report(
+    tmp_path: Path,
+    fake_smoke: list[list[table1_rows.RowRun]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake_smoke.append(as_reported(vgg38_rc=fake_row("vgg38-rc", 0.12)))
+    assert table1.main(SMOKE) == 1
+    report = (tmp_path / "runs" / "table1-smoke" / "report.md").read_text()
+    failed = [line for line in report.splitlines() if "DOES NOT HOLD" in line]
+    assert failed == [
+        "- **DOES NOT HOLD**: VGG38 RC (lr 0.001) learns: val acc 12.0% (> 2x chance, 20%)"
+    ]
+    assert capsys.readouterr().err.splitlines() == [
+        "make reproduce-table1: 1 claim(s) do not hold: VGG38 RC (lr 0.001) learns "
+        "(see runs/table1-smoke/report.md)"
+    ]
+    assert (tmp_path / "reports" / "table1.md").read_text() == "the committed report\n"
+
+
+FAILS_OFFLINE = (
+    "import sys; print('Epoch 0: 0%|'); "
+    "print('gradtrace: error: could not download cifar-100-python.tar.gz', file=sys.stderr); "
+    "sys.exit(2)"
+)
+
+
+def test_the_full_budget_prints_one_line_per_run_and_exits_1_when_one_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "runs"
+    monkeypatch.setattr(
+        table1,
+        "full_commands",
+        lambda root, extra: [
+            (root / "vgg08-a", [sys.executable, "-c", "print('Epoch 0: 100%|')"]),
+            (root / "vgg38-b", [sys.executable, "-c", FAILS_OFFLINE]),
+        ],
+    )
+    assert table1.main(["--root", str(root)]) == 1
+    lines = [re.sub(r"\d+ s", "N s", line) for line in capsys.readouterr().out.splitlines()]
+    logs = f"{root}/<run>/launch.log"
+    assert lines == [
+        f"Table 1: 2 runs, one after the other, under {root} (each run's output: {logs})",
+        "[1/2] vgg08-a: done in N s",
+        "[2/2] vgg38-b: failed (exit 2) after N s: "
+        "gradtrace: error: could not download cifar-100-python.tar.gz",
+        f"Table 1: 1 done, 1 failed; logs: {logs}",
+    ]
+    assert "Epoch 0: 0%|" in (root / "vgg38-b" / "launch.log").read_text()
+    assert not (root / "report.md").exists()

@@ -5,9 +5,11 @@ Each agent runs with ``CUDA_VISIBLE_DEVICES`` set to its GPU(s), this interprete
 first on ``PATH`` (the agent runs ``python``, whatever is first there) and a ``MASTER_PORT``
 of its own for its runs, which may be DDP runs (inherited ``MASTER_ADDR``/``MASTER_PORT`` are
 replaced: agents sharing one port would collide; see :mod:`gradtrace.sweeps.launch`).
-Its output is passed through; an agent that exits non-zero or reports ``wandb: ERROR``
-(``wandb agent`` exits 0 for an unknown sweep, for instance) counts as failed. Ctrl-C stops
-the agents and their runs (see :mod:`gradtrace.sweeps.launch`).
+Its output, its runs' included, goes to ``<sweep folder>/agent-<n>.log`` (the folder of
+:func:`~gradtrace.sweeps.grid.sweep_root`); the command prints one line per agent as it ends
+(see :mod:`gradtrace.sweeps.outcome`) and a summary. An agent that exits non-zero or reports
+``wandb: ERROR`` (``wandb agent`` exits 0 for an unknown sweep, for instance) counts as
+failed. Ctrl-C stops the agents and their runs (see :mod:`gradtrace.sweeps.launch`).
 """
 
 from __future__ import annotations
@@ -17,17 +19,27 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradtrace.sweeps.grid import load_sweep, with_ddp
+from gradtrace.sweeps.grid import load_sweep, sweep_root, with_ddp
 from gradtrace.sweeps.launch import Interrupted, ProcessGroups, cell_environment, free_port
+from gradtrace.sweeps.outcome import (
+    DONE,
+    FAILED,
+    LaunchResult,
+    last_error_line,
+    log_mentions,
+    summary_line,
+)
 
 __all__ = ["gpu_groups", "launch_agents", "sweep_path", "visible_gpus"]
 
 ERROR_MARK = "wandb: ERROR"
+POLL_SECONDS = 0.5
 
 
 def sweep_path(sweep_id: str, project: str, entity: str | None = None) -> str:
@@ -100,6 +112,31 @@ def _create_sweep(config: Mapping[str, Any], project: str, entity: str | None) -
         ) from err
 
 
+@dataclass
+class _Agent:
+    """One started ``wandb agent``: its name, its process, its log and where this launch's
+    output starts in it."""
+
+    name: str
+    process: subprocess.Popen
+    log_file: Path
+    start: int
+    started_at: float
+
+    def result(self) -> LaunchResult:
+        code = self.process.returncode
+        reported = log_mentions(self.log_file, ERROR_MARK, self.start)
+        status = DONE if code == 0 and not reported else FAILED
+        return LaunchResult(
+            self.name,
+            status,
+            self.log_file,
+            code,
+            time.perf_counter() - self.started_at,
+            error_line=None if status == DONE else last_error_line(self.log_file, self.start),
+        )
+
+
 def launch_agents(
     path: str | Path,
     *,
@@ -114,7 +151,8 @@ def launch_agents(
 ) -> int:
     """Create the sweep in ``path`` on W&B (or join ``sweep_id``) and run one agent per GPU
     (``ddp`` > 1: per group of ``ddp`` GPUs, each run one DDP run over them). Waits for all
-    agents; returns 0 when all succeeded, else 1.
+    agents, printing one line per agent as it ends and a summary; returns 0 when all
+    succeeded, else 1.
 
     Refuses, before touching W&B, to start an unpinned agent where several GPUs are visible.
     """
@@ -143,51 +181,43 @@ def launch_agents(
     command = [executable, "agent", *(["--count", str(count)] if count else []), target]
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    folder = sweep_root(config, path)
+    folder.mkdir(parents=True, exist_ok=True)
+    logs = f"{folder}/agent-<n>.log"
+    slots = groups or [None]
+    where = f" on GPUs {' '.join(groups)}" if groups else ""
+    echo(f"sweep {target}: {len(slots)} agent(s){where}: {shlex.join(command)} (output: {logs})")
     processes = ProcessGroups()
-    agents: list[tuple[str | None, subprocess.Popen, threading.Thread, list[str]]] = []
+    agents: list[_Agent] = []
     ports: list[int] = []
+    results: dict[int, LaunchResult] = {}
     try:
-        for gpu in groups or [None]:
+        for n, gpu in enumerate(slots, 1):
             ports.append(free_port(ports))
-            agent_env = cell_environment(env, ports[-1], gpu)
-            where = "" if gpu is None else f" on GPU {gpu}"
-            echo(f"starting {shlex.join(command)}{where}")
-            process = processes.start(
-                command,
-                env=agent_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-            )
-            errors: list[str] = []
-            tag = f"[agent{'' if gpu is None else ' ' + gpu}] "
-            reader = threading.Thread(target=_relay, args=(process, tag, errors), daemon=True)
-            reader.start()
-            agents.append((gpu, process, reader, errors))
-        failed = 0
-        for gpu, process, reader, errors in agents:
-            code = process.wait()
-            reader.join()
-            where = "" if gpu is None else f" (GPU {gpu})"
-            ok = code == 0 and not errors
-            echo(
-                f"agent{where} exited with code {code}"
-                + ("" if not errors else f" after reporting: {errors[0]}")
-            )
-            failed += not ok
+            log_file = folder / f"agent-{n}.log"
+            with log_file.open("a") as log:
+                log.write(f"\n$ {shlex.join(command)}\n")
+                log.flush()
+                process = processes.start(
+                    command,
+                    env=cell_environment(env, ports[-1], gpu),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                name = f"agent {n}" + ("" if gpu is None else f" on GPU {gpu}")
+                agents.append(_Agent(name, process, log_file, log.tell(), time.perf_counter()))
+        while True:
+            for i, agent in enumerate(agents):
+                if i not in results and agent.process.poll() is not None:
+                    results[i] = agent.result()
+                    echo(results[i].line(i, len(agents)))
+            if len(results) == len(agents):
+                break
+            time.sleep(POLL_SECONDS)
     except KeyboardInterrupt as err:
         echo("stopping the agents and their runs (each run keeps its last checkpoint)")
         processes.stop()
         raise Interrupted("interrupted") from err
-    echo(f"sweep {target}: {len(agents) - failed} of {len(agents)} agents succeeded")
-    return 1 if failed else 0
-
-
-def _relay(process: subprocess.Popen, tag: str, errors: list[str]) -> None:
-    assert process.stdout is not None
-    for line in process.stdout:
-        sys.stdout.write(tag + line)
-        sys.stdout.flush()
-        if ERROR_MARK in line:
-            errors.append(line.strip())
+    ended = [results[i] for i in range(len(agents))]
+    echo(summary_line(f"sweep {target}", ended, logs))
+    return 1 if any(r.status == FAILED for r in ended) else 0

@@ -18,16 +18,22 @@ Subcommands (``python -m gradtrace.sweeps ...``, or ``make sweep`` /
     Create the sweep on the W&B server (needs ``wandb login`` and network; or join one with
     ``--sweep-id``) and start one ``wandb agent`` per listed GPU (per N GPUs with ``--ddp``);
     the exit status is 1 when an agent failed (see :mod:`gradtrace.sweeps.agents`).
-``local SWEEP [--gpus 0,1] [--ddp N] [--root DIR] [-- OVERRIDES...]``
+``local SWEEP [--gpus 0,1] [--ddp N] [--root DIR] [--shard K/N] [-- OVERRIDES...]``
     No W&B server: expand the grid and run each cell as a subprocess, logging CSV and W&B
     offline; one cell per GPU (or group of N) at a time with ``--gpus``, one after the other
-    without. A failed cell is reported (run directory, exit code, log file) and the rest go
-    on; the exit status is 1 if any failed. A finished cell writes ``<run dir>/done.json``;
-    a rerun skips those and resumes the others from their ``last.ckpt``.
+    without. ``--shard K/N`` runs only shard K (0-based) of N of the grid: the cells whose
+    index i in grid order has i % N == K (one SLURM array task each: ``--shard
+    $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``). Each cell's output goes to its
+    ``<run dir>/launch.log``; the command prints one line per cell as it ends (done, failed
+    with its log's last error line, skipped, resumed) and a summary. A failed cell does not
+    stop the rest; the exit status is 1 if any failed. A finished cell writes
+    ``<run dir>/done.json``; a rerun skips those and resumes the others from their
+    ``last.ckpt``.
 ``show SWEEP``
     Validate, print the number of runs and each run's command line.
 
-Ctrl-C stops every agent or cell and its training processes, and exits with status 130.
+Ctrl-C stops every agent or cell and its training processes, and exits with status 130. Bad
+input (a sweep file, GPU list or ``--shard`` that cannot run) exits with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -42,32 +48,28 @@ from pathlib import Path
 
 from gradtrace.sweeps.agents import gpu_groups, launch_agents
 from gradtrace.sweeps.grid import (
+    ROOT_OPTION,
+    Shard,
     SweepConfigError,
     agent_command,
+    configured_root,
     expand,
     gradtrace_args,
     load_sweep,
+    sweep_root,
     with_ddp,
 )
 from gradtrace.sweeps.launch import (
-    CellResult,
+    LOG_FILE,
+    RESUME_ARGUMENT,
     Interrupted,
     parse_gpus,
     run_cells,
     split_run_arguments,
 )
+from gradtrace.sweeps.outcome import DONE, FAILED, LaunchResult, summary_line
 
 __all__ = ["local_runs", "main", "run_local"]
-
-
-def _root_of(command: Sequence[str]) -> str | None:
-    found = None
-    for i, arg in enumerate(command):
-        if arg.startswith("--trainer.default_root_dir="):
-            found = arg.split("=", 1)[1]
-        elif arg == "--trainer.default_root_dir" and i + 1 < len(command):
-            found = command[i + 1]
-    return found
 
 
 def local_runs(
@@ -84,8 +86,8 @@ def local_runs(
     plus ``--trainer.default_root_dir=<root>`` (unless the command has it already),
     ``--wandb=true`` (unless ``use_wandb`` is false), ``overrides`` (appended last so they
     win) and ``--ckpt_path=last`` when the run has a checkpoint to resume. ``root`` defaults
-    to the command's ``--trainer.default_root_dir``, else ``runs/sweeps/<file stem>``. The
-    run directory is the CLI's own (:func:`gradtrace.cli.trainer_cli.run_directory`).
+    to :func:`~gradtrace.sweeps.grid.sweep_root`. The run directory is the CLI's own
+    (:func:`gradtrace.cli.trainer_cli.run_directory`).
     """
     from gradtrace.cli.trainer_cli import last_checkpoint, run_directory
 
@@ -93,19 +95,19 @@ def local_runs(
     if ddp > 1:
         config = with_ddp(config, ddp)
     cells = expand(config)
-    if any(o.startswith(("--trainer.default_root_dir", "--run_name")) for o in overrides):
+    if any(o.startswith((ROOT_OPTION, "--run_name")) for o in overrides):
         raise ValueError(
             "give the output folder with --root; run names come from the settings "
             "(do not override --trainer.default_root_dir or --run_name)"
         )
-    own_root = _root_of(agent_command(config, cells[0], interpreter=sys.executable))
-    root = Path(root or own_root or Path("runs/sweeps") / Path(path).stem)
+    own_root = configured_root(config)
+    root = Path(root or sweep_root(config, path))
     runs: list[tuple[Path, list[str]]] = []
     seen: dict[Path, dict] = {}
     for cell in cells:
         command = agent_command(config, cell, interpreter=sys.executable)
-        if own_root is None or Path(own_root) != root:
-            command.append(f"--trainer.default_root_dir={root}")
+        if own_root != root:
+            command.append(f"{ROOT_OPTION}={root}")
         command += ["--wandb=true"] if use_wandb else []
         command += list(overrides)
         run_dir = run_directory(gradtrace_args(command))
@@ -116,7 +118,7 @@ def local_runs(
             )
         seen[run_dir] = cell.params
         if last_checkpoint(run_dir) is not None:
-            command.append("--ckpt_path=last")
+            command.append(RESUME_ARGUMENT)
         runs.append((run_dir, command))
     return root, runs
 
@@ -130,16 +132,23 @@ def run_local(
     overrides: Sequence[str] = (),
     use_wandb: bool = True,
     dry_run: bool = False,
+    shard: Shard | None = None,
     echo: Callable[[str], None] = print,
-) -> list[CellResult]:
-    """Run every cell of the grid in ``path`` without a W&B server (``sweep local``); see
-    :func:`local_runs` for the commands. ``gpus`` run one cell per GPU (per ``ddp`` GPUs)."""
+) -> list[LaunchResult]:
+    """Run the cells of the grid in ``path`` without a W&B server (``sweep local``): all of
+    them, or ``shard``'s; see :func:`local_runs` for the commands. ``gpus`` run one cell per
+    GPU (per ``ddp`` GPUs). Prints a line on what runs where, one line per cell as it ends
+    and a summary."""
     slots = gpu_groups(list(gpus), ddp) if gpus else []  # bad GPU lists stop before parsing
     root, runs = local_runs(path, ddp=ddp, root=root, overrides=overrides, use_wandb=use_wandb)
+    # Every cell's run directory was computed: cells of two shards never share one.
+    picked = shard.select(runs) if shard else runs
+    which = f"shard {shard}: {len(picked)} of {len(runs)} runs" if shard else f"{len(runs)} runs"
     where = f"on GPUs {' '.join(slots)}" if slots else "one after the other"
-    echo(f"{path}: {len(runs)} runs, {where}, under {root}")
+    logs = f"{root}/<run>/{LOG_FILE}"
+    echo(f"{path}: {which}, {where}, under {root} (each run's output: {logs})")
     if dry_run:
-        for run_dir, command in runs:
+        for run_dir, command in picked:
             echo(f"{run_dir.name}: {shlex.join(command)}")
         return []
     env = dict(os.environ)
@@ -147,16 +156,9 @@ def run_local(
     env.pop("WANDB_RUN_ID", None)
     if use_wandb:
         env["WANDB_MODE"] = "offline"
-    results = run_cells(runs, gpus=slots, env=env, echo=echo)
-    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
-    echo(
-        f"{path}: {counts['done']} done, {counts['skipped']} skipped (finished before), "
-        f"{counts['failed']} failed"
-    )
-    for r in results:
-        if r.status == "failed":
-            echo(f"  FAILED {r.run_dir}: exit code {r.exit_code}, log {r.log_file}")
-    if use_wandb and counts["done"]:
+    results = run_cells(picked, gpus=slots, env=env, echo=echo)
+    echo(summary_line(str(path), results, logs))
+    if use_wandb and any(r.status == DONE for r in results):
         echo(f"W&B offline runs: upload them with `wandb sync {root}/*/wandb/offline-*`")
     return results
 
@@ -188,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--root", type=Path, default=None, help="output folder")
     local.add_argument("--no-wandb", action="store_true", help="CSV only, no W&B offline run")
     local.add_argument("--dry-run", action="store_true", help="print the commands only")
+    local.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="run only shard K (0-based) of N: the cells i with i %% N == K (SLURM arrays)",
+    )
     show = sub.add_parser("show", help="validate and print the grid's commands")
     show.add_argument("sweep", type=Path)
     return parser
@@ -211,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(shlex.join(agent_command(config, cell)))
             return 0
         if args.action == "local":
+            shard = None if args.shard is None else Shard.parse(args.shard)
             results = run_local(
                 args.sweep,
                 gpus=args.gpus,
@@ -219,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides=overrides,
                 use_wandb=not args.no_wandb,
                 dry_run=args.dry_run,
+                shard=shard,
             )
-            return 1 if any(r.status == "failed" for r in results) else 0
+            return 1 if any(r.status == FAILED for r in results) else 0
         return launch_agents(
             args.sweep,
             gpus=args.gpus,

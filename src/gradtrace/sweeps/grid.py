@@ -5,27 +5,32 @@ The expansion is W&B's grid order, written out here so that W&B's ``sweeps`` eng
 pins ``numpy<2``) is no dependency: parameters sorted by name, the cartesian product of their
 ``values`` with the first parameter varying slowest, repeated values (equal as YAML) once,
 constant ``value`` parameters in every run. ``tests/test_sweeps.py`` checks it against the
-engine on every file in ``sweeps/``.
+engine on every file in ``sweeps/``. A :class:`Shard` of a grid is every N-th of its cells,
+for running one grid as N jobs (a SLURM array).
 """
 
 from __future__ import annotations
 
 import itertools
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 __all__ = [
     "Cell",
+    "Shard",
     "SweepConfigError",
     "agent_command",
+    "configured_root",
     "expand",
     "gradtrace_args",
     "load_sweep",
+    "sweep_root",
     "validate",
     "with_ddp",
 ]
@@ -44,6 +49,10 @@ _LOCAL_MACROS = (
     "args_append_hydra",
     "args_override_hydra",
 )
+
+SWEEPS_ROOT = Path("runs/sweeps")
+ROOT_OPTION = "--trainer.default_root_dir"
+_Item = TypeVar("_Item")
 
 
 class SweepConfigError(ValueError):
@@ -108,6 +117,36 @@ class Cell:
     def params(self) -> dict[str, Any]:
         """``{parameter: value}``."""
         return {key: spec["value"] for key, spec in self.config.items()}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (``K/N``, 0-based, as a SLURM array's task ids): the cells
+    whose position ``i`` in grid order has ``i % count == index``. The N shards of a grid
+    hold each of its cells exactly once."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"--shard expects K/N with 0 <= K < N; got '{self}'")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"1/4"`` -> ``Shard(1, 4)``; anything else raises ``ValueError`` with the one line
+        the command prints."""
+        match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+        if match is None:
+            raise ValueError(f"--shard expects K/N with 0 <= K < N; got {text!r}")
+        return cls(int(match[1]), int(match[2]))
+
+    def select(self, items: Sequence[_Item]) -> list[_Item]:
+        """This shard's items of ``items`` (cells, or runs, in grid order)."""
+        return list(items[self.index :: self.count])
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 def _same_yaml(value: Any) -> str:
@@ -190,6 +229,23 @@ def gradtrace_args(command: Sequence[str]) -> list[str]:
     raise SweepConfigError(
         f"the command must run `python -m gradtrace <subcommand> ...`; got {command}"
     )
+
+
+def configured_root(config: Mapping[str, Any]) -> Path | None:
+    """The ``--trainer.default_root_dir`` the sweep's command sets, or ``None``."""
+    command = [str(c) for c in config.get("command") or []]
+    found = None
+    for i, arg in enumerate(command):
+        if arg.startswith(f"{ROOT_OPTION}="):
+            found = arg.split("=", 1)[1]
+        elif arg == ROOT_OPTION and i + 1 < len(command):
+            found = command[i + 1]
+    return None if found is None else Path(found)
+
+
+def sweep_root(config: Mapping[str, Any], path: str | Path) -> Path:
+    """The sweep's output folder: :func:`configured_root`, else ``runs/sweeps/<file stem>``."""
+    return configured_root(config) or SWEEPS_ROOT / Path(path).stem
 
 
 def with_ddp(config: Mapping[str, Any], processes: int) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Launching runs as subprocesses: a pool of GPUs (one run per GPU at a time), one log and one
-``done.json`` per run directory, and stopping everything on Ctrl-C.
+``done.json`` per run directory, one line per run as it ends (see
+:mod:`gradtrace.sweeps.outcome`), and stopping everything on Ctrl-C.
 
 Every child starts in its own process group; on Ctrl-C (or SIGTERM) the launcher sends SIGINT
 to each child's group and to the groups of the child's descendants (``wandb agent`` starts
@@ -32,13 +33,14 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from gradtrace.sweeps.outcome import DONE, FAILED, SKIPPED, LaunchResult, last_error_line
 
 __all__ = [
     "DONE_FILE",
     "LOG_FILE",
-    "CellResult",
+    "RESUME_ARGUMENT",
     "Interrupted",
     "ProcessGroups",
     "cell_environment",
@@ -51,6 +53,8 @@ __all__ = [
 
 DONE_FILE = "done.json"
 LOG_FILE = "launch.log"
+# What the launchers append to a command whose run has a checkpoint to continue from.
+RESUME_ARGUMENT = "--ckpt_path=last"
 GRACE_SECONDS = 30.0
 LOCAL_ADDRESS = "127.0.0.1"
 # Below the ranges the system hands out to outgoing connections (Linux 32768-60999, macOS and
@@ -199,18 +203,6 @@ class ProcessGroups:
             process.wait()
 
 
-@dataclass
-class CellResult:
-    """How one run ended: ``status`` is ``done``, ``skipped`` or ``failed``."""
-
-    run_dir: Path
-    status: str
-    exit_code: int | None = None
-    seconds: float = 0.0
-    log_file: Path | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
 def final_metrics(run_dir: Path) -> dict[str, float]:
     """The last finite value of every metric but the per-layer ``grad_flow/*`` in
     ``<run_dir>/metrics.csv``; ``{}`` when nothing was logged."""
@@ -231,16 +223,18 @@ def run_cells(
     env: Mapping[str, str] | None = None,
     echo: Callable[[str], None] = print,
     groups: ProcessGroups | None = None,
-) -> list[CellResult]:
-    """Run ``(run directory, command)`` pairs as subprocesses.
+) -> list[LaunchResult]:
+    """Run ``(run directory, command)`` pairs as subprocesses; one
+    :meth:`~gradtrace.sweeps.outcome.LaunchResult.line` goes to ``echo`` as each ends.
 
     A run whose directory holds ``done.json`` is skipped. Otherwise its output is appended to
     ``<run dir>/launch.log``; exit code 0 writes ``done.json`` (command, seconds, final
-    metrics). With ``gpus``, as many runs go at once as there are entries, each with
+    metrics); a command holding :data:`RESUME_ARGUMENT` is reported as resumed. With
+    ``gpus``, as many runs go at once as there are entries, each with
     ``CUDA_VISIBLE_DEVICES`` set to its GPU; without, one at a time. Each child has a
     ``MASTER_PORT`` no other running child has (see the module docstring). A failure is
-    reported and the others go on. Ctrl-C stops every child (see the module docstring) and
-    raises :class:`Interrupted`.
+    reported with its log's last error line, and the others go on. Ctrl-C stops every child
+    (see the module docstring) and raises :class:`Interrupted`.
     """
     groups = groups or ProcessGroups()
     lock = threading.Lock()
@@ -254,26 +248,25 @@ def run_cells(
         with lock:
             echo(message)
 
-    def one(index: int, run_dir: Path, command: list[str]) -> CellResult:
+    def launch(run_dir: Path, command: list[str]) -> LaunchResult:
         done = run_dir / DONE_FILE
-        tag = f"[{index + 1}/{total}] {run_dir.name}"
+        log_file = run_dir / LOG_FILE
         if done.is_file():
             recorded = json.loads(done.read_text())
-            say(f"{tag}: skipped, finished before ({done})")
-            return CellResult(run_dir, "skipped", 0, metrics=recorded["metrics"])
+            return LaunchResult(run_dir.name, SKIPPED, log_file, 0, metrics=recorded["metrics"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        log_file = run_dir / LOG_FILE
+        resumed = RESUME_ARGUMENT in command
         gpu = free.get()
         with lock:
             port = free_port(ports)
             ports.add(port)
         try:
             child_env = cell_environment(os.environ if env is None else env, port, gpu)
-            say(f"{tag}: started{'' if gpu is None else f' on GPU {gpu}'}, log {log_file}")
             start = time.perf_counter()
             with log_file.open("a") as log:
                 log.write(f"\n$ {shlex.join(command)}\n")
                 log.flush()
+                this_launch = log.tell()  # where this launch's output starts
                 process = groups.start(command, stdout=log, stderr=subprocess.STDOUT, env=child_env)
                 code = process.wait()
             seconds = time.perf_counter() - start
@@ -282,8 +275,8 @@ def run_cells(
                 ports.discard(port)
             free.put(gpu)
         if code != 0:
-            say(f"{tag}: FAILED with exit code {code} after {seconds:.0f} s; log: {log_file}")
-            return CellResult(run_dir, "failed", code, seconds, log_file)
+            error = last_error_line(log_file, this_launch)
+            return LaunchResult(run_dir.name, FAILED, log_file, code, seconds, {}, resumed, error)
         metrics = final_metrics(run_dir)
         record = {
             "run_dir": str(run_dir),
@@ -294,9 +287,12 @@ def run_cells(
             "metrics": metrics,
         }
         done.write_text(json.dumps(record, indent=2))
-        shown = f", val/acc {metrics['val/acc']:.4f}" if "val/acc" in metrics else ""
-        say(f"{tag}: done in {seconds:.0f} s{shown}")
-        return CellResult(run_dir, "done", 0, seconds, log_file, metrics)
+        return LaunchResult(run_dir.name, DONE, log_file, 0, seconds, metrics, resumed)
+
+    def one(index: int, run_dir: Path, command: list[str]) -> LaunchResult:
+        result = launch(run_dir, command)
+        say(result.line(index, total))
+        return result
 
     pool = ThreadPoolExecutor(max_workers=max(1, len(gpus)))
     futures = [pool.submit(one, i, run_dir, cmd) for i, (run_dir, cmd) in enumerate(runs)]

@@ -1,5 +1,6 @@
 """Table 1's markdown: measured values next to the report's (MLP Coursework 2, Table 1), the
-differences, the report's qualitative result checked, the gradient ratios and the figures."""
+differences, the report's qualitative result checked (:mod:`gradtrace.studies.claims`), the
+gradient ratios and the figures."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from gradtrace.studies.claims import Claim, claims_markdown, grad_ratio
 from gradtrace.studies.short_run import RunSpec
-from gradtrace.studies.table1.rows import METRICS, RowRun, grad_ratio
+from gradtrace.studies.table1.rows import METRICS, RowRun
 
-__all__ = ["CIFAR100", "REPORTED", "checks", "count_params", "format_report"]
+__all__ = ["CIFAR100", "REPORTED", "count_params", "format_report"]
 
 # Table 1 of the report: #params, train loss, train acc (%), val loss, val acc (%).
 REPORTED: dict[str, tuple[str, float, float, float, float]] = {
@@ -48,44 +50,6 @@ def _diff(measured: float | None, reported: float) -> str:
     return f"{measured - reported:+.2f}"
 
 
-def checks(rows: Sequence[RowRun]) -> list[tuple[bool, str]]:
-    """The report's qualitative result, checked on ``rows``: ``(holds, statement)``."""
-    by_name = {r.spec.name: r for r in rows}
-    out = []
-    if "vgg38" in by_name:
-        r = by_name["vgg38"]
-        chance = 1.0 / r.num_classes
-        acc = r.metrics.get("val/acc", math.nan)
-        out.append(
-            (
-                acc < 1.5 * chance,
-                f"plain VGG38 stays at chance: val acc {100 * acc:.1f}% "
-                f"(chance {100 * chance:.0f}%)",
-            )
-        )
-        ratio = grad_ratio(r.history)
-        out.append(
-            (
-                ratio < 1e-3,
-                f"plain VGG38's gradient collapses toward the input: first/last layer mean "
-                f"|grad| {ratio:.1e} (< 1e-3)",
-            )
-        )
-    for name in ("vgg38-bn", "vgg38-rc", "vgg38-bn-rc", "vgg38-bn-rc-lr1e-2", "vgg08"):
-        if name in by_name:
-            r = by_name[name]
-            chance = 1.0 / r.num_classes
-            acc = r.metrics.get("val/acc", math.nan)
-            out.append(
-                (
-                    acc > 2 * chance,
-                    f"{r.spec.label} (lr {r.spec.lr:g}) learns: val acc {100 * acc:.1f}% "
-                    f"(> 2x chance, {200 * chance:.0f}%)",
-                )
-            )
-    return out
-
-
 def _schedule(rows: Sequence[RowRun]) -> str:
     floors = {float(r.spec.model.get("lr_min") or 0.0) for r in rows}
     floor = f"{floors.pop():g}" if len(floors) == 1 else "each row's floor"
@@ -94,13 +58,14 @@ def _schedule(rows: Sequence[RowRun]) -> str:
 
 def format_report(
     rows: Sequence[RowRun],
+    claims: Sequence[Claim],
     budget: str,
     data: str,
     figure_paths: Sequence[Path],
     out: Path,
     wall_seconds: float | None = None,
 ) -> str:
-    """The markdown of ``table1.md``."""
+    """The report's markdown: ``rows`` measured, ``claims`` checked on them."""
     smoke_budget = budget == "smoke"
     synthetic = "SYNTHETIC" in data
     lines = [f"# Table 1 of the MLP Coursework 2 report, reproduced ({budget} budget)", ""]
@@ -179,9 +144,7 @@ def format_report(
             value = None if value is None else scale * value
             cells += [_num(value), f"{report_value:.2f}", _diff(value, report_value)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## The qualitative result", ""]
-    for holds, statement in checks(rows):
-        lines.append(f"- {'holds' if holds else '**DOES NOT HOLD**'}: {statement}")
+    lines += ["", "## The qualitative result", "", *claims_markdown(claims)]
     lines += ["", "Gradient ratio (first/last layer mean |grad|, last 5 logged steps):", ""]
     lines += ["| Model | LR | ratio |", "|---|---:|---:|"]
     lines += [f"| {r.spec.label} | {r.spec.lr:g} | {grad_ratio(r.history):.1e} |" for r in rows]

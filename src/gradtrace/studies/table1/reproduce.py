@@ -6,22 +6,31 @@ Two budgets:
     The seven shipped ``configs/table1/*`` runs (CIFAR-100, 47,500 / 2,500 / 10,000, Adam,
     cosine annealing to 2e-5, batch 100, 100 epochs, crop + flip, the original's fixed
     CIFAR-10 normalisation, fp32), each through the ``gradtrace`` CLI as a subprocess under
-    ``--root``, on one device (one row per GPU at a time with ``--gpus``, else one after the
-    other; a finished row is skipped and an interrupted one resumed on the next call, as in
-    ``sweep local``). ``--from DIR``
-    collects the rows from finished runs instead: any folder holding CLI runs
-    (``runs/sweeps/table1`` after ``make sweep-local SWEEP=sweeps/table1.yaml``, or a W&B
-    agent's output folder).
+    ``--root`` (default ``runs/table1``), on one device (one row per GPU at a time with
+    ``--gpus``, else one after the other; a finished row is skipped and an interrupted one
+    resumed on the next call, as in ``sweep local``). Each run's output goes to its
+    ``launch.log``; the command prints one line per run as it ends and a summary, and stops
+    with exit status 1 when a run failed. ``--from DIR`` collects the rows from finished
+    runs instead: any folder holding CLI runs (``runs/sweeps/table1`` after ``make
+    sweep-local SWEEP=sweeps/table1.yaml``, or a W&B agent's output folder).
 ``smoke`` (CPU, minutes)
     Fashion-MNIST (found or downloaded; synthetic data only with ``--synthetic``), a
     class-balanced subset, 150 steps per row (300 for VGG38 RC, which starts slowly without
-    BN), batch 16, in process (``study.short_run``) on one device.
-    The numbers are not CIFAR-100's; what must hold is the report's qualitative result:
-    plain VGG38 at chance with a collapsed gradient ratio, the BN, RC and BN+RC rows learn.
+    BN), batch 16, in process (``study.short_run``) on one device, under ``--root`` (default
+    ``runs/table1-smoke``). The numbers are not CIFAR-100's; what must hold is the report's
+    qualitative result: plain VGG38 at chance with a collapsed gradient ratio, the BN, RC and
+    BN+RC rows learn.
 
-Writes ``<out>/table1.md`` (:mod:`~gradtrace.studies.table1.report`) and
-``<out>/figures/fig{1..5}_*.png`` (:mod:`~gradtrace.studies.table1.figures`); rows are
-read by :mod:`~gradtrace.studies.table1.rows`.
+Writes ``<out>/report.md`` (:mod:`~gradtrace.studies.table1.report`) and
+``<out>/figures/fig{1..5}_*.png`` (:mod:`~gradtrace.studies.table1.figures`), ``--out``
+being the runs' folder unless given; ``--update-reports`` also copies them to the committed
+``reports/table1.md`` and ``reports/figures/``. Rows are read by
+:mod:`~gradtrace.studies.table1.rows`.
+
+Exit status: 0 when every claim of the report holds or is not established at the budget
+(:mod:`gradtrace.studies.claims`); 1 when a run failed, or when a claim does not hold (after
+writing the report; one line names those claims); 2 for bad input (arguments, missing data or
+runs); 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -37,20 +47,36 @@ from pathlib import Path
 from gradtrace.cli.run_files import read_run
 from gradtrace.cli.trainer_cli import idle_gpus_note
 from gradtrace.data import DataNotFoundError
+from gradtrace.studies.claims import (
+    SETTLING_STEPS,
+    SLOW_START,
+    Claim,
+    check_claims,
+    does_not_hold_line,
+)
 from gradtrace.studies.short_run import table1_specs
 from gradtrace.studies.table1.figures import figures
 from gradtrace.studies.table1.report import format_report
 from gradtrace.studies.table1.rows import METRICS, RowRun, collect, measured
-from gradtrace.sweeps.launch import Interrupted, parse_gpus, run_cells, split_run_arguments
+from gradtrace.sweeps.launch import (
+    LOG_FILE,
+    RESUME_ARGUMENT,
+    Interrupted,
+    parse_gpus,
+    run_cells,
+    split_run_arguments,
+)
+from gradtrace.sweeps.outcome import FAILED, summary_line
 
-__all__ = ["SMOKE_STEPS", "full_commands", "main", "smoke"]
+__all__ = ["full_commands", "main", "run_full_budget", "smoke", "write_report"]
 
 log = logging.getLogger(__name__)
 
-SMOKE_STEPS = 150
-# Rows that get more smoke steps. Without BN, VGG38 RC starts slowly: measured on
-# Fashion-MNIST (batch 16), 23% validation accuracy after 200 steps, 58% after 300.
-SMOKE_STEP_FACTOR = {"vgg38-rc": 2}
+FULL_ROOT = Path("runs/table1")
+SMOKE_ROOT = Path("runs/table1-smoke")
+REPORT_FILE = "report.md"
+# The committed copy, refreshed only with --update-reports.
+COMMITTED_REPORT = Path("reports/table1.md")
 
 
 def full_commands(root: Path, extra: Sequence[str] = ()) -> list[tuple[Path, list[str]]]:
@@ -64,14 +90,26 @@ def full_commands(root: Path, extra: Sequence[str] = ()) -> list[tuple[Path, lis
         args = ["fit", f"--config=table1/{spec.name}", f"--trainer.default_root_dir={root}"]
         args += list(extra)
         run_dir = run_directory(args)
-        resume = ["--ckpt_path=last"] if last_checkpoint(run_dir) is not None else []
+        resume = [RESUME_ARGUMENT] if last_checkpoint(run_dir) is not None else []
         runs.append((run_dir, [sys.executable, "-m", "gradtrace", *args, *resume]))
     return runs
 
 
+def run_full_budget(root: Path, extra: Sequence[str], gpus: Sequence[str]) -> bool:
+    """Run the seven full-budget rows under ``root`` (:func:`full_commands`), one line per
+    run as it ends and a summary; whether all of them finished."""
+    runs = full_commands(root, extra)
+    where = f"one per GPU at a time on GPUs {' '.join(gpus)}" if gpus else "one after the other"
+    logs = f"{root}/<run>/{LOG_FILE}"
+    print(f"Table 1: {len(runs)} runs, {where}, under {root} (each run's output: {logs})")
+    results = run_cells(runs, gpus=gpus)
+    print(summary_line("Table 1", results, logs))
+    return not any(result.status == FAILED for result in results)
+
+
 def smoke(
     root: Path,
-    steps: int = SMOKE_STEPS,
+    steps: int = SETTLING_STEPS,
     batch_size: int = 16,
     subset: int | None = None,
     val_size: int = 300,
@@ -82,7 +120,8 @@ def smoke(
     """Train the seven rows briefly on the smoke data; returns the rows and the data's
     description.
 
-    Each row trains ``steps`` optimizer steps (times :data:`SMOKE_STEP_FACTOR`) on a
+    Each row trains ``steps`` optimizer steps (times its
+    :data:`~gradtrace.studies.claims.SLOW_START` factor) on a
     class-balanced ``subset`` of the training images (default: two epochs of ``steps``),
     so the training metrics are those of the last epoch, as in the report; validation
     runs ``val_checks_per_epoch`` times an epoch. ``synthetic`` trains on synthetic data
@@ -101,7 +140,7 @@ def smoke(
     rows = []
     for spec in table1_specs():
         start = time.perf_counter()
-        row_steps = steps * SMOKE_STEP_FACTOR.get(spec.name, 1)
+        row_steps = steps * SLOW_START.get(spec.name, 1)
         log.info("smoke: %s, lr %g, %d steps", spec.label, spec.lr, row_steps)
         result = short_run(
             spec,
@@ -140,6 +179,31 @@ def smoke(
     return rows, description
 
 
+def write_report(
+    rows: Sequence[RowRun],
+    claims: Sequence[Claim],
+    budget: str,
+    data: str,
+    out: Path,
+    wall_seconds: float,
+    update_reports: bool = False,
+) -> str:
+    """Write ``<out>/report.md`` and ``<out>/figures/`` (with ``update_reports``, copy them to
+    the committed ``reports/table1.md`` and ``reports/figures/`` too); returns the report."""
+    paths = figures(rows, out, budget)
+    report = format_report(rows, claims, budget, data, paths, out, wall_seconds=wall_seconds)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_FILE).write_text(report)
+    if update_reports:
+        committed_figures = COMMITTED_REPORT.parent / "figures"
+        committed_figures.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / REPORT_FILE, COMMITTED_REPORT)
+        for path in paths:
+            if path.resolve() != (committed_figures / path.name).resolve():
+                shutil.copyfile(path, committed_figures / path.name)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; see ``python -m gradtrace.studies.table1 --help``."""
     argv, extra = split_run_arguments(sys.argv[1:] if argv is None else argv)
@@ -155,15 +219,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--from", dest="source", type=Path, default=None, help="collect finished runs from DIR"
     )
     parser.add_argument("--dataset", default="cifar100", help="dataset of the runs --from collects")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
-    parser.add_argument("--root", type=Path, default=None, help="where the runs go")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help=f"where the runs go (default: {FULL_ROOT}; smoke budget: {SMOKE_ROOT})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"where {REPORT_FILE} and figures/ go (default: the --root folder)",
+    )
+    parser.add_argument(
+        "--update-reports",
+        action="store_true",
+        help=f"also copy the report and its figures to the committed {COMMITTED_REPORT} and "
+        f"{COMMITTED_REPORT.parent / 'figures'}/",
+    )
     parser.add_argument("--gpus", default=None, help="full budget: e.g. 0,1,2,3")
     smoke_group = parser.add_argument_group("smoke budget")
     smoke_group.add_argument(
         "--steps",
         type=int,
-        default=SMOKE_STEPS,
-        help=f"optimizer steps per row (VGG38 RC: x{SMOKE_STEP_FACTOR['vgg38-rc']})",
+        default=SETTLING_STEPS,
+        help=f"optimizer steps per row (VGG38 RC: x{SLOW_START['vgg38-rc']})",
     )
     smoke_group.add_argument("--batch-size", type=int, default=16)
     smoke_group.add_argument(
@@ -202,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if (note := idle_gpus_note(how)) is not None:
                 log.info("%s", note)
+        root = args.root or (SMOKE_ROOT if args.budget == "smoke" else FULL_ROOT)
         if args.budget == "smoke":
-            root = args.root or Path("runs/table1-smoke")
             rows, data = smoke(
                 root,
                 steps=args.steps,
@@ -215,15 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 synthetic=args.synthetic,
             )
         else:
-            if args.source is None:
-                root = args.root or Path("runs/table1")
-                results = run_cells(full_commands(root, extra), gpus=gpus)
-                failed = [r for r in results if r.status == "failed"]
-                if failed:
-                    listed = "; ".join(
-                        f"{r.run_dir} (exit {r.exit_code}, log {r.log_file})" for r in failed
-                    )
-                    raise RuntimeError(f"Table 1 run(s) failed: {listed}")
+            if args.source is None and not run_full_budget(root, extra, gpus):
+                return 1
             rows = collect(args.source or root, dataset=args.dataset)
             data = f"{args.dataset} (runs under {args.source or root})"
             if args.dataset == "cifar100":
@@ -238,10 +311,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     wall = time.perf_counter() - start
-    paths = figures(rows, args.out, args.budget)
-    report = format_report(rows, args.budget, data, paths, args.out, wall_seconds=wall)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table1.md").write_text(report)
+    out = args.out or root
+    claims = check_claims(rows)
+    report = write_report(rows, claims, args.budget, data, out, wall, args.update_reports)
     print(report)
-    print(f"Wrote {args.out / 'table1.md'} and {len(paths)} figures in {wall:.0f} s.")
+    copied = f"; copied to {COMMITTED_REPORT} and its folder" if args.update_reports else ""
+    print(f"Wrote {out / REPORT_FILE} and its figures in {out / 'figures'}{copied}.")
+    failed = does_not_hold_line(claims)
+    if failed is not None:
+        print(f"{parser.prog}: {failed} (see {out / REPORT_FILE})", file=sys.stderr)
+        return 1
     return 0

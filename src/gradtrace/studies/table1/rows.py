@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.cli.run_files import FinishedRun, RunFilesError, read_run
-from gradtrace.measure import input_output_ratio
 from gradtrace.models.vgg import CONFIGS as VGG_DEPTHS
 from gradtrace.studies.short_run import RunSpec, table1_specs
 
-__all__ = ["METRICS", "RowRun", "collect", "grad_ratio", "matches", "measured"]
+__all__ = ["METRICS", "RowRun", "collect", "matches", "measured"]
 
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 TRAIN_KEYS = ("train/loss_step", "train/loss", "train/acc")
@@ -84,14 +83,6 @@ def measured(run: FinishedRun) -> tuple[dict, dict, int, int]:
                 by_x.setdefault(f"{key}_epoch", {})[x_epoch] = value
     curves = {key: sorted(points.items()) for key, points in by_x.items()}
     return final, curves, steps, epochs
-
-
-def grad_ratio(history: Sequence[dict[str, Any]], last_n: int = 5) -> float:
-    """First over last layer's ``mean_abs`` (data-flow order, as recorded), each averaged
-    over its last ``last_n`` records: far below 1 means the gradient vanished at the input."""
-    if len({r["layer"] for r in history}) < 2:
-        return math.nan
-    return input_output_ratio(history, last_n)
 
 
 def _model_defaults() -> dict[str, Any]:
