@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import gradtrace
+from gradtrace.cli.errors import UserError
 from gradtrace.cli.main import COMMANDS, main
 from gradtrace.cli.trainer_cli import GradtraceCLI
+from gradtrace.cli.wandb_login import check_wandb_login
 from gradtrace.data import DataNotFoundError, fashion_mnist
 from helpers.data_files import write_image_folder
 
@@ -150,6 +152,17 @@ def test_wandb_without_a_login_is_one_line_before_any_work(
         "local files with WANDB_MODE=offline and upload them later with `wandb sync`"
     )
     assert not (tmp_path / "runs").exists()  # nothing was started
+    # Each way W&B can log lets the run go on.
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".netrc").write_text("machine api.wandb.ai login user password k3y\n")
+    check_wandb_login()  # after `wandb login`
+    (tmp_path / "home" / ".netrc").write_text("machine example.org login user password k3y\n")
+    with pytest.raises(UserError):
+        check_wandb_login()
+    for name, value in (("WANDB_API_KEY", "k3y"), ("WANDB_MODE", "offline")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            check_wandb_login()
 
 
 def test_models_and_data_that_cannot_work_fail_before_training(

@@ -84,7 +84,7 @@ def test_cifar_head() -> None:
 
 
 def test_invalid_depth() -> None:
-    with pytest.raises(ValueError, match="depth must be one of 11, 13, 16, 19; got 12$"):
+    with pytest.raises(ValueError, match=r"depth must be one of 11, 13, 16, 19; got 12$"):
         VGG(depth=12)
     # The coursework network's depths (8 + 6b) belong to coursework_vgg: the message says so.
     with pytest.raises(ValueError) as info:

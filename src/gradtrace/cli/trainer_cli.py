@@ -14,7 +14,6 @@ for DDP); where more GPUs are visible, one line says so and how to use them.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from gradtrace.classifier import ImageClassifier
 from gradtrace.cli.configs import list_configs, resolve_config_args
 from gradtrace.cli.errors import UserError
 from gradtrace.cli.run_identity import ContinuousRunFiles, ResumeCheckpoint, RunCSVLogger, run_name
+from gradtrace.cli.wandb_login import check_wandb_login, wandb_wanted
 from gradtrace.compat import lightning_cli_config_value, set_subcommand_option_help
 from gradtrace.data.datamodule import ImageDataModule
 from gradtrace.gradient_flow import GradientFlow
@@ -38,7 +38,6 @@ __all__ = [
     "SUBCOMMAND_DESCRIPTIONS",
     "GradtraceCLI",
     "SavePredictions",
-    "check_wandb_login",
     "idle_gpus_note",
     "last_checkpoint",
     "run_directory",
@@ -65,30 +64,6 @@ CKPT_PATH_HELP = {
         for stage in ("validate", "test", "predict")
     },
 }
-# W&B modes that need no account: log to local files only.
-WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
-
-
-def _wandb_wanted(flag: bool | None) -> bool:
-    # ``wandb agent`` exports WANDB_SWEEP_ID to the runs it launches.
-    return bool(flag) if flag is not None else "WANDB_SWEEP_ID" in os.environ
-
-
-def check_wandb_login() -> None:
-    """Raise :class:`UserError` unless W&B can log: a login (``wandb login``,
-    ``WANDB_API_KEY``) or a local mode (``WANDB_MODE=offline``). On a terminal without a login,
-    W&B asks for the key as usual."""
-    if os.environ.get("WANDB_MODE", "").lower() in WANDB_LOCAL_MODES:
-        return
-    import wandb
-
-    try:
-        wandb.login(verify=False)
-    except wandb.errors.UsageError:
-        raise UserError(
-            "--wandb true needs a W&B login: run `wandb login` (or set WANDB_API_KEY), or log "
-            "to local files with WANDB_MODE=offline and upload them later with `wandb sync`"
-        ) from None
 
 
 def idle_gpus_note(how: str) -> str | None:
@@ -233,7 +208,7 @@ class GradtraceCLI(LightningCLI):
         kwargs["default_root_dir"] = str(run_dir)
         if trainer_config.get("logger") in (None, True):
             loggers: list[Logger] = [RunCSVLogger(save_dir=run_dir.parent, name=run_dir.name)]
-            if _wandb_wanted(settings.wandb):
+            if wandb_wanted(settings.wandb):
                 from lightning.pytorch.loggers import WandbLogger
 
                 loggers.append(
@@ -289,7 +264,7 @@ class GradtraceCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         settings = self._settings()
-        if _wandb_wanted(settings.wandb):
+        if wandb_wanted(settings.wandb):
             check_wandb_login()
         trainer = settings.trainer
         if str(trainer.devices) == "1" and str(trainer.accelerator) in ("auto", "gpu", "cuda"):

@@ -36,18 +36,12 @@ def image_folder_classes(path: str | Path) -> list[str]:
 
     train = image_folder_layout(path)["train"]
     try:
-        classes = find_classes(train)[0]
+        return find_classes(train)[0]
     except FileNotFoundError as err:
         raise ValueError(
             f"imagefolder path {path} has no class folders: expected <path>/<class>/<image> or "
             f"<path>/train/<class>/<image> (with optional val/ and test/ alike)"
         ) from err
-    if len(classes) < 2:
-        raise ValueError(
-            f"imagefolder path {path} has one class folder ({classes[0]!r}); a classifier needs "
-            "at least 2, one sub-folder per class"
-        )
-    return classes
 
 
 def _load_image(path: str, mode: str, size: tuple[int, int]) -> torch.Tensor:

@@ -70,6 +70,11 @@ def resolve_classes(
     if kind == "imagefolder":
         classes = tuple(ds.image_folder_classes(folder))
         count = len(classes)
+        if count < 2:  # torchmetrics would fail later, inside the first validation
+            raise ValueError(
+                f"imagefolder path {folder} has one class folder ({classes[0]!r}); a classifier "
+                "needs at least 2, one sub-folder per class"
+            )
     else:
         classes = ds.FASHION_MNIST_CLASSES if kind == "fashion_mnist" else None
         count = 100 if kind == "cifar100" else 10
