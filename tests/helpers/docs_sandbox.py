@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from jsonargparse import Namespace
 from gradtrace.cli.main import USER_ERRORS
 from gradtrace.cli.trainer_cli import GradtraceCLI
 from helpers.data_files import md5_of, write_cifar_archive, write_fashion_mnist
+from helpers.fork_server import CLIENT, SERVER_VARIABLE
 
 __all__ = [
     "SHRINK_OPTIONS",
@@ -191,14 +193,19 @@ def _shrunk_sweep(sweep: dict[str, Any], cifar_md5: str) -> dict[str, Any]:
 SHIM = '''\
 #!{python}
 """gradtrace for the docs tests: the real command with every training shrunk
-(tests/helpers/docs_sandbox.py)."""
+(tests/helpers/docs_sandbox.py), run by the worker's fork server when there is one
+(tests/helpers/fork_server.py)."""
+import os
 import sys
 
-sys.path.insert(0, {tests!r})
-from gradtrace.cli.main import main
-from helpers.docs_sandbox import shrunk_arguments
+if {variable!r} in os.environ:
+{client}
+else:
+    sys.path.insert(0, {tests!r})
+    from gradtrace.cli.main import main
+    from helpers.docs_sandbox import shrunk_arguments
 
-main(shrunk_arguments(sys.argv[1:], {md5!r}))
+    main(shrunk_arguments(sys.argv[1:], {md5!r}))
 '''
 
 
@@ -215,7 +222,16 @@ def write_docs_assets(folder: Path) -> DocsAssets:
         (assets.sweeps / path.name).write_text(yaml.safe_dump(sweep, sort_keys=False))
     assets.bin.mkdir()
     shim = assets.bin / "gradtrace"
-    shim.write_text(SHIM.format(python=sys.executable, tests=str(TESTS_DIR), md5=assets.cifar_md5))
+    client = CLIENT.format(variable=SERVER_VARIABLE, md5=assets.cifar_md5)
+    shim.write_text(
+        SHIM.format(
+            python=sys.executable,
+            variable=SERVER_VARIABLE,
+            client=textwrap.indent(client, "    "),
+            tests=str(TESTS_DIR),
+            md5=assets.cifar_md5,
+        )
+    )
     shim.chmod(0o755)
     return assets
 
@@ -278,9 +294,9 @@ def _environment(root: Path, assets: DocsAssets, base: Mapping[str, str]) -> dic
     }
 
 
-def create_sandbox(root: Path, assets: DocsAssets) -> Sandbox:
+def create_sandbox(root: Path, assets: DocsAssets, fork_server: Path | None = None) -> Sandbox:
     """Fill the empty directory ``root`` with what the documented commands need (see the
-    module docstring)."""
+    module docstring); ``gradtrace`` runs in ``fork_server`` when given (its socket)."""
     for name in ("Makefile", "pyproject.toml", "scripts"):
         (root / name).symlink_to(REPO_ROOT / name)
     _mirror_environment(Path(sys.prefix), root / ".venv")
@@ -289,4 +305,7 @@ def create_sandbox(root: Path, assets: DocsAssets) -> Sandbox:
         (root / "data" / path.name).symlink_to(path)
     (root / "sweeps").symlink_to(assets.sweeps)
     (root / "docs" / "images").mkdir(parents=True)  # where the stabilizers figure is written
-    return Sandbox(root, _environment(root, assets, os.environ), assets.bin)
+    env = _environment(root, assets, os.environ)
+    if fork_server is not None:
+        env[SERVER_VARIABLE] = str(fork_server)
+    return Sandbox(root, env, assets.bin)
