@@ -37,10 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import Namespace
 
 from gradtrace.cli.main import USER_ERRORS
-from gradtrace.cli.trainer_cli import GradtraceCLI
+from gradtrace.cli.trainer_cli import parsed_cli
 from helpers.data_files import md5_of, write_cifar_archive, write_fashion_mnist
 from helpers.fork_server import CLIENT, SERVER_VARIABLE
 
@@ -86,29 +85,13 @@ as it does offline."""
 BLOCK_TIMEOUT_S = 300
 
 
-class _Parsed(Exception):
-    def __init__(self, settings: Namespace) -> None:
-        self.settings = settings
-
-
-class _ParseOnlyCLI(GradtraceCLI):
-    """Stops once the arguments are parsed, before anything is built."""
-
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        raise _Parsed(parser.parse_args(args))
-
-
 def resolved_settings(args: Sequence[str]) -> dict[str, Any]:
     """The settings ``gradtrace <args>`` runs with (``args`` start with the subcommand), by
     parsing only: every ``model``, ``data`` and ``trainer`` option and the others, config
     files and flags resolved, without the list of config files read."""
-    try:
-        _ParseOnlyCLI(args=list(args))
-    except _Parsed as parsed:
-        settings = parsed.settings[args[0]].as_dict()
-        settings.pop("config", None)
-        return settings
-    raise AssertionError("unreachable: the CLI parses before it builds anything")
+    settings = parsed_cli(list(args)).config[args[0]].as_dict()
+    settings.pop("config", None)
+    return settings
 
 
 def shrunk_arguments(args: Sequence[str], cifar_md5: str) -> list[str]:

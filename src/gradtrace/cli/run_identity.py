@@ -14,6 +14,7 @@ after its checkpoint (:class:`ContinuousRunFiles`), and :class:`ResumeCheckpoint
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib
 import json
@@ -104,14 +105,18 @@ def _import_class(path: str) -> Any:
     return getattr(importlib.import_module(module_name), name)
 
 
+@functools.cache
+def _observing_classes() -> tuple[type, ...]:
+    return tuple(_import_class(path) for path in OBSERVING_CALLBACKS)
+
+
 def _observes(callback: Any) -> bool:
     class_path = callback.get("class_path") if isinstance(callback, Mapping) else None
     try:
         cls = _import_class(class_path)
     except (ImportError, AttributeError, ValueError, TypeError):
         return False  # unknown: counted as changing the run
-    observers = tuple(_import_class(path) for path in OBSERVING_CALLBACKS)
-    return isinstance(cls, type) and issubclass(cls, observers)
+    return isinstance(cls, type) and issubclass(cls, _observing_classes())
 
 
 def _identity(config: Mapping[str, Any]) -> dict[str, Any]:

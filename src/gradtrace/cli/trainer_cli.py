@@ -40,6 +40,7 @@ __all__ = [
     "SavePredictions",
     "idle_gpus_note",
     "last_checkpoint",
+    "parsed_cli",
     "run_directory",
 ]
 
@@ -333,9 +334,9 @@ class GradtraceCLI(LightningCLI):
         self._resolve_ckpt_path()
 
 
-class _RunDirectoryFound(Exception):
-    def __init__(self, path: Path) -> None:
-        self.path = path
+class _Parsed(Exception):
+    def __init__(self, cli: GradtraceCLI) -> None:
+        self.cli = cli
 
 
 class _ParseOnlyCLI(GradtraceCLI):
@@ -343,10 +344,21 @@ class _ParseOnlyCLI(GradtraceCLI):
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         # Not LightningCLI's parse_arguments: it warns when given args while sys.argv has
-        # its own (a launcher's), which is what run_directory is for.
+        # its own (a launcher's), which is what parsed_cli is for.
         self.config = parser.parse_args(args)
         self.subcommand = self.config.get("subcommand")
-        raise _RunDirectoryFound(self.run_dir)
+        raise _Parsed(self)
+
+
+def parsed_cli(args: Sequence[str]) -> GradtraceCLI:
+    """``gradtrace <args>`` (``args`` start with the subcommand) parsed and nothing else: its
+    ``config`` (the subcommand's settings under its name), ``run_dir`` and parsers, with no
+    model, data or Trainer built and nothing seeded."""
+    try:
+        _ParseOnlyCLI(args=args)
+    except _Parsed as parsed:
+        return parsed.cli
+    raise AssertionError("unreachable: the CLI always parses before it builds")
 
 
 def run_directory(args: Sequence[str]) -> Path:
@@ -354,8 +366,4 @@ def run_directory(args: Sequence[str]) -> Path:
     found by parsing only: how launchers know where a run goes before starting it.
     Under ``wandb agent`` the environment's run id names it (see :mod:`gradtrace.cli.run_identity`).
     """
-    try:
-        _ParseOnlyCLI(args=args)
-    except _RunDirectoryFound as found:
-        return found.path
-    raise AssertionError("unreachable: the CLI always parses before it builds")
+    return parsed_cli(args).run_dir
