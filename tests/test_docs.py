@@ -19,11 +19,12 @@ How (Sybil parses the pages; tests/helpers/docs_examples.py runs the blocks):
   ``docs_sandbox.SHRINK_OPTIONS`` (one epoch of two steps of 8 images, 16 validation images)
   to every ``fit``/``validate``/``test``/``predict``, plus ``--data.md5`` of the sandbox's
   small CIFAR archive (its ``data/`` holds CIFAR-10/100 and Fashion-MNIST files in the real
-  formats, 32 training and 16 test images each). The sandbox's ``sweeps/*.yaml`` are cut to
-  one cell and carry the same options. Launchers that start ``python -m gradtrace`` themselves
-  (``make reproduce-table1``, ``make demo``) are shrunk through their documented ``ARGS``, set
-  by a directive next to the block: ``<!-- docs-test: env ARGS="-- $DOCS_TEST_OVERRIDES"
-  -->``. ``console`` blocks run as written: their output is the point.
+  formats, 32 training and 16 test images each), and ``--seeds 1 --batch-size 8`` to every
+  ``probe``. The sandbox's ``sweeps/*.yaml`` are cut to one cell and carry the same options.
+  Launchers that start ``python -m gradtrace`` themselves (``make reproduce-table1``, ``make
+  demo``) are shrunk through their documented ``ARGS``, set by a directive next to the block:
+  ``<!-- docs-test: env ARGS="-- $DOCS_TEST_OVERRIDES" -->``. ``console`` blocks run as
+  written: their output is the point.
 - ``<!-- docs-test: slow -->`` marks a block that takes more than about 10 s ``slow``; every
   ``bash`` and ``console`` block is marked ``integration``.
 - ``<!-- skip: next "reason" -->`` (Sybil's) skips the next block; the reason names what tests

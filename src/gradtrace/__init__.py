@@ -1,6 +1,6 @@
 """gradtrace: watch gradients flow through deep image classifiers, and fix them when they vanish.
 
-``from gradtrace import grad_stats`` needs torch alone (:mod:`gradtrace.measure`);
+``from gradtrace import grad_stats`` (or ``probe``) needs torch alone (:mod:`gradtrace.measure`);
 ``from gradtrace import GradientFlow`` needs torch and Lightning. Every export is imported
 on first access, so ``import gradtrace`` alone stays light; ``ImageClassifier`` and
 ``ImageDataModule`` need the ``train`` extra.
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "grad_stats",
     "input_output_ratio",
+    "probe",
     "read_history",
     "select_layers",
 ]
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
         NonFiniteGradientError,
         grad_stats,
         input_output_ratio,
+        probe,
         read_history,
         select_layers,
     )
@@ -44,6 +46,7 @@ _LAZY = {
     "NonFiniteGradientError": "gradtrace.measure",
     "grad_stats": "gradtrace.measure",
     "input_output_ratio": "gradtrace.measure",
+    "probe": "gradtrace.measure",
     "read_history": "gradtrace.measure",
     "select_layers": "gradtrace.measure",
     "ImageClassifier": "gradtrace.classifier",

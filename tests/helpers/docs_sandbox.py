@@ -15,8 +15,9 @@ What a sandbox holds (:func:`create_sandbox`):
   their command extended by :data:`SHRINK_OPTIONS` (and ``--data.md5`` for CIFAR);
 - a shrinking ``gradtrace``, first on ``PATH`` unless a command runs unshrunk: the real
   command with :data:`SHRINK_OPTIONS` and, for CIFAR, ``--data.md5`` of the sandbox's archive
-  appended to every ``fit``, ``validate``, ``test`` and ``predict`` (:func:`shrunk_arguments`);
-  other commands, ``--help`` and ``--print_config`` run unchanged;
+  appended to every ``fit``, ``validate``, ``test`` and ``predict``, and
+  :data:`PROBE_SHRINK_OPTIONS` to every ``probe`` (:func:`shrunk_arguments`); other commands,
+  ``--help`` and ``--print_config`` run unchanged;
 - an environment in which nothing can be downloaded (every proxy is a name that does not
   resolve) and W&B logs offline; ``$DOCS_TEST_OVERRIDES`` holds the shrinking options for the
   launchers' runs, which start ``python -m gradtrace`` themselves.
@@ -44,6 +45,7 @@ from helpers.data_files import md5_of, write_cifar_archive, write_fashion_mnist
 from helpers.fork_server import CLIENT, SERVER_VARIABLE
 
 __all__ = [
+    "PROBE_SHRINK_OPTIONS",
     "SHRINK_OPTIONS",
     "DocsAssets",
     "Sandbox",
@@ -75,6 +77,11 @@ validation of 16 images. ``max_steps`` too, since a launcher's own overrides com
 documented ``--data.subset``. Sizes, not Lightning's ``limit_*_batches``: on the command line
 ``--trainer.limit_val_batches 1`` reads as the float 1.0, the whole set."""
 
+PROBE_SHRINK_OPTIONS = ("--seeds", "1", "--batch-size", "8")
+"""Appended to every ``gradtrace probe`` in the sandbox: one seed of 8 images instead of 3 of
+64 (a documented five-model probe takes half a minute on one core; the sandbox's datasets hold
+32 training images)."""
+
 CIFAR_DATASETS = ("cifar10", "cifar100")
 CIFAR_FILENAMES = ("cifar-10-python.tar.gz", "cifar-100-python.tar.gz")
 TRAINING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -96,13 +103,16 @@ def resolved_settings(args: Sequence[str]) -> dict[str, Any]:
 
 def shrunk_arguments(args: Sequence[str], cifar_md5: str) -> list[str]:
     """``args`` of a ``gradtrace`` command with :data:`SHRINK_OPTIONS` appended to a training
-    (and ``--data.md5=cifar_md5`` when it reads CIFAR); any other command, or one that does
-    not parse (its own run reports that), unchanged."""
+    (and ``--data.md5=cifar_md5`` when it reads CIFAR) and :data:`PROBE_SHRINK_OPTIONS` to a
+    probe; any other command, or one that does not parse (its own run reports that),
+    unchanged."""
     args = list(args)
-    if not args or args[0] not in TRAINING_SUBCOMMANDS:
+    if not args or args[0] not in (*TRAINING_SUBCOMMANDS, "probe"):
         return args
     if any(arg.split("=")[0] in INFORMATION_OPTIONS for arg in args):
         return args
+    if args[0] == "probe":  # appended last: argparse keeps an option's last value
+        return [*args, *PROBE_SHRINK_OPTIONS]
     try:
         dataset = resolved_settings(args)["data"]["dataset"]
     except USER_ERRORS:

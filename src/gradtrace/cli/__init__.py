@@ -1,6 +1,7 @@
 """The ``gradtrace`` command: :mod:`~gradtrace.cli.main` (subcommands, one-line errors),
 :mod:`~gradtrace.cli.trainer_cli` (``fit``/``validate``/``test``/``predict`` on LightningCLI),
 :mod:`~gradtrace.cli.configs` (the shipped configs), :mod:`~gradtrace.cli.run_identity` (one
-name and one directory per run), :mod:`~gradtrace.cli.run_files` (reading a run's files) and
-:mod:`~gradtrace.cli.compare` (``gradtrace compare``).
+name and one directory per run), :mod:`~gradtrace.cli.run_files` (reading a run's files),
+:mod:`~gradtrace.cli.compare` (``gradtrace compare``) and :mod:`~gradtrace.cli.probe`
+(``gradtrace probe``).
 """

@@ -1,6 +1,7 @@
 """What a user gets wrong, said in one line: :class:`UserError` for gradtrace's own checks and
-:class:`CommandParser` for the argument parsing of ``gradtrace summary`` and ``compare``.
-:func:`gradtrace.cli.main.main` prints either as ``gradtrace: error: ...``, exit status 2."""
+:class:`CommandParser` for the argument parsing of ``gradtrace summary``, ``compare`` and
+``probe``. :func:`gradtrace.cli.main.main` prints either as ``gradtrace: error: ...``, exit
+status 2."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The ``gradtrace`` command: ``fit``, ``validate``, ``test`` and ``predict``
-(:mod:`gradtrace.cli.trainer_cli`), ``summary`` (a model's per-layer cost table) and
-``compare`` (finished runs side by side, :mod:`gradtrace.cli.compare`). A user error is one
+(:mod:`gradtrace.cli.trainer_cli`), ``summary`` (a model's per-layer cost table),
+``compare`` (finished runs side by side, :mod:`gradtrace.cli.compare`) and ``probe`` (models'
+gradient flow on one batch, without training, :mod:`gradtrace.cli.probe`). A user error is one
 line, ``gradtrace: error: ...``, and exit status 2 (:mod:`gradtrace.cli.errors`).
 """
 
@@ -30,6 +31,8 @@ COMMANDS = {
     "multiply-accumulates.",
     "compare": "Overlay the gradient flow of finished runs in one figure and print them side "
     "by side as a table.",
+    "probe": "Measure models' gradient flow at initialisation (or after a few steps) on one "
+    "batch, without training, and print them side by side with a figure.",
 }
 """Every subcommand of ``gradtrace`` and the sentence ``gradtrace --help`` shows for it."""
 
@@ -129,6 +132,10 @@ def _run(args: list[str], argv_given: bool) -> None:
         from gradtrace.cli.compare import compare_main
 
         raise SystemExit(compare_main(args[1:]))
+    if command == "probe":
+        from gradtrace.cli.probe import probe_main
+
+        raise SystemExit(probe_main(args[1:]))
     if command not in COMMANDS and not command.startswith("-"):
         raise _unknown_command(command)
     args = resolve_config_args(args)

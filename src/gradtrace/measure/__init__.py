@@ -15,10 +15,17 @@ Usable in any training loop (plain PyTorch, Fabric, Hugging Face), with no Light
   :mod:`~gradtrace.measure.activations` (with :mod:`~gradtrace.measure.activation_catalog`
   and :mod:`~gradtrace.measure.activation_sums`): the other instruments;
 * :mod:`~gradtrace.measure.diagnosis`, :mod:`~gradtrace.measure.faults`,
-  :mod:`~gradtrace.measure.records`: warnings, guarded features, the history and its CSV.
+  :mod:`~gradtrace.measure.records`: warnings, guarded features, the history and its CSV;
+* :mod:`~gradtrace.measure.probe`: :func:`probe`, a model's gradient and activation flow on
+  one batch, over several seeds, without a training run.
+
+The function :func:`probe` takes the name ``gradtrace.measure.probe`` here: reach the module
+with ``from gradtrace.measure.probe import ...`` (``import gradtrace.measure.probe as m`` gives
+the function).
 """
 
 from gradtrace.measure.diagnosis import GradientFlowWarning, NonFiniteGradientError
+from gradtrace.measure.probe import ProbeResult, probe, random_batch
 from gradtrace.measure.records import input_output_ratio, read_history
 from gradtrace.measure.selection import Layer, parameter_names, select_layers
 from gradtrace.measure.stats import STATS, grad_stats, grad_stats_table
@@ -28,10 +35,13 @@ __all__ = [
     "GradientFlowWarning",
     "Layer",
     "NonFiniteGradientError",
+    "ProbeResult",
     "grad_stats",
     "grad_stats_table",
     "input_output_ratio",
     "parameter_names",
+    "probe",
+    "random_batch",
     "read_history",
     "select_layers",
 ]

@@ -1,5 +1,6 @@
 """gradtrace's figures: gradient flow (with an activation panel when recorded), several runs
-overlaid, a layer x step heatmap, training curves; saved to files and sent to loggers.
+overlaid, a layer x step heatmap, training curves, the probe's models side by side; saved to
+files and sent to loggers.
 
 matplotlib is an optional dependency (``pip install 'gradtrace[plot]'``), imported inside the
 functions, so importing this package costs nothing.
@@ -14,6 +15,7 @@ from gradtrace.plots.flow import (
     plot_gradient_heatmap,
     plot_runs,
 )
+from gradtrace.plots.probe import plot_probe
 from gradtrace.plots.style import save_figure, send_to_loggers
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "plot_activation_flow",
     "plot_gradient_flow",
     "plot_gradient_heatmap",
+    "plot_probe",
     "plot_runs",
     "plot_training_curves",
     "save_figure",
