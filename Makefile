@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed-dev
 # pytest workers; the suite is sized for 2 cores.
 JOBS   ?= 2
 
-.PHONY: install test test-fast lint format demo demo-data reproduce-table1 sweep sweep-local bench \
+.PHONY: install test test-fast lint format demo demo-data reproduce-table1 reproduce-architectures \
+	sweep sweep-local bench \
 	gpu-check dist clean
 
 # Reinstalls whenever pyproject.toml changes.
@@ -49,6 +50,15 @@ demo: demo-data
 # launch.log); exit status 1 when a run failed or a claim of the report does not hold.
 reproduce-table1: $(STAMP) $(if $(filter smoke,$(BUDGET)),demo-data)
 	$(BIN)/python -m gradtrace.studies.table1 --budget $(or $(BUDGET),full) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
+
+# The architecture comparison: BUDGET=smoke trains every model of sweeps/architectures.yaml but
+# the 110-layer twins on Fashion-MNIST on a CPU (under 10 minutes) into
+# runs/architectures-smoke/; the full budget runs that grid (GPUS=0,1,... one run per GPU) into
+# runs/architectures/. report.md and figures/ go there; ARGS=--update-reports also refreshes
+# reports/architectures.md and reports/figures/architectures_*.png. Exit status 1 when a run
+# failed or a claim does not hold.
+reproduce-architectures: $(STAMP) $(if $(filter smoke,$(BUDGET)),demo-data)
+	$(BIN)/python -m gradtrace.studies.architectures --budget $(or $(BUDGET),full) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
 
 # DDP=N runs each cell as one DDP run over N of the GPUS (same global batch). One line per
 # agent as it ends; each agent's output, its runs' included, is in runs/sweeps/<grid>/agent-<n>.log.

@@ -156,12 +156,6 @@ def test_a_spec_matches_a_resolved_config_and_not_another_model() -> None:
     assert not specs["plain20"].matches(resnet)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ModelSpec.matches compares only the keys the model value lists: a run with another "
-    "init, weight decay, label smoothing or arch_kwargs matches (Table 1's rows.matches fills "
-    "in ImageClassifier's defaults and compares every setting)",
-)
 def test_a_spec_does_not_match_a_run_with_an_unlisted_setting_changed() -> None:
     specs = shipped_specs()
     resolved = {**classifier_defaults(), **specs["resnet20"].model}
@@ -429,7 +423,7 @@ def test_vgg38_claims_gradient_collapse_at_any_budget_chance_after_settling() ->
     short = claims("full", SETTLING - 1, 1e-5, 0.0149)[chance]
     assert (short.verdict, short.reason) == (
         NOT_ESTABLISHED,
-        "149 of the 150 steps after which a row at chance stays there",
+        "149 of the 150 steps a training claim needs",
     )
     assert claims("smoke", SETTLING, 1e-5, 0.0149)[chance].verdict == HOLDS
     # it left chance at the full budget after settling; no accuracy recorded
@@ -448,12 +442,6 @@ def test_vgg38_claims_gradient_collapse_at_any_budget_chance_after_settling() ->
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vgg38_claims checks 'stays at chance' against the accuracy before the steps and the "
-    "budget: a row above chance does not hold even before 150 steps or at the smoke budget "
-    "(claims.py's own rule, and Table 1's: not established there)",
-)
 def test_plain_vgg38_leaving_chance_early_or_at_the_smoke_budget_is_not_established() -> None:
     def chance_claim(budget: str, steps: int) -> study_claims.Claim:
         row = result("vgg38", "fashion_mnist", steps, 10, 1e-5, val_acc=0.3)
@@ -772,9 +760,8 @@ def test_the_report_goes_under_runs_and_into_reports_only_when_asked(
     ]
     # plain VGG38 at chance after 2 steps: not established; its gradient collapsed: holds
     assert (
-        "- not established at this budget (2 of the 150 steps after which a row at chance stays "
-        "there): plain VGG38 stays at chance (fashion_mnist): val acc 10.0% after 2 steps "
-        "(chance 10%)"
+        "- not established at this budget (2 of the 150 steps a training claim needs): plain "
+        "VGG38 stays at chance (fashion_mnist): val acc 10.0% after 2 steps (chance 10%)"
     ) in report
     assert sorted(p.name for p in (out / "figures").iterdir()) == SMOKE_FIGURES
     assert (tmp_path / "reports" / "architectures.md").read_text() == "the committed report\n"

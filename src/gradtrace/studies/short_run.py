@@ -67,6 +67,8 @@ class RunResult:
     grad_ratio: float
     log_dir: Path
     history: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    model: ImageClassifier | None = field(repr=False, default=None)
+    """The trained model (kept for probing it after training)."""
 
 
 def _label(model: dict[str, Any]) -> str:
@@ -200,4 +202,5 @@ def short_run(
         grad_ratio=ratio if math.isfinite(ratio) else math.inf,
         log_dir=Path(trainer.log_dir),
         history=list(flow.history),
+        model=model,
     )

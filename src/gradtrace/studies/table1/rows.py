@@ -20,7 +20,15 @@ from gradtrace.cli.run_files import FinishedRun, RunFilesError, read_run
 from gradtrace.models.vgg import CONFIGS as VGG_DEPTHS
 from gradtrace.studies.short_run import RunSpec, table1_specs
 
-__all__ = ["METRICS", "RowRun", "collect", "matches", "measured"]
+__all__ = [
+    "METRICS",
+    "RowRun",
+    "collect",
+    "matches",
+    "measured",
+    "model_defaults",
+    "resolved_model_settings",
+]
 
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 TRAIN_KEYS = ("train/loss_step", "train/loss", "train/acc")
@@ -85,14 +93,20 @@ def measured(run: FinishedRun) -> tuple[dict, dict, int, int]:
     return final, curves, steps, epochs
 
 
-def _model_defaults() -> dict[str, Any]:
+def model_defaults() -> dict[str, Any]:
+    """``ImageClassifier``'s default settings, read from its signature."""
     from gradtrace.classifier import ImageClassifier
 
     parameters = inspect.signature(ImageClassifier.__init__).parameters.values()
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
-def _row_settings(model: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+def resolved_model_settings(
+    model: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``model``'s settings over ``defaults`` as a run trains them: coursework aliases and old
+    names resolved, settings that do not change training (classes and channels from the data,
+    memory layout, compilation) left out, so that two equal results train the same network."""
     given = {k: v for k, v in model.items() if v is not None or k not in defaults}
     settings = {**defaults, **given}
     arch = settings.get("arch")
@@ -122,10 +136,11 @@ def _saved_as_old_coursework_name(arch: Any, depth: Any) -> bool:
 def matches(spec: RunSpec, config: Mapping[str, Any], dataset: str) -> bool:
     """Whether the run whose resolved CLI ``config`` is given trains Table 1 row ``spec``
     (see the module docstring)."""
-    defaults = _model_defaults()
+    defaults = model_defaults()
     trainer, data = config.get("trainer") or {}, config.get("data") or {}
     return (
-        _row_settings(config.get("model") or {}, defaults) == _row_settings(spec.model, defaults)
+        resolved_model_settings(config.get("model") or {}, defaults)
+        == resolved_model_settings(spec.model, defaults)
         and not trainer.get("gradient_clip_val")
         and data.get("dataset") == dataset
     )

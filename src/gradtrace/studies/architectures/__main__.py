@@ -1,0 +1,5 @@
+import sys
+
+from gradtrace.studies.architectures.reproduce import main
+
+sys.exit(main())
