@@ -69,6 +69,12 @@ SHIPPED = [
     ("googlenet-noaux", "GoogLeNet no aux", "GoogLeNet",
      {"arch": "googlenet", "batch_norm": True,
       "arch_kwargs": {"stem": "cifar", "aux_logits": False}}),
+    ("googlenet-aux-nobn", "GoogLeNet + aux, no BN", "GoogLeNet",
+     {"arch": "googlenet", "batch_norm": False,
+      "arch_kwargs": {"stem": "cifar", "aux_logits": True}}),
+    ("googlenet-noaux-nobn", "GoogLeNet no aux, no BN", "GoogLeNet",
+     {"arch": "googlenet", "batch_norm": False,
+      "arch_kwargs": {"stem": "cifar", "aux_logits": False}}),
     ("vit_tiny_cifar", "ViT-Ti", "Transformers", {"arch": "vit_tiny_cifar"}),
     ("swin_tiny_cifar", "Swin-T", "Transformers", {"arch": "swin_tiny_cifar"}),
     ("vgg_cifar10", "VGG (seed)", "VGG (seed paper)",
@@ -112,7 +118,7 @@ def test_model_specs_of_the_shipped_sweep() -> None:
     specs, datasets = model_specs(SWEEP)
     assert datasets == ["cifar10", "cifar100"]
     assert [(s.key, s.label, s.family) for s in specs] == [row[:3] for row in SHIPPED]
-    assert len({s.key for s in specs}) == len(specs) == 15
+    assert len({s.key for s in specs}) == len(specs) == 17
     for spec, (_, _, _, value) in zip(specs, SHIPPED):
         # the command's shared --model.* settings under each model value, the value winning
         assert spec.model == {**SHARED, **value}, spec.key
@@ -222,9 +228,9 @@ def study(
     budget: str,
     results: Sequence[ModelResult] = (),
     depth: Sequence[DepthPoint] = (),
-    aux: AuxControl | None = None,
+    aux: dict[str, AuxControl] | None = None,
 ) -> Study:
-    return Study(budget, "made-up data", list(results), list(depth), aux, (0, 1), 8)
+    return Study(budget, "made-up data", list(results), list(depth), aux or {}, (0, 1), 8)
 
 
 def degradation(
@@ -309,9 +315,10 @@ def test_aux_claim_compares_the_early_layers_with_and_without_the_heads() -> Non
     control = aux_control(with_aux, without)
     assert control.early_gains() == pytest.approx(list(gains))
     for budget in ("full", "smoke"):  # an initialisation claim: settled at any budget
-        claim = one(arch_claims.aux_claim(study(budget, aux=control)))
-        assert (
-            claim.name == "GoogLeNet's auxiliary classifiers strengthen the early layers' gradient"
+        claim = one(arch_claims.aux_claim(study(budget, aux={"GoogLeNet + aux": control})))
+        assert claim.name == (
+            "GoogLeNet's auxiliary classifiers strengthen the early layers' gradient "
+            "(GoogLeNet + aux)"
         )
         assert (claim.verdict, claim.reason) == (HOLDS, "")
         assert claim.evidence == (
@@ -321,7 +328,9 @@ def test_aux_claim_compares_the_early_layers_with_and_without_the_heads() -> Non
     weaker = aux_control(
         [[4.0 * g - 1.0, 1.0, 9.0, 9.0, 9.0, 9.0, 9.0] for g in (0.9, 1.0, 3.0)], without
     )
-    claim = one(arch_claims.aux_claim(study("smoke", aux=weaker)))
+    claims = arch_claims.aux_claim(study("smoke", aux={"A": control, "B": weaker}))
+    assert [(c.name[-3:], c.verdict) for c in claims] == [("(A)", HOLDS), ("(B)", DOES_NOT_HOLD)]
+    claim = claims[1]
     assert claim.verdict == DOES_NOT_HOLD  # median x1.000 is no gain
     assert "x1.000 (median of 3 seeds, range 0.900-3.000)" in claim.evidence
     assert arch_claims.aux_claim(study("full")) == []  # no GoogLeNet with heads
@@ -355,14 +364,15 @@ def test_batch_norm_claim_on_the_depth_series() -> None:
         assert (claim.name, claim.verdict, claim.reason) == (name, HOLDS, "")
     assert claim.evidence == (
         "input/output ratio at initialisation, coursework VGG, BN (depth: without / with skips) "
-        "8: 2.0e+00 / 2.0e+00, 14: 1.0e+01 / 1.5e+00, 20: 1.0e+02 / 1.2e+00; CIFAR ResNet "
+        "8: 2.0e+00 / 2.0e+00, 14: 1.0e+01 / 1.5e+00, 20: 1.0e+02 / 1.2e+00; without skips "
+        "+0.142 decades per layer; CIFAR ResNet "
         "(depth: without / with skips) 20: 3.0e+00 / 1.1e+00, 56: 3.0e+01 / 5.0e-01, "
-        "110: 3.0e+02 / 1.3e+00"
-    )
+        "110: 3.0e+02 / 1.3e+00; without skips +0.022 decades per layer"
+    )  # least-squares slopes of log10(ratio) over depth, by hand: 10.194 / 72, 90 / 4104
     failing = {
-        "not rising with depth": (VGG_SERIES, [(20, 3.0, 1.1), (56, 30.0, 1.2), (110, 20.0, 1.3)]),
-        "deepest below 1": ([(8, 0.01, 0.01), (14, 0.1, 1.0), (20, 0.5, 1.0)], RESNET_SERIES),
-        "skips not flatter": (VGG_SERIES, [(20, 3.0, 1.1), (56, 30.0, 1 / 40), (110, 300.0, 1.3)]),
+        "falling with depth": (VGG_SERIES, [(20, 300.0, 1.1), (56, 30.0, 1.2), (110, 20.0, 1.3)]),
+        "deepest below 10": ([(8, 0.01, 0.01), (14, 0.1, 1.0), (20, 9.0, 1.0)], RESNET_SERIES),
+        "skips not flatter": (VGG_SERIES, [(20, 3.0, 1.1), (56, 30.0, 1.0), (110, 300.0, 1 / 400)]),
     }
     for why, (vgg, resnet) in failing.items():
         claim = one(arch_claims.batch_norm_claim(study("smoke", depth=depth_points(vgg, resnet))))
@@ -608,7 +618,7 @@ def test_collect_reads_finished_cli_runs_and_the_report_shows_them(
 
     assert (got.budget, got.data, got.seeds, got.probe_batch) == ("full", "synthetic", (0, 1), 8)
     assert calls == [((8, 3, 32, 32), 10, 3, (0, 1))]  # once per study
-    assert got.aux is None  # no GoogLeNet with heads
+    assert got.aux == {}  # no GoogLeNet with heads
     assert [r.spec.key for r in got.results] == list(run_of)
     for r in got.results:
         run_dir = run_of[r.spec.key]
@@ -705,7 +715,7 @@ def made_up_smoke(vgg38_ratio: float = 1e-9) -> Study:
         result("vgg38-bn", "fashion_mnist", 2, 10, 300.0, train_loss=1.1, val_acc=0.6),
     ]
     rows[1].end = None
-    return Study("smoke", "made-up data", rows, depth_points(), None, (0, 1), 8)
+    return Study("smoke", "made-up data", rows, depth_points(), {}, (0, 1), 8)
 
 
 @pytest.fixture

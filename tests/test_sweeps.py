@@ -52,7 +52,7 @@ SWEEPS = REPO / "sweeps"
 EXPECTED_RUNS = {
     "table1": 16,  # depth {8, 38} x BN x RC x lr {1e-3, 1e-2}
     "depth": 48,  # 6 x 2 x 2 x 2
-    "architectures": 30,  # 15 models x {CIFAR-10, CIFAR-100}
+    "architectures": 34,  # 17 models x {CIFAR-10, CIFAR-100}
     "stabilizers": 36,  # 3 inits x 6 activations x clipping {off, 1.0}
     "vgg_cifar10": 6,  # L2 {0, 1e-4, 5e-4} x momentum {0, 0.9}
     "normalization": 8,  # norm {none, batch, group, layer} x residual
@@ -393,7 +393,7 @@ def test_every_grid_cell_parses_and_trains_one_step(
 
 def test_only_cells_differing_in_lr_or_dataset_share_a_run() -> None:
     # table1's 16 cells are depth's depth-8/38 cells (same fixed arguments but the folder),
-    # depth's 48 differ in lr by pairs, architectures' 30 in the dataset by pairs.
+    # depth's 48 differ in lr by pairs, architectures' 34 in the dataset by pairs.
     # table1 also records every non-bias weight for the report's gradient-flow figures.
     flow = [
         "--trainer.callbacks+=gradtrace.GradientFlow",
@@ -401,7 +401,7 @@ def test_only_cells_differing_in_lr_or_dataset_share_a_run() -> None:
     ]
     assert fixed_args(sweep_config("table1")) == fixed_args(sweep_config("depth")) + flow
     ran = grid_cells()
-    assert len(ran) == 16 // 2 + (48 - 16) // 2 + 30 // 2 + 36 + 6 + 8
+    assert len(ran) == 16 // 2 + (48 - 16) // 2 + 34 // 2 + 36 + 6 + 8
     assert {n for n, _, _ in ran} == set(EXPECTED_RUNS)
 
 

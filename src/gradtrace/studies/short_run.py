@@ -108,6 +108,7 @@ def smoke_data(
     seed: int = 0,
     root: str | Path = "data",
     synthetic: bool = False,
+    eval_batch_size: int | None = None,
 ) -> tuple[ImageDataModule, str]:
     """Fashion-MNIST found locally or downloaded, or synthetic data when ``synthetic`` is set.
 
@@ -115,12 +116,18 @@ def smoke_data(
     ``root`` with its published checksums (:func:`~gradtrace.data.locate_fashion_mnist`,
     which logs where it came from); when all of that fails,
     :class:`~gradtrace.data.DataNotFoundError` lists the ways to provide it. Synthetic
-    data is never a silent fallback. Augmentation is off by default: a few hundred steps are
+    data is never a silent fallback. ``eval_batch_size`` (default: ``batch_size``) batches
+    validation and test. Augmentation is off by default: a few hundred steps are
     too few for crop + flip to pay off, and they slow the short runs' learning. Returns the
     data module and a one-line description of the data for reports.
     """
     common = dict(
-        batch_size=batch_size, val_size=val_size, subset=subset, augment=augment, seed=seed
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        val_size=val_size,
+        subset=subset,
+        augment=augment,
+        seed=seed,
     )
     if synthetic:
         log.warning("Synthetic data (asked for): the numbers below say nothing about real data.")

@@ -112,9 +112,13 @@ def _setup(study: Study) -> list[str]:
         "relative depth, input to output (positive: the gradient vanishes toward the input).",
         "- Models:",
     ]
-    for spec in {r.spec.key: r.spec for r in rows}.values():
-        info = model_info(spec.arch)
-        lines.append(f"  - {spec.label} (`{spec.arch}`): {info.description}")
+    labels: dict[str, list[str]] = {}
+    for r in rows:
+        names = labels.setdefault(r.spec.arch, [])
+        if r.spec.label not in names:
+            names.append(r.spec.label)
+    for arch, names in labels.items():
+        lines.append(f"  - {', '.join(names)} (`{arch}`): {model_info(arch).description}")
     return lines
 
 

@@ -33,9 +33,12 @@ __all__ = ["SMOKE_LEFT_OUT", "ModelResult", "Study", "collect_study", "cost", "s
 
 log = logging.getLogger(__name__)
 
-# The 110-layer twins train at the full budget only (a CPU minute each at the smoke budget);
-# the depth series probes them at initialisation at every budget.
-SMOKE_LEFT_OUT = ("resnet110", "plain110")
+# Trained at the full budget only: the 110-layer twins (a CPU minute each at the smoke budget)
+# and GoogLeNet without BN (a CPU minute and a half each, on top of the two with BN). The depth
+# series probes the former and the auxiliary control the latter at initialisation at every
+# budget.
+SMOKE_LEFT_OUT = ("resnet110", "plain110", "googlenet-aux-nobn", "googlenet-noaux-nobn")
+EVAL_BATCH = 100  # validation only: larger batches cost less per image on a CPU
 FINAL_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 
 
@@ -70,7 +73,8 @@ class Study:
     """One line describing the data, for the report."""
     results: list[ModelResult]
     depth: list[DepthPoint]
-    aux: AuxControl | None
+    aux: dict[str, AuxControl]
+    """The auxiliary-classifier control of each GoogLeNet with heads, by its label."""
     seeds: tuple[int, ...]
     probe_batch: int
 
@@ -98,17 +102,19 @@ def _aux(
     num_classes: int,
     in_chans: int,
     seeds: Sequence[int],
-) -> AuxControl | None:
-    """The auxiliary-classifier control of the GoogLeNet with heads among ``specs`` (reusing its
-    profile at initialisation from ``results``), or ``None`` without one."""
-    googlenet = next(
-        (s for s in specs if s.arch == "googlenet" and s.arch_kwargs.get("aux_logits", True)), None
-    )
-    if googlenet is None:
-        return None
-    log.info("probing GoogLeNet without its auxiliary losses (the control)")
-    measured = next((r.init for r in results if r.spec.key == googlenet.key), None)
-    return aux_control(googlenet, batch, num_classes, in_chans, seeds, with_aux=measured)
+) -> dict[str, AuxControl]:
+    """The auxiliary-classifier control of every GoogLeNet with heads among ``specs``, by
+    label (reusing a model's profile at initialisation from ``results`` when it trained)."""
+    controls = {}
+    for spec in specs:
+        if spec.arch != "googlenet" or not spec.arch_kwargs.get("aux_logits", True):
+            continue
+        log.info("probing %s without its auxiliary losses (the control)", spec.label)
+        measured = next((r.init for r in results if r.spec.key == spec.key), None)
+        controls[spec.label] = aux_control(
+            spec, batch, num_classes, in_chans, seeds, with_aux=measured
+        )
+    return controls
 
 
 def smoke_study(
@@ -128,7 +134,11 @@ def smoke_study(
 
     subset = max(batch_size, steps * batch_size // 2)
     data, description = smoke_data(
-        batch_size=batch_size, val_size=val_size, subset=subset, synthetic=synthetic
+        batch_size=batch_size,
+        val_size=val_size,
+        subset=subset,
+        synthetic=synthetic,
+        eval_batch_size=EVAL_BATCH,
     )
     probe_data, _ = smoke_data(
         batch_size=probe_batch,
@@ -266,7 +276,7 @@ def collect_study(
     device = _device()
     results: list[ModelResult] = []
     depth: list[DepthPoint] = []
-    aux = None
+    aux: dict[str, AuxControl] = {}
     for dataset in datasets:
         data = _probe_data(next(iter(found[dataset].values())).config, probe_batch)
         batch = data_batch(data, device)
@@ -295,7 +305,7 @@ def collect_study(
                     run.path,
                 )
             )
-        if aux is None:
+        if not aux:
             here = [r for r in results if r.dataset == dataset]
             aux = _aux(specs, here, batch, classes, channels, seeds)
     return Study("full", ", ".join(datasets), results, depth, aux, tuple(seeds), probe_batch)

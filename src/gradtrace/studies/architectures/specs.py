@@ -83,7 +83,13 @@ def _names(model: Mapping[str, Any]) -> tuple[str, str]:
             return arch, f"{name}-{arch[len(prefix) :]}"
     if arch == "googlenet":
         aux = options.get("aux_logits", True)
-        return f"googlenet-{'aux' if aux else 'noaux'}", f"GoogLeNet {'+ aux' if aux else 'no aux'}"
+        key, label = (
+            f"googlenet-{'aux' if aux else 'noaux'}",
+            f"GoogLeNet {'+ aux' if aux else 'no aux'}",
+        )
+        if not model.get("batch_norm"):
+            key, label = f"{key}-nobn", f"{label}, no BN"
+        return key, label
     labels = {"vit_tiny_cifar": "ViT-Ti", "swin_tiny_cifar": "Swin-T", "vgg_cifar10": "VGG (seed)"}
     return arch, labels.get(arch, arch)
 
