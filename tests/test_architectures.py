@@ -616,7 +616,11 @@ def test_collect_reads_finished_cli_runs_and_the_report_shows_them(
     assert datasets == ["synthetic"]
     got = arch_results.collect_study(root, specs, datasets, probe_batch=8, seeds=(0, 1))
 
-    assert (got.budget, got.data, got.seeds, got.probe_batch) == ("full", "synthetic", (0, 1), 8)
+    assert (got.budget, got.seeds, got.probe_batch) == ("full", (0, 1), 8)
+    assert got.data == (
+        "synthetic: batch 16, 16 validation images, training augmentation none, "
+        "normalisation split"
+    )
     assert calls == [((8, 3, 32, 32), 10, 3, (0, 1))]  # once per study
     assert got.aux == {}  # no GoogLeNet with heads
     assert [r.spec.key for r in got.results] == list(run_of)

@@ -36,7 +36,8 @@ NEEDS_FASHION_MNIST = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def fashion_mnist_batches() -> Any:
-    # Batch 16 keeps each run under ~1 minute on one core; calibrated: VGG08 ~70%, BN+RC ~70%.
+    # Batch 16 keeps each run under ~1 minute on one core; calibrated: VGG08 ~70%, BN+RC ~66%
+    # after 150 steps (68% after 120).
     data, description = smoke_data(batch_size=16, val_size=500)
     assert description.startswith("Fashion-MNIST")
     return data
@@ -45,7 +46,7 @@ def fashion_mnist_batches() -> Any:
 # One network per test, so that the runs spread over the workers.
 @pytest.mark.slow
 @NEEDS_FASHION_MNIST
-@pytest.mark.parametrize(("row", "steps"), [("vgg08", 400), ("vgg38", 40), ("vgg38-bn-rc", 200)])
+@pytest.mark.parametrize(("row", "steps"), [("vgg08", 400), ("vgg38", 40), ("vgg38-bn-rc", 150)])
 def test_on_real_data_vgg08_and_bn_rc_learn_while_plain_vgg38_stays_at_chance(
     fashion_mnist_batches: Any, row: str, steps: int, tmp_path: Path
 ) -> None:

@@ -35,13 +35,16 @@ def family_figure(study: Study, dataset: str, path: Path) -> Path:
                 right.set_title(f"{family}: after training")
             else:
                 right.set_axis_off()
+        for ax in axes[:-1].flat:
+            ax.set_xlabel("")  # the axes share x: the bottom row names it
         for ax in axes[-1]:
             ax.set_xlabel("relative depth (0 = input layer, 1 = output layer)")
         fig.suptitle(
             f"Gradient flow by family on {dataset} ({study.budget} budget): mean |grad| per "
             "main-path layer, median and range over seeds"
         )
-        fig.tight_layout()
+        # Leave the suptitle its own band (half an inch) above the panels.
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     return save_figure(fig, path)
 
 

@@ -209,6 +209,21 @@ def _epochs(run_dir: Path) -> int:
     return measured(read_run(run_dir))[3]
 
 
+def _described(data: dict[str, Any]) -> str:
+    """One run's data settings in words (every run of a dataset shares them)."""
+    from gradtrace.data.augmentation import resolve_augment
+    from gradtrace.data.image_data import parse_dataset
+    from gradtrace.data.options import default_augment
+
+    kind, _ = parse_dataset(str(data.get("dataset")))
+    augment = resolve_augment(data.get("augment"), default_augment(kind))
+    return (
+        f"{data.get('dataset')}: batch {data.get('batch_size')}, {data.get('val_size')} "
+        f"validation images, training augmentation {augment}, normalisation "
+        f"{data.get('normalization', 'split')}"
+    )
+
+
 def _probe_data(config: dict[str, Any], probe_batch: int) -> Any:
     """The run's data module, rebuilt from its ``config.yaml`` without augmentation at the
     probes' batch size."""
@@ -277,8 +292,11 @@ def collect_study(
     results: list[ModelResult] = []
     depth: list[DepthPoint] = []
     aux: dict[str, AuxControl] = {}
+    described = []
     for dataset in datasets:
-        data = _probe_data(next(iter(found[dataset].values())).config, probe_batch)
+        config = next(iter(found[dataset].values())).config
+        described.append(_described(config.get("data") or {}))
+        data = _probe_data(config, probe_batch)
         batch = data_batch(data, device)
         classes, channels = data.num_classes, data.num_channels
         input_size = (channels, *data.image_size)
@@ -308,4 +326,4 @@ def collect_study(
         if not aux:
             here = [r for r in results if r.dataset == dataset]
             aux = _aux(specs, here, batch, classes, channels, seeds)
-    return Study("full", ", ".join(datasets), results, depth, aux, tuple(seeds), probe_batch)
+    return Study("full", "; ".join(described), results, depth, aux, tuple(seeds), probe_batch)
