@@ -618,8 +618,7 @@ def test_collect_reads_finished_cli_runs_and_the_report_shows_them(
 
     assert (got.budget, got.seeds, got.probe_batch) == ("full", (0, 1), 8)
     assert got.data == (
-        "synthetic: batch 16, 16 validation images, training augmentation none, "
-        "normalisation split"
+        "synthetic: batch 16, 16 validation images, training augmentation none, normalisation split"
     )
     assert calls == [((8, 3, 32, 32), 10, 3, (0, 1))]  # once per study
     assert got.aux == {}  # no GoogLeNet with heads
