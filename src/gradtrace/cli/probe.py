@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from gradtrace.measure.probe import (
     PROBE_STATS,
     ProbeResult,
     classification_loss,
+    median_range,
     probe,
     random_batch,
 )
@@ -144,17 +144,6 @@ def _on_device(
     return lambda: create_model(name, num_classes=classes, in_chans=channels, **options).to(device)
 
 
-def _spread(values: Sequence[float], fmt: str) -> str:
-    """``median [min, max]`` of the finite ``values`` (the median alone for one), or ``-``."""
-    finite = sorted(v for v in values if math.isfinite(v))
-    if not finite:
-        return "-"
-    median = statistics.median(finite)
-    if len(finite) == 1:
-        return format(median, fmt)
-    return f"{median:{fmt}} [{finite[0]:{fmt}}, {finite[-1]:{fmt}}]"
-
-
 PROBE_COLUMNS = (
     "model",
     "parameters",
@@ -175,8 +164,8 @@ def _cells(row: ProbedModel) -> list[str]:
         row.label,
         f"{row.parameters:,}",
         layers,
-        _spread(result.ratios, ".1e"),
-        _spread(result.slopes, ".2f"),
+        median_range(result.ratios, ".1e"),
+        median_range(result.slopes, ".2f"),
         result.first_problem() or "none",
         f"{statistics.median(result.losses):.3f}",
     ]

@@ -51,6 +51,7 @@ __all__ = [
     "ProbeResult",
     "classification_loss",
     "log_slope",
+    "median_range",
     "probe",
     "random_batch",
 ]
@@ -193,6 +194,18 @@ class ProbeResult:
             if saturated[name] > saturated_fraction:
                 return f"{name} (saturated, {saturated[name]:.0%})"
         return None
+
+
+def median_range(values: Sequence[float], fmt: str, missing: str = "-") -> str:
+    """``median [min, max]`` of the finite ``values`` (the median alone for one), each in
+    format ``fmt``, or ``missing`` when none is finite: a probe's spread over its seeds."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return missing
+    median = statistics.median(finite)
+    if len(finite) == 1:
+        return format(median, fmt)
+    return f"{median:{fmt}} [{finite[0]:{fmt}}, {finite[-1]:{fmt}}]"
 
 
 def _ratio(values: Sequence[float]) -> float:

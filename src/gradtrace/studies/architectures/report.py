@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradtrace.measure.probe import ProbeResult
+from gradtrace.measure.probe import ProbeResult, median_range
 from gradtrace.studies.architectures.claims import SOURCES
 from gradtrace.studies.architectures.results import ModelResult, Study
 from gradtrace.studies.claims import Claim, claims_count
@@ -25,22 +25,13 @@ CLAIM_TITLES = {
 }
 
 
-def _spread(values: Sequence[float], median: float, fmt: str) -> str:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite or not math.isfinite(median):
-        return "n/a"
-    if len(finite) == 1:
-        return format(median, fmt)
-    return f"{median:{fmt}} [{min(finite):{fmt}}, {max(finite):{fmt}}]"
-
-
 def _profile(result: ProbeResult | None) -> tuple[str, str, str]:
     """(ratio, slope, first dead or saturated layer) cells."""
     if result is None:
         return "no checkpoint", "", ""
     return (
-        _spread(result.ratios, result.ratio, ".1e"),
-        _spread(result.slopes, result.slope, "+.2f"),
+        median_range(result.ratios, ".1e", missing="n/a"),
+        median_range(result.slopes, "+.2f", missing="n/a"),
         result.first_problem() or "none",
     )
 

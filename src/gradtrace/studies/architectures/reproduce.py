@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ from gradtrace.studies.architectures.figures import study_figures
 from gradtrace.studies.architectures.report import format_study_report
 from gradtrace.studies.architectures.results import Study, collect_study, smoke_study
 from gradtrace.studies.architectures.specs import SWEEP_FILE, model_specs
-from gradtrace.studies.claims import does_not_hold_line
+from gradtrace.studies.report_files import REPORT_FILE, finish_study, save_report
 from gradtrace.sweeps.grid import SweepConfigError
 from gradtrace.sweeps.launch import Interrupted, parse_gpus, split_run_arguments
 from gradtrace.sweeps.outcome import FAILED
@@ -55,7 +54,6 @@ log = logging.getLogger(__name__)
 
 FULL_ROOT = Path("runs/architectures")
 SMOKE_ROOT = Path("runs/architectures-smoke")
-REPORT_FILE = "report.md"
 COMMITTED_REPORT = Path("reports/architectures.md")
 
 
@@ -67,15 +65,7 @@ def write_study_report(
     claims = check_study(study)
     paths = study_figures(study, out / "figures")
     report = format_study_report(study, claims, paths, out, wall_seconds=wall_seconds)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_FILE).write_text(report)
-    if update_reports:
-        committed = COMMITTED_REPORT.parent / "figures"
-        committed.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / REPORT_FILE, COMMITTED_REPORT)
-        for path in paths:
-            if path.resolve() != (committed / path.name).resolve():
-                shutil.copyfile(path, committed / path.name)
+    save_report(report, paths, out, COMMITTED_REPORT, update_reports)
     return report, [claim for _, group in claims for claim in group]
 
 
@@ -177,11 +167,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     report, claims = write_study_report(
         study, out, time.perf_counter() - start, args.update_reports
     )
-    print(report)
-    copied = f"; copied to {COMMITTED_REPORT} and its folder" if args.update_reports else ""
-    print(f"Wrote {out / REPORT_FILE} and its figures in {out / 'figures'}{copied}.")
-    failed = does_not_hold_line(claims)
-    if failed is not None:
-        print(f"{parser.prog}: {failed} (see {out / REPORT_FILE})", file=sys.stderr)
-        return 1
-    return 0
+    return finish_study(parser.prog, report, claims, out, COMMITTED_REPORT, args.update_reports)

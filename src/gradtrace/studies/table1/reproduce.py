@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -52,8 +51,8 @@ from gradtrace.studies.claims import (
     SLOW_START,
     Claim,
     check_claims,
-    does_not_hold_line,
 )
+from gradtrace.studies.report_files import REPORT_FILE, finish_study, save_report
 from gradtrace.studies.short_run import table1_specs
 from gradtrace.studies.table1.figures import figures
 from gradtrace.studies.table1.report import format_report
@@ -74,7 +73,6 @@ log = logging.getLogger(__name__)
 
 FULL_ROOT = Path("runs/table1")
 SMOKE_ROOT = Path("runs/table1-smoke")
-REPORT_FILE = "report.md"
 # The committed copy, refreshed only with --update-reports.
 COMMITTED_REPORT = Path("reports/table1.md")
 
@@ -192,15 +190,7 @@ def write_report(
     the committed ``reports/table1.md`` and ``reports/figures/`` too); returns the report."""
     paths = figures(rows, out, budget)
     report = format_report(rows, claims, budget, data, paths, out, wall_seconds=wall_seconds)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_FILE).write_text(report)
-    if update_reports:
-        committed_figures = COMMITTED_REPORT.parent / "figures"
-        committed_figures.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / REPORT_FILE, COMMITTED_REPORT)
-        for path in paths:
-            if path.resolve() != (committed_figures / path.name).resolve():
-                shutil.copyfile(path, committed_figures / path.name)
+    save_report(report, paths, out, COMMITTED_REPORT, update_reports)
     return report
 
 
@@ -314,11 +304,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or root
     claims = check_claims(rows)
     report = write_report(rows, claims, args.budget, data, out, wall, args.update_reports)
-    print(report)
-    copied = f"; copied to {COMMITTED_REPORT} and its folder" if args.update_reports else ""
-    print(f"Wrote {out / REPORT_FILE} and its figures in {out / 'figures'}{copied}.")
-    failed = does_not_hold_line(claims)
-    if failed is not None:
-        print(f"{parser.prog}: {failed} (see {out / REPORT_FILE})", file=sys.stderr)
-        return 1
-    return 0
+    return finish_study(parser.prog, report, claims, out, COMMITTED_REPORT, args.update_reports)
