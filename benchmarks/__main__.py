@@ -50,6 +50,11 @@ def caveats(cfg: config.BenchConfig) -> list[str]:
         f"measuring block's hooks + {config.ACTIVATION_INTERVAL - 1} x the idle block's) ÷ "
         f"({config.ACTIVATION_INTERVAL} x the step), i.e. one measured and "
         f"{config.ACTIVATION_INTERVAL - 1} unmeasured steps, without timing 50 steps a round.",
+        f"Flight recorder: GradientFlow(flight_recorder={config.FLIGHT_RECORDER}) at the "
+        "default cadence, per round: (time in the hooks of a block where it records every step, "
+        f"its measuring idle, + 1/{config.DEFAULT_CADENCE} of GradientFlow measuring every "
+        f"step's + one check, timed apart, ÷ {config.FLIGHT_RECORDER // 4}) ÷ the step: a check "
+        f"runs every {config.FLIGHT_RECORDER // 4} steps, longer than any timed block.",
         "Text Transformer (CPU, fp32, in every run): a plain-loop block, a Lightning block, "
         "a block where GradientFlow measures every step and one where a second GradientFlow "
         "is attached but measures nothing, per round; at the default cadence "

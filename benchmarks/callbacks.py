@@ -11,6 +11,8 @@ machine, the time inside the code a spread of tenths of a percent.
   registers (forward, backward, gradient hooks), whatever it does where.
 * :class:`GradNormLogging`: Lightning's recipe ``self.log_dict(grad_norm(self, 2))``.
 * :class:`WandbWatch`: ``wandb.watch(model, log="gradients", log_freq=1)``, offline.
+* :func:`flight_check_seconds`: one check of GradientFlow's flight recorder, which runs every
+  ``K // 4`` steps (no timed block is that long).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,8 +31,17 @@ import torch
 from lightning.pytorch.utilities import grad_norm
 
 from gradtrace.gradient_flow import GradientFlow
+from gradtrace.measure.flight_recorder import FlightRecorder
+from gradtrace.measure.selection import select_layers
 
-__all__ = ["GradNormLogging", "TimedCallback", "WandbWatch", "keyed_gradient_flow", "start_wandb"]
+__all__ = [
+    "GradNormLogging",
+    "TimedCallback",
+    "WandbWatch",
+    "flight_check_seconds",
+    "keyed_gradient_flow",
+    "start_wandb",
+]
 
 Log = Callable[[str], None]
 
@@ -148,6 +160,29 @@ def keyed_gradient_flow(role: str, **kwargs: Any) -> GradientFlow:
     state_key = f"GradientFlow[{role}]"
     keyed = {"state_key": property(lambda _: state_key)}
     return type(f"GradientFlow_{role}", (GradientFlow,), keyed)(**kwargs)
+
+
+def flight_check_seconds(module: torch.nn.Module, capacity: int, repeats: int = 5) -> float:
+    """Median seconds of one check of a flight recorder of ``capacity`` steps on ``module``'s
+    layers: the spike rule over the ``capacity // 4`` rows written since the last check, each
+    against 50 earlier ones (what ``GradientFlow(flight_recorder=capacity)`` does every
+    ``capacity // 4`` steps; with no spike, as in a healthy run)."""
+    layers = select_layers(module)
+    device = next(module.parameters()).device
+    interval = capacity // 4
+    seconds = []
+    for _ in range(repeats):
+        recorder = FlightRecorder(layers, capacity, device)
+        for step in range(capacity):  # a history for the rule, checked already
+            recorder.end_step(step)
+            if recorder.unchecked == interval:
+                recorder.check(6.0)
+        for step in range(capacity, capacity + interval):
+            recorder.end_step(step)
+        start = time.perf_counter()
+        recorder.check(6.0)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 class GradNormLogging(pl.Callback):

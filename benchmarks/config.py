@@ -17,6 +17,8 @@ __all__ = [
     "ACTIVATION_INTERVAL",
     "CALLBACKS",
     "CIFAR100_VAL",
+    "DEFAULT_CADENCE",
+    "FLIGHT_RECORDER",
     "MODELS",
     "REPO_ROOT",
     "BenchConfig",
@@ -37,9 +39,14 @@ CALLBACKS = {
     "wandb_watch": "wandb.watch",
     "activations_every_step": "GradientFlow(activations)",
     "activations_idle": "GradientFlow(activations, idle)",
+    "flight_recorder_idle": "GradientFlow(flight_recorder, idle)",
 }
 # GradientFlow(activations=True) measures every this many steps in the "every 50 steps" figure
 ACTIVATION_INTERVAL = 50
+# Lightning's default log_every_n_steps: GradientFlow measures every this many steps by default
+DEFAULT_CADENCE = 50
+# GradientFlow(flight_recorder=...) in its figure: the steps its ring keeps
+FLIGHT_RECORDER = 200
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -110,6 +110,13 @@ FIGURES: tuple[Figure, ...] = (
         "%",
     ),
     Figure(
+        "callback_hook_fraction/flight_recorder",
+        "GradientFlow(flight_recorder=200) at the default cadence (every step recorded, 1 in "
+        "50 measured, a check every 50 steps): time in its hooks ÷ VGG38 step time",
+        "%",
+        Goal("<=", 0.01, "%"),
+    ),
+    Figure(
         "callback_hook_fraction/grad_norm",
         "Lightning grad_norm logged every step: time in grad_norm + log_dict ÷ step time",
         "%",

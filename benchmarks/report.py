@@ -33,6 +33,7 @@ CALLBACK_KEYS = (
     "wandb_watch",
     "activations_every_step",
     "activations_every_50",
+    "flight_recorder",
 )
 
 

@@ -17,12 +17,15 @@ from benchmarks.callbacks import (
     GradNormLogging,
     TimedCallback,
     WandbWatch,
+    flight_check_seconds,
     keyed_gradient_flow,
     start_wandb,
 )
 from benchmarks.config import (
     ACTIVATION_INTERVAL,
     CALLBACKS,
+    DEFAULT_CADENCE,
+    FLIGHT_RECORDER,
     MODELS,
     BenchConfig,
     Log,
@@ -51,7 +54,8 @@ def bench_training(cfg: BenchConfig, dm: ImageDataModule, workdir: Path, log: Lo
     VGG08's rounds: a plain-loop block and a Lightning block. VGG38's rounds, in rotating
     order: a plain-loop block; Lightning blocks with no extra callback, with GradientFlow,
     with grad_norm logging, with wandb.watch, with GradientFlow's activation statistics
-    measuring and attached but idle (each switched on for its own block only, in one fit).
+    measuring and attached but idle, with GradientFlow's flight recorder (recording, its
+    measuring idle) (each switched on for its own block only, in one fit).
     """
     return {
         "models": {
@@ -108,6 +112,12 @@ def _bench_model(
             callback = keyed_gradient_flow(key, every_n_steps=every, plot=False, activations=True)
             clocks[CALLBACKS[key]] = TimedCallback(callback)
             callbacks.append(callback)
+        # the flight recorder records every step; its measuring is idle here (every 10**6)
+        flight = keyed_gradient_flow(
+            "flight_recorder_idle", every_n_steps=10**6, plot=False, flight_recorder=FLIGHT_RECORDER
+        )
+        clocks[CALLBACKS["flight_recorder_idle"]] = TimedCallback(flight)
+        callbacks.append(flight)
     stepper = TrainerSteps(
         model,
         dm,
@@ -184,6 +194,24 @@ def _bench_model(
             fractions["activations_every_step"], fractions.pop("activations_idle")
         )
     ]
+    fractions["flight_recorder"] = _flight_recorder_fractions(
+        model, fractions, samples[f"gradtrace+{CALLBACKS['flight_recorder_idle']}"], block
+    )
     result["callback_hook_fraction"] = {key: Summary.of(v) for key, v in fractions.items()}
     result["not_measured"] = not_measured
     return result
+
+
+def _flight_recorder_fractions(
+    model: ImageClassifier, fractions: dict[str, list[float]], blocks: list[float], block: int
+) -> list[float]:
+    """GradientFlow(flight_recorder=FLIGHT_RECORDER) at the default cadence, round by round:
+    the recording block's time in hooks, 1/DEFAULT_CADENCE of the every-step measuring
+    block's, and one check (timed apart: one every FLIGHT_RECORDER // 4 steps, longer than
+    any block) per FLIGHT_RECORDER // 4 steps, over the step time of the recording block."""
+    check = flight_check_seconds(model.net, FLIGHT_RECORDER) / (FLIGHT_RECORDER // 4)
+    recording = fractions.pop("flight_recorder_idle")
+    return [
+        rec + measuring / DEFAULT_CADENCE + check / (seconds / block)
+        for rec, measuring, seconds in zip(recording, fractions["gradtrace"], blocks)
+    ]

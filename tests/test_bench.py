@@ -591,9 +591,9 @@ def test_transformer_section_times_its_four_workloads(tmp_path: Path) -> None:
 def test_training_pool_holds_every_timed_step_in_one_epoch() -> None:
     assert BenchConfig.for_device(quick=True, device="cpu").training_pool() == 50_000
     gpu = BenchConfig.for_device(quick=False, device="cuda")
-    # VGG38: (2 warm-up + 10 rounds) x 25 steps x 6 Lightning blocks (plain Lightning and
-    # five callbacks), + 1, + validation
-    assert gpu.training_pool() == (12 * 25 * 6 + 1) * 100 + 2_500
+    # VGG38: (2 warm-up + 10 rounds) x 25 steps x 7 Lightning blocks (plain Lightning and
+    # six callbacks), + 1, + validation
+    assert gpu.training_pool() == (12 * 25 * 7 + 1) * 100 + 2_500
 
 
 @pytest.mark.integration

@@ -131,7 +131,7 @@ def test_option_prefixes_and_unknown_commands_are_refused(
     assert line.startswith("unrecognized arguments: --trainer.max_step 3")
     assert user_error(["fti", "--help"], capsys) == (
         "unknown command 'fti'; did you mean 'fit'? commands: fit, validate, test, predict, "
-        "summary, compare, probe (gradtrace --help)"
+        "summary, compare, probe, coord-check (gradtrace --help)"
     )
     line = user_error(["summary", "--arch", "vgg08", "--mark"], capsys)
     assert line == "unrecognized arguments: --mark (all options: gradtrace summary --help)"
@@ -227,6 +227,7 @@ def test_help_reads_as_gradtrace(
         "summary",
         "compare",
         "probe",
+        "coord-check",
     ]
     for command, sentence in COMMANDS.items():  # whole sentences, none cut off
         assert sentence[0].isupper(), sentence

@@ -191,7 +191,9 @@ def test_foreach_operations_equal_one_tensor_at_a_time() -> None:
     assert [t.dtype for t in as_double] == [torch.float64, torch.float64]
     copies = compat.foreach_copy(a)
     assert all(c.data_ptr() != t.data_ptr() and torch.equal(c, t) for c, t in zip(copies, a))
-    torch.testing.assert_close(compat.foreach_sub(a, b), [x - y for x, y in zip(a, b)])
+    expected = [x - y for x, y in zip(a, b)]
+    compat.foreach_sub_(a, b)
+    torch.testing.assert_close(a, expected)
 
 
 def test_loss_scale_tensor_is_the_scalers_scale() -> None:

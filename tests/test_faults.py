@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from gradtrace import GradientFlow, GradientFlowWarning, read_history
 from gradtrace.measure.activations import ActivationCollector
 from gradtrace.measure.diagnosis import Diagnosis
+from gradtrace.measure.optimizer_stats import OptimizerStep
 from gradtrace.measure.records import CsvRecords
-from gradtrace.measure.update_ratio import PendingUpdate
 from helpers.distributed import run_rank_script
 from helpers.fits import quiet_trainer
 
@@ -80,13 +80,13 @@ FAULTS = [
     ("gradtrace.gradient_flow.figures.draw_figure", "plots", {}, None),
     ("gradtrace.gradient_flow.fit_layers.send_histograms", "histograms", {}, None),
     (Diagnosis, "diagnosis", {}, None),
-    (PendingUpdate, "update_ratio", {"update_ratio": True}, None),
+    (OptimizerStep, "optimizer_stats", {"optimizer_stats": True}, None),
     (CsvRecords, "files", {}, None),
 ]
 METHODS = {
     ActivationCollector: "_layer_called",
     Diagnosis: "check_path",
-    PendingUpdate: "finish",
+    OptimizerStep: "finish",
     CsvRecords: "flush",
 }
 WORDS = {
@@ -96,7 +96,7 @@ WORDS = {
     "plots": "plots",
     "histograms": "histograms",
     "diagnosis": "vanishing/exploding diagnosis",
-    "update_ratio": "update ratios",
+    "optimizer_stats": "optimizer statistics",
     "files": "the CSV file",
     "loggers": "logger metrics",
 }
@@ -152,7 +152,7 @@ def test_a_failing_logger_leaves_the_csv_and_the_history(tmp_path: Path) -> None
 
 
 def test_without_faults_nothing_is_said(tmp_path: Path) -> None:
-    flow, _, messages = fit(tmp_path, activations=True, update_ratio=True)
+    flow, _, messages = fit(tmp_path, activations=True, optimizer_stats=True)
     assert messages == []
     assert flow.faults == {}
     assert all("act_mean" in r for r in flow.history)

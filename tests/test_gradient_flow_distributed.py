@@ -183,9 +183,9 @@ def test_deepspeed_warns_once_and_records_nothing(
 ) -> None:
     """Under DeepSpeed the callback measures nothing and says so once at train start (the
     strategy itself needs deepspeed and CUDA, so its ZeRO stage is patched in here)."""
-    from gradtrace.gradient_flow import callback as callback_module
+    from gradtrace.gradient_flow import fit_state
 
-    monkeypatch.setattr(callback_module, "deepspeed_zero_stage", lambda strategy: 2)
+    monkeypatch.setattr(fit_state, "deepspeed_zero_stage", lambda strategy: 2)
     cb = GradientFlow(every_n_steps=1, plot=False)
     with pytest.warns(GradientFlowWarning, match="DeepSpeed \\(ZeRO stage 2\\)") as caught:
         fit(tmp_path, Classifier(TinyNet()), cb)

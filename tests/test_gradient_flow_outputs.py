@@ -145,7 +145,7 @@ class FailsAtBatch(Classifier):
 
 def test_csv_is_on_disk_after_an_exception_mid_fit(tmp_path: Path) -> None:
     torch.manual_seed(11)
-    cb = GradientFlow(every_n_steps=1, update_ratio=True)
+    cb = GradientFlow(every_n_steps=1, optimizer_stats=True)
     with pytest.raises(RuntimeError, match="boom"):
         fit(tmp_path, FailsAtBatch(TinyNet()), cb, data=make_data(24))
     on_disk = read_history(cb.csv_path)

@@ -26,7 +26,7 @@ from helpers.tiny import CLASSES, FLOW, FLOW_WITH_BIAS, HIDDEN, IN, Classifier, 
 def test_values_equal_an_independent_computation(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Classifier(TinyNet(), lr=0.1)
-    cb = GradientFlow(every_n_steps=1, include=["*.bias"], update_ratio=True)
+    cb = GradientFlow(every_n_steps=1, include=["*.bias"], optimizer_stats=True)
     fit(tmp_path, model, cb, max_steps=3, data=make_data(12))
 
     assert [r["step"] for r in cb.history] == [s for s in range(3) for _ in FLOW_WITH_BIAS]
@@ -39,8 +39,10 @@ def test_values_equal_an_independent_computation(tmp_path: Path) -> None:
         "l2",
         "max_abs",
         "nonfinite",
+        "update_norm",
+        "weight_norm",
         "update_ratio",
-    }
+    }  # no Adam moments for SGD
     records = by_step(cb.history)
     assert [s["step"] for s in model.seen] == [0, 1, 2]
     for seen in model.seen:
@@ -48,8 +50,10 @@ def test_values_equal_an_independent_computation(tmp_path: Path) -> None:
             grad = seen["grads"][layer]
             assert_record_matches(record, grad)
             # plain SGD: w_after - w_before = -lr * grad
-            expected_ratio = 0.1 * grad.double().norm() / seen["weights"][layer].double().norm()
-            assert record["update_ratio"] == pytest.approx(expected_ratio.item(), rel=1e-4)
+            update, weight = 0.1 * grad.double().norm(), seen["weights"][layer].double().norm()
+            assert record["update_norm"] == pytest.approx(update.item(), rel=1e-4)
+            assert record["weight_norm"] == pytest.approx(weight.item(), rel=1e-6)
+            assert record["update_ratio"] == pytest.approx((update / weight).item(), rel=1e-4)
 
 
 def test_grads_match_plain_pytorch_and_interval_and_biases(tmp_path: Path) -> None:

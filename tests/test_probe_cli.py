@@ -17,7 +17,7 @@ pytest.importorskip("matplotlib")
 
 from gradtrace import probe
 from gradtrace.cli.main import main
-from gradtrace.cli.probe import parse_model_spec
+from gradtrace.cli.model_inputs import parse_model_spec
 from gradtrace.data.datamodule import ImageDataModule
 from gradtrace.measure import random_batch
 from gradtrace.models import create_model

@@ -133,12 +133,23 @@ def test_processes_equal_one_process(tmp_path: Path, world: int, device: str) ->
     if device == "cuda":
         expected_calls["fsdp1_cpu_offload"] = 1
     rel = 1e-5 if device == "cpu" else 1e-4  # GPU reductions add in another order
+    # The optimizer side of a clipped Adam step, from optimizer.state and the weights' change
+    by_hand = dist_script.single_optimizer_side()
+    assert by_hand["grad_norm_clipped"] == pytest.approx(dist_script.CLIP_NORM, rel=1e-4)
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert sorted(results) == sorted(expected_calls)
-        for setup, (values, calls, histograms) in results.items():
-            assert calls == expected_calls[setup], (setup, rank)
-            _assert_equal_to_one_process(values, histograms, reference, (setup, rank), rel)
+        for setup, (values, calls, histograms, optimizer) in results.items():
+            where = (setup, rank)
+            assert calls == expected_calls[setup], where
+            _assert_equal_to_one_process(values, histograms, reference, where, rel)
+            assert optimizer["calls"] == expected_calls[setup], where
+            assert sorted(optimizer["params"]) == sorted(by_hand["params"]), where
+            for name, want in by_hand["params"].items():
+                got = optimizer["params"][name]
+                assert got == pytest.approx(want, rel=rel), (*where, name)
+            got_norm = optimizer["grad_norm_clipped"]
+            assert got_norm == pytest.approx(by_hand["grad_norm_clipped"], rel=rel), where
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """gradtrace: watch gradients flow through deep image classifiers, and fix them when they vanish.
 
-``from gradtrace import grad_stats`` (or ``probe``) needs torch alone (:mod:`gradtrace.measure`);
-``from gradtrace import GradientFlow`` needs torch and Lightning. Every export is imported
-on first access, so ``import gradtrace`` alone stays light; ``ImageClassifier`` and
-``ImageDataModule`` need the ``train`` extra.
+``from gradtrace import grad_stats`` (or ``probe``, ``coord_check``) needs torch alone
+(:mod:`gradtrace.measure`); ``from gradtrace import GradientFlow`` needs torch and Lightning.
+Every export is imported on first access, so ``import gradtrace`` alone stays light;
+``ImageClassifier`` and ``ImageDataModule`` need the ``train`` extra.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = [
     "ImageDataModule",
     "NonFiniteGradientError",
     "__version__",
+    "coord_check",
     "grad_stats",
     "input_output_ratio",
     "probe",
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from gradtrace.measure import (
         GradientFlowWarning,
         NonFiniteGradientError,
+        coord_check,
         grad_stats,
         input_output_ratio,
         probe,
@@ -44,6 +46,7 @@ _LAZY = {
     "GradientFlow": "gradtrace.gradient_flow",
     "GradientFlowWarning": "gradtrace.measure",
     "NonFiniteGradientError": "gradtrace.measure",
+    "coord_check": "gradtrace.measure",
     "grad_stats": "gradtrace.measure",
     "input_output_ratio": "gradtrace.measure",
     "probe": "gradtrace.measure",

@@ -29,7 +29,7 @@ __all__ = [
     "deepspeed_zero12_fragment",
     "foreach_copy",
     "foreach_norm",
-    "foreach_sub",
+    "foreach_sub_",
     "fsdp1_units",
     "is_compiled_module",
     "is_deepspeed_zero12",
@@ -147,9 +147,9 @@ def foreach_copy(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch._foreach_mul(list(tensors), 1.0))
 
 
-def foreach_sub(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``a[i] - b[i]`` for every ``i``, batched (``torch._foreach_sub``)."""
-    return list(torch._foreach_sub(list(a), list(b)))
+def foreach_sub_(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    """``a[i] -= b[i]`` for every ``i``, in place and batched (``torch._foreach_sub_``)."""
+    torch._foreach_sub_(list(a), list(b))
 
 
 def fsdp1_units(module: nn.Module) -> Iterator[tuple[list[nn.Parameter], Any]]:

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from grad_stats_distributed import Measured, batch, make_model, measure
+from grad_stats_distributed import GradientsMeasured, batch, make_model, measure_gradients
 from ranks import spawn_ranks
 from torch import nn
 
 
-def zero(stage: int, offload: bool = False) -> Measured:
+def zero(stage: int, offload: bool = False) -> GradientsMeasured:
     """``offload``: ZeRO-Offload of the optimizer, whose gradient partitions then live on the
     CPU (torch's SGD instead of DeepSpeed's compiled CPU optimizer)."""
     import deepspeed
@@ -37,7 +37,7 @@ def zero(stage: int, offload: bool = False) -> Measured:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     x, y = batch()
     engine.backward(nn.functional.mse_loss(engine(x), y))
-    return measure(engine.module)  # where Lightning calls on_before_optimizer_step
+    return measure_gradients(engine.module)  # where Lightning calls on_before_optimizer_step
 
 
 def join(rank: int, world: int) -> None:
@@ -46,7 +46,7 @@ def join(rank: int, world: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def worker(rank: int) -> dict[str, Measured]:
+def worker(rank: int) -> dict[str, GradientsMeasured]:
     results = {f"zero{stage}": zero(stage) for stage in (1, 2, 3)}
     results["zero2_offload"] = zero(2, offload=True)
     return results

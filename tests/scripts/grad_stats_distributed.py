@@ -1,8 +1,9 @@
 """``grad_stats`` on ``--world`` gloo CPU processes: DDP, FSDP1 (``use_orig_params=True``;
 FULL_SHARD, NO_SHARD and hybrid sharding), FSDP2 ``fully_shard`` (on the world, hybrid on a
 replicate x shard mesh, and on the ``dp`` sub-mesh of a dp x tp mesh) and a DTensor-sharded
-parameter set; each rank writes the stats, the collective count and the gradient histograms
-as JSON. ``--device cuda``: NCCL, one GPU per process, and FSDP1 with CPU offload too;
+parameter set; each rank writes the stats, the collective count, the gradient histograms and
+the optimizer side of one clipped Adam step (``OptimizerStep``, with its collective count) as
+JSON. ``--device cuda``: NCCL, one GPU per process, and FSDP1 with CPU offload too;
 otherwise every mesh is an explicit CPU mesh (FSDP2's default is CUDA when a GPU is visible).
 
 Used by tests/test_stats.py, which compares the 2-process values with one
@@ -25,6 +26,9 @@ from torch import nn
 
 from gradtrace.measure import grad_stats
 from gradtrace.measure.histograms import gradient_histograms
+from gradtrace.measure.optimizer_stats import OptimizerStep
+from gradtrace.measure.selection import parameter_names
+from gradtrace.measure.shards import fsdp1_shard_groups
 
 # Where this process computes: the CPU, or its own GPU under --device cuda.
 DEVICE = torch.device("cpu")
@@ -59,7 +63,49 @@ class CountingAllGather:
         return self._wrapped(*args, **kwargs)
 
 
-Measured = tuple[dict[str, float], int, dict[str, Any]]
+GradientsMeasured = tuple[dict[str, float], int, dict[str, Any]]
+Measured = tuple[dict[str, float], int, dict[str, Any], dict[str, Any]]
+
+CLIP_NORM = 0.05
+"""Below the test model's gradient norm: the step's gradients are clipped."""
+ADAM_LR = 0.01
+
+
+def clip(model: nn.Module) -> None:
+    """Clip the gradients' global norm to :data:`CLIP_NORM` as the strategy prescribes."""
+    if hasattr(model, "clip_grad_norm_"):  # FSDP1: its own, over the shards
+        model.clip_grad_norm_(CLIP_NORM)
+    else:
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+
+
+def optimizer_side(model: nn.Module) -> dict[str, Any]:
+    """One clipped Adam step measured by ``OptimizerStep``: per parameter (update norm,
+    weight norm, mean |m|, mean sqrt(v)), the clipped gradient norm, collectives issued."""
+    names = parameter_names(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if hasattr(p, "placements") and p.grad.placements != p.placements:
+            # Adam steps a DTensor in place: its gradient must be placed like it (what FSDP2
+            # ensures; the hand-built DTensor setup's backward places some otherwise).
+            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+    optimizer = torch.optim.Adam(params, lr=ADAM_LR)
+    step = OptimizerStep.start(optimizer, params, fsdp1_groups=fsdp1_shard_groups(model))
+    clip(model)
+    optimizer.step()
+    counter = CountingAllGather()
+    dist.all_gather = counter
+    try:
+        values = step.finish()
+    finally:
+        dist.all_gather = counter._wrapped
+    assert values is not None
+    rows = zip(values.update_norm, values.weight_norm, values.m_mean_abs, values.sqrt_v_mean)
+    return {
+        "params": {names[id(p)]: list(row) for p, row in zip(params, rows)},
+        "grad_norm_clipped": values.grad_norm_clipped,
+        "calls": counter.calls,
+    }
 
 
 def histograms(model: nn.Module) -> dict[str, Any]:
@@ -73,7 +119,8 @@ def histograms(model: nn.Module) -> dict[str, Any]:
     return {name: [h["num"], h["min"], h["max"], h["counts"]] for name, h in found.items()}
 
 
-def measure(model: nn.Module) -> Measured:
+def measure_gradients(model: nn.Module) -> GradientsMeasured:
+    """``grad_stats`` of ``model``, the collectives it issued, and the histograms."""
     counter = CountingAllGather()
     dist.all_gather = counter
     try:
@@ -83,10 +130,39 @@ def measure(model: nn.Module) -> Measured:
     return {k: float(v) for k, v in stats.items()}, counter.calls, histograms(model)
 
 
+def measure(model: nn.Module) -> Measured:
+    """:func:`measure_gradients`, then the optimizer side of one clipped Adam step."""
+    return (*measure_gradients(model), optimizer_side(model))
+
+
 def single() -> tuple[dict[str, float], dict[str, Any]]:
     model = make_model()
     backward(model)
     return {k: float(v) for k, v in grad_stats(model).items()}, histograms(model)
+
+
+def single_optimizer_side() -> dict[str, Any]:
+    """The clipped Adam step of :func:`optimizer_side` on one process, computed by hand from
+    the weights before and after it and ``optimizer.state``."""
+    model = make_model()
+    backward(model)
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.Adam(params.values(), lr=ADAM_LR)
+    before = {name: p.detach().clone().double() for name, p in params.items()}
+    clip(model)
+    grads = [p.grad.double() for p in params.values()]
+    optimizer.step()
+    out = {}
+    for name, p in params.items():
+        state = optimizer.state[p]
+        out[name] = [
+            (p.detach().double() - before[name]).norm().item(),
+            before[name].norm().item(),
+            state["exp_avg"].double().abs().mean().item(),
+            state["exp_avg_sq"].double().sqrt().mean().item(),
+        ]
+    norm = torch.stack([g.norm() for g in grads]).norm().item()
+    return {"params": out, "grad_norm_clipped": norm}
 
 
 def ddp() -> Measured:

@@ -1,8 +1,9 @@
 """The ``gradtrace`` command: ``fit``, ``validate``, ``test`` and ``predict``
 (:mod:`gradtrace.cli.trainer_cli`), ``summary`` (a model's per-layer cost table),
-``compare`` (finished runs side by side, :mod:`gradtrace.cli.compare`) and ``probe`` (models'
-gradient flow on one batch, without training, :mod:`gradtrace.cli.probe`). A user error is one
-line, ``gradtrace: error: ...``, and exit status 2 (:mod:`gradtrace.cli.errors`).
+``compare`` (finished runs side by side, :mod:`gradtrace.cli.compare`), ``probe`` (models'
+gradient flow on one batch, without training, :mod:`gradtrace.cli.probe`) and ``coord-check``
+(layers' scale across width, :mod:`gradtrace.cli.coord_check`). A user error is one line,
+``gradtrace: error: ...``, and exit status 2 (:mod:`gradtrace.cli.errors`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ COMMANDS = {
     "by side as a table.",
     "probe": "Measure models' gradient flow at initialisation (or after a few steps) on one "
     "batch, without training, and print them side by side with a figure.",
+    "coord-check": "Train a model a few steps at several widths and print which layers' "
+    "activations and updates grow or shrink with width (muP's coordinate check), with a figure.",
 }
 """Every subcommand of ``gradtrace`` and the sentence ``gradtrace --help`` shows for it."""
 
@@ -136,6 +139,10 @@ def _run(args: list[str], argv_given: bool) -> None:
         from gradtrace.cli.probe import probe_main
 
         raise SystemExit(probe_main(args[1:]))
+    if command == "coord-check":
+        from gradtrace.cli.coord_check import coord_check_main
+
+        raise SystemExit(coord_check_main(args[1:]))
     if command not in COMMANDS and not command.startswith("-"):
         raise _unknown_command(command)
     args = resolve_config_args(args)

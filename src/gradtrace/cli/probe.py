@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from gradtrace.cli.errors import CommandParser, UserError
+from gradtrace.cli.model_inputs import (
+    add_input_options,
+    check_input_options,
+    check_model_on_meta,
+    dataset_batches,
+    input_error,
+    parse_model_spec,
+)
 from gradtrace.data import ChecksumError, DataNotFoundError
 from gradtrace.measure.probe import (
     PROBE_STATS,
@@ -32,7 +38,7 @@ from gradtrace.measure.probe import (
     random_batch,
 )
 
-__all__ = ["ProbedModel", "parse_model_spec", "probe_main", "probe_table", "write_probe_csv"]
+__all__ = ["ProbedModel", "probe_main", "probe_table", "write_probe_csv"]
 
 DESCRIPTION = (
     "Measure each model's gradient flow on one batch over several seeds, at initialisation or "
@@ -40,7 +46,6 @@ DESCRIPTION = (
     "gradient ratio; slope in decades of mean |grad| per unit of depth, positive when it "
     "vanishes toward the input; first dead or saturated layer; loss) and draw them by depth."
 )
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -51,88 +56,6 @@ class ProbedModel:
     """``MODEL`` as given, e.g. ``coursework_vgg:depth=38,batch_norm=true``."""
     parameters: int
     result: ProbeResult
-
-
-def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name"`` or ``"name:key=value,key=value"`` as ``(name, {key: YAML value})``.
-
-    Raises:
-        ValueError: an option that is not ``key=value``, or a value that is not YAML.
-    """
-    name, _, options_text = spec.partition(":")
-    options: dict[str, Any] = {}
-    # commas inside a (non-nested) YAML list or mapping value stay with it: depth=[1, 2]
-    for item in re.split(r",(?![^\[\]{}]*[\]}])", options_text) if options_text else []:
-        key, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
-            raise ValueError(
-                f"model {spec!r}: options are key=value separated by commas, e.g. "
-                f"coursework_vgg:depth=38,batch_norm=true; got {item!r}"
-            )
-        try:
-            options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"model {spec!r}: {key}={value!r} is not a YAML value") from None
-    return name, options
-
-
-def _check_model(
-    label: str, name: str, options: dict[str, Any], input_size: Sequence[int], classes: int
-) -> int:
-    """Build the model on the meta device and run one training-mode batch there: a bad
-    option or an input it cannot take fails here, before any work, computing nothing.
-    Returns the parameter count."""
-    from gradtrace.models import create_model
-
-    try:
-        with torch.device("meta"):
-            net = create_model(name, num_classes=classes, in_chans=input_size[0], **options)
-            net.train()(torch.empty(2, *input_size))
-    except ValueError as err:  # create_model's: unknown name, option or value
-        raise UserError(f"{label}: {err}") from None
-    except (RuntimeError, TypeError, AssertionError) as err:  # timm asserts its input size
-        size = "x".join(map(str, input_size))
-        built = f"build it with {options} or " if options else ""
-        raise UserError(
-            f"{label}: cannot {built}run it on {size} inputs ({type(err).__name__}: {err})"
-        ) from None
-    return sum(p.numel() for p in net.parameters())
-
-
-def _dataset_batches(args: Any) -> tuple[Callable[[int], Batch], tuple[int, int, int], int]:
-    """The dataset's batch function of the seed (the first batch of the whole official
-    training set shuffled with that seed, as the data module shuffles it, without
-    augmentation, normalised), its input size and class count. The data
-    module's checks (dataset name, sizes, missing files: nothing is downloaded) run here,
-    before anything is read; the data is read on the first batch."""
-    from gradtrace.data.batches import TrainBatches
-    from gradtrace.data.datamodule import ImageDataModule
-
-    size = args.input_size
-    data = ImageDataModule(
-        dataset=args.data,
-        root=str(args.data_root),
-        batch_size=args.batch_size,
-        val_size=0,  # the whole official training set: the probe needs no validation split
-        augment="none",
-        channels=size[0] if size else None,
-        image_size=tuple(size[1:]) if size else None,
-        num_classes=args.num_classes,
-        synthetic_sizes=(max(args.batch_size, 1024), 16),
-        # A probe is a quick look: a missing dataset is one line (raised here), not a download.
-        download=False,
-    )
-    loaded: list[bool] = []
-
-    def batch(seed: int) -> Batch:
-        if not loaded:
-            data.setup("fit")
-            loaded.append(True)
-        images, labels = data.split("train")
-        batches = TrainBatches(images, labels, args.batch_size, seed=seed, augment="none")
-        return data.transform_batch(next(iter(batches)))
-
-    return batch, (data.num_channels, *data.image_size), data.num_classes
 
 
 def _on_device(
@@ -234,77 +157,22 @@ def _parser() -> CommandParser:
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="for --steps (default: 1e-3)")
     parser.add_argument(
-        "--input-size",
-        type=int,
-        nargs=3,
-        metavar=("C", "H", "W"),
-        help="input channels, height and width (default: each model's own, or the data's)",
-    )
-    parser.add_argument(
-        "--num-classes",
-        type=int,
-        metavar="N",
-        help="classifier outputs (default: each model's own, or the data's)",
-    )
-    parser.add_argument(
         "--aux-weight",
         type=float,
         default=0.3,
         metavar="W",
         help="weight of each auxiliary head's cross-entropy in the loss (GoogLeNet; default: 0.3)",
     )
-    parser.add_argument(
-        "--data",
-        default="random",
-        metavar="random|DATASET",
-        help="random (standard normal images, uniform labels; a batch per seed) or a dataset "
-        "(cifar10, cifar100, fashion_mnist, synthetic, imagefolder:<path>): the first batch of "
-        "its training set shuffled with each seed, without augmentation (default: random)",
-    )
-    parser.add_argument(
-        "--data-root",
-        type=Path,
-        default=Path("data"),
-        metavar="DIR",
-        help="folder of the dataset's files; nothing is downloaded (default: data)",
-    )
-    parser.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        default=Path("probe.png"),
-        metavar="FILE",
-        help="the figure (default: probe.png)",
-    )
-    parser.add_argument(
-        "--csv", type=Path, metavar="FILE", help="also write every record to this CSV file"
-    )
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="where the models run (default: cuda when available, else cpu)",
-    )
+    add_input_options(parser, figure="probe.png", models="each model")
     return parser
 
 
 def _check_arguments(parser: CommandParser, args: Any) -> None:
-    positive = {"--seeds": args.seeds, "--batch-size": args.batch_size}
-    positive["--num-classes"] = args.num_classes if args.num_classes is not None else 1
-    for option, value in positive.items():
-        if value < 1:
-            parser.error(f"{option} must be >= 1; got {value}")
+    check_input_options(parser, args)
     if args.steps < 0:
         parser.error(f"--steps must be >= 0; got {args.steps}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0; got {args.lr}")
     if not args.aux_weight >= 0:
         parser.error(f"--aux-weight must be >= 0; got {args.aux_weight}")
-    if args.input_size and min(args.input_size) < 1:
-        parser.error(f"--input-size must be three integers >= 1; got {args.input_size}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available here: use --device cpu")
     if len(set(args.models)) < len(args.models):
         parser.error(f"a MODEL is given twice: {' '.join(args.models)}")
 
@@ -328,7 +196,7 @@ def probe_main(argv: Sequence[str]) -> int:
     specs = []
     try:
         if args.data != "random":
-            dataset = _dataset_batches(args)
+            dataset = dataset_batches(args)
         for label in args.models:
             name, options = parse_model_spec(label)
             info = model_info(name)
@@ -338,19 +206,14 @@ def probe_main(argv: Sequence[str]) -> int:
                 input_size = tuple(args.input_size or info.input_size)
                 classes = args.num_classes or info.num_classes
                 batch_fn = functools.partial(random_batch, input_size, classes, args.batch_size)
-            parameters = _check_model(label, name, options, input_size, classes)
+            parameters = check_model_on_meta(label, name, options, input_size, classes)
             build = _on_device(name, options, input_size[0], classes, device)
             specs.append((label, build, batch_fn, parameters))
         if dataset is not None:
             dataset[0](0)  # reads the data before any model runs
     except (ValueError, ChecksumError, DataNotFoundError) as err:
         # the data module's checks and reading, parse_model_spec, model_info
-        message = str(err).replace("--data.root", "--data-root")
-        if isinstance(err, DataNotFoundError):
-            message += (
-                f"; gradtrace probe never downloads (gradtrace fit --data.dataset {args.data} does)"
-            )
-        raise UserError(message) from None
+        raise input_error(err, "probe", args.data) from None
 
     loss_fn = functools.partial(classification_loss, aux_weight=args.aux_weight)
     optimizer = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[args.optimizer]

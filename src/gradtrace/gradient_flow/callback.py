@@ -1,9 +1,11 @@
 """``GradientFlow``: the Lightning callback that measures per-layer gradients during training.
 
-Its hooks follow a training step: at train start the layers (:mod:`.fit_layers`) and settings
-(:mod:`.settings`); on a measured batch the gradients before each optimizer step, held
-(:mod:`.held_records`) until the batch ends, then reported (:mod:`.reporting`); figures at each
-epoch's end (:mod:`.figures`). Every feature runs guarded (:mod:`gradtrace.measure.faults`).
+Its hooks follow a training step and hand off to one fit's state (:mod:`.fit_state`): at train
+start the layers (:mod:`.fit_layers`) and settings (:mod:`.settings`); on a measured batch the
+gradients before each optimizer step, held (:mod:`.held_records`) until the batch ends, then
+reported (:mod:`.reporting`); at every step the flight recorder and the noise scale
+(:mod:`.step_instruments`); figures at each epoch's end (:mod:`.figures`). Every feature runs
+guarded (:mod:`gradtrace.measure.faults`).
 """
 
 from __future__ import annotations
@@ -16,27 +18,24 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis, ActivationRecorder
+from gradtrace.gradient_flow.activation_recorder import ActivationDiagnosis
 from gradtrace.gradient_flow.cadence import is_measured_step, logging_step
-from gradtrace.gradient_flow.figures import FitFigures
-from gradtrace.gradient_flow.fit_layers import FitLayers
-from gradtrace.gradient_flow.held_records import HeldRecords
+from gradtrace.gradient_flow.fit_state import FitState
+from gradtrace.gradient_flow.flight import Spike
 from gradtrace.gradient_flow.output_dir import output_directory
 from gradtrace.gradient_flow.reporting import (
     DEFAULT_FILENAME,
     NAMESPACE,
-    RecordOutlets,
-    log_summary,
     metric_namespaces,
     record_columns,
 )
 from gradtrace.gradient_flow.settings import (
     check_arguments,
-    deepspeed_zero_stage,
-    warn_about_fit_settings,
+    check_flight_recorder,
+    check_noise_scale,
 )
 from gradtrace.measure.diagnosis import Diagnosis
-from gradtrace.measure.faults import Faults
+from gradtrace.measure.noise_scale import RunningNoiseScale
 from gradtrace.measure.order import LayerOrder
 from gradtrace.measure.records import BoundedHistory, input_output_ratio
 from gradtrace.measure.stats import STATS
@@ -60,7 +59,9 @@ class GradientFlow(Callback):
         include: name globs or module types (or type names) whose parameters are also layers.
         exclude: name globs or module types removed from the layers (applied last).
         stats: which of ``mean_abs``, ``l2``, ``max_abs``, ``nonfinite`` to record.
-        update_ratio: also record ``||dw|| / ||w||`` (copies the layers on measured steps).
+        optimizer_stats: also record the optimizer side of measured steps: per layer the
+            update's norm, the weight norm, their ratio and (Adam family) the mean ``|m|`` and
+            ``sqrt(v)``; the gradient norm after clipping as a summary scalar.
         every_n_steps: measure when ``(step + 1) % every_n_steps == 0`` (plus the first and
             last step); ``None`` follows ``Trainer(log_every_n_steps=...)``.
         history_size: records kept in :attr:`history` per layer (``None``: all).
@@ -83,6 +84,17 @@ class GradientFlow(Callback):
             never).
         activation_patience: measured steps in a row a layer must be dead or saturated before
             the warning.
+        flight_recorder: keep the last this many steps (>= 20) of every layer's gradient,
+            update and activation norms on the device, at every step; when the loss spikes or
+            goes non-finite, write ``spike_<step>.csv`` and ``.png`` into the run directory and
+            warn, naming the first layer to depart from its own history (``None``: off;
+            ``docs/instruments.md``).
+        spike_threshold: the loss's robust z-score over its previous 50 steps above which
+            the flight recorder calls a spike (also a layer's departure threshold).
+        noise_scale: also log the gradient noise scale on measured steps, ``<namespace>/
+            noise_scale`` and its terms (needs DDP or ``accumulate_grad_batches >= 2``;
+            ``docs/instruments.md``).
+        noise_scale_decay: decay of the noise scale's running averages, in (0, 1).
     """
 
     def __init__(
@@ -91,7 +103,7 @@ class GradientFlow(Callback):
         include: Sequence[str | type] = (),
         exclude: Sequence[str | type] = (),
         stats: Sequence[str] = STATS,
-        update_ratio: bool = False,
+        optimizer_stats: bool = False,
         every_n_steps: int | None = None,
         history_size: int | None = 1000,
         histogram_every_n_steps: int | None = None,
@@ -107,6 +119,10 @@ class GradientFlow(Callback):
         dead_fraction: float | None = 0.9,
         saturated_fraction: float | None = 0.9,
         activation_patience: int = 3,
+        flight_recorder: int | None = None,
+        spike_threshold: float = 6.0,
+        noise_scale: bool = False,
+        noise_scale_decay: float = 0.9,
     ) -> None:
         super().__init__()
         self.stats, self.include, self.exclude = check_arguments(
@@ -121,8 +137,14 @@ class GradientFlow(Callback):
             activations=activations,
             activation_patience=activation_patience,
         )
+        check_flight_recorder(flight_recorder, spike_threshold)
+        check_noise_scale(noise_scale, noise_scale_decay)
+        self.noise_scale = noise_scale
+        self._noise_scale_average = RunningNoiseScale(noise_scale_decay)
+        self.flight_recorder = flight_recorder
+        self.spike_threshold = spike_threshold
         self.diagnosis = Diagnosis(vanishing_ratio, exploding_ratio, warmup_steps, on_nonfinite)
-        self.update_ratio = update_ratio
+        self.optimizer_stats = optimizer_stats
         self.every_n_steps = every_n_steps
         self.history_size = history_size
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -169,7 +191,13 @@ class GradientFlow(Callback):
     @property
     def faults(self) -> dict[str, BaseException]:
         """Features switched off in this fit after an internal error, with the error."""
-        return dict(self._faults.failed)
+        return dict(self._fit.faults.failed)
+
+    @property
+    def spikes(self) -> list[Spike]:
+        """What the flight recorder found in this fit: each loss spike (or non-finite loss or
+        value) with the first layer to depart from its own history and the CSV written."""
+        return self._fit.instruments.spikes
 
     def input_output_ratio(self, last_n: int = 1) -> float:
         """Input end over output end of the main path's ``mean_abs``, each averaged over its
@@ -190,8 +218,9 @@ class GradientFlow(Callback):
         """The columns of every record and of the CSV, in order (the one place that says)."""
         return record_columns(
             self.stats,
-            update_ratio=self.update_ratio,
-            scaler_in_use=self._scaler_in_use,
+            optimizer_stats=self.optimizer_stats,
+            adam=self._fit.adam_in_use,
+            scaler_in_use=self._fit.scaler_in_use,
             activations=self.activations,
         )
 
@@ -199,17 +228,19 @@ class GradientFlow(Callback):
 
     def _reset_fit(self) -> None:
         """Per-fit state (rebuilt by every ``fit``)."""
-        self._faults = Faults()
-        self._scaler_in_use = False
-        self._grads_unavailable = False  # DeepSpeed: the optimizer steps flat partitions
-        histogram_every = self.histogram_every_n_steps
-        self._fit_layers = FitLayers(self._order, self._faults, histogram_every, self.update_ratio)
-        self._held = HeldRecords()
-        self._stepped = False
-        self._epoch_first_step = 0
-        self._outlets = RecordOutlets(self._history, self._faults)
-        self._figures = FitFigures(self._faults, self.plot, self.log_scale, self._order.rank_of)
-        self._activations = ActivationRecorder(self.activation_diagnosis)
+        self._fit = FitState(
+            order=self._order,
+            history=self._history,
+            histogram_every_n_steps=self.histogram_every_n_steps,
+            optimizer_stats=self.optimizer_stats,
+            plot=self.plot,
+            log_scale=self.log_scale,
+            activation_diagnosis=self.activation_diagnosis,
+            flight_recorder=self.flight_recorder,
+            spike_threshold=self.spike_threshold,
+            noise_scale=self.noise_scale,
+            noise_scale_average=self._noise_scale_average,
+        )
 
     @property
     def state_key(self) -> str:
@@ -224,6 +255,7 @@ class GradientFlow(Callback):
             "last_step": self.last_step,
             "order": self._order.state_dict(),
             "history": self._history.state_dict(),
+            "noise_scale": self._noise_scale_average.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -232,56 +264,75 @@ class GradientFlow(Callback):
         self.last_step = state_dict["last_step"]
         self._order.load_state_dict(state_dict["order"])
         self._history.load_state_dict(state_dict["history"])
+        if "noise_scale" in state_dict:  # absent from checkpoints written before it existed
+            self._noise_scale_average.load_state_dict(state_dict["noise_scale"])
 
     # ---------------------------------------------------------------- Lightning hooks
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resumed = logging_step(trainer) > 0
         csv_path = self._start_fit(trainer, resumed=resumed)
-        self._select_layers(trainer, pl_module)
-        with self._faults.guard("order"):
-            self._order.start(self._fit_layers.names, keep=resumed)
+        fit = self._fit
+        fit.select_layers(trainer, pl_module, self.include, self.exclude, self.every_n_steps)
+        with fit.faults.guard("order"):
+            self._order.start(fit.layers.names, keep=resumed)
         if trainer.is_global_zero:  # a resumed fit appends to its CSV from its step on
             resume_step = logging_step(trainer) if resumed else None
-            self.csv_path = self._outlets.open_csv(csv_path, self.columns, resume_step)
+            self.csv_path = self._fit.outlets.open_csv(csv_path, self.columns, resume_step)
+        fit.instruments.start(trainer, pl_module, fit.layers, csv_path.parent, self._order.rank_of)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_first_step = logging_step(trainer)
+        self._fit.epoch_first_step = logging_step(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._stepped = False
-        self._faults.run("order", self._order.watch, pl_module)
-        if self.activations and self._faults.active("activations") and self._measured(trainer):
-            layers = self._fit_layers.layers
-            self._faults.run("activations", self._activations.start, trainer, pl_module, layers)
+        fit = self._fit
+        fit.stepped = False
+        fit.faults.run("order", self._order.watch, pl_module)
+        if self.activations and fit.faults.active("activations") and self._measured(trainer):
+            fit.faults.run(
+                "activations", fit.activations.start, trainer, pl_module, fit.layers.layers
+            )
+        measured = lambda: self._measured(trainer)  # noqa: E731
+        fit.instruments.batch_start(trainer, pl_module, batch, batch_idx, measured)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         if self._order.watching:
-            self._faults.run("order", self._order.backward, loss)
-        self._activations.pause()
+            self._fit.faults.run("order", self._order.backward, loss)
+        self._fit.activations.pause()
+        self._fit.instruments.before_backward(loss)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activations.resume()
+        self._fit.activations.resume()
+        self._fit.instruments.after_backward()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activations.pause()  # between micro-batches of an accumulated measured step
+        self._fit.activations.pause()  # between micro-batches of an accumulated measured step
+        self._fit.instruments.pause()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activations.resume()
+        self._fit.activations.resume()
+        self._fit.instruments.resume()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._stepped = True
-        if self._grads_unavailable or not self._faults.active("gradients"):
+        fit = self._fit
+        fit.stepped = True
+        step = (trainer, pl_module, optimizer)
+        noise_scale = fit.instruments.before_optimizer_step(*step, self.namespace)
+        if fit.grads_unavailable or not fit.faults.active("gradients"):
             return
         if self._measured(trainer):
-            with self._faults.guard("gradients"):
-                self._measure_gradients(trainer, pl_module, optimizer)
+            with fit.faults.guard("gradients"):
+                settings = {"stats": self.stats, "namespace": self.namespace}
+                measured = fit.measure_gradients(
+                    *step, **settings, diagnosis=self.diagnosis, extra_summary=noise_scale
+                )
+                self.last_step = self.last_step if measured is None else measured
 
     def on_train_batch_end(
         self,
@@ -291,35 +342,33 @@ class GradientFlow(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._fit_layers.end_order_watch()
-        # Automatic optimization may accumulate over several batches before it steps.
-        if self._activations.attached and (self._stepped or not pl_module.automatic_optimization):
-            self._held.add_activation_stats(trainer, self._activations, self._faults)
-        self._release_records(trainer, stepped=True)
+        self._fit.end_batch(trainer, pl_module, self.columns[2:], self.namespace)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activations.close()  # a measured batch that never stepped
+        self._fit.activations.close()  # a measured batch that never stepped
         if trainer.is_global_zero:
-            self._outlets.flush()
-            epoch = [r for r in self.history if r["step"] >= self._epoch_first_step]
+            self._fit.outlets.flush()
+            epoch = [r for r in self.history if r["step"] >= self._fit.epoch_first_step]
             stem = f"epoch_{trainer.current_epoch:03d}"
-            self._figures.draw(trainer, "flow", epoch, self.csv_path, stem)
+            self._fit.figures.draw(trainer, "flow", epoch, self.csv_path, stem)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._activations.close()
+        self._fit.activations.close()
         self._order.close()
         if trainer.is_global_zero:
-            self._outlets.flush()
-            self._figures.draw(trainer, "heatmap", self.history, self.csv_path, "heatmap")
+            self._fit.outlets.flush()
+            self._fit.figures.draw(trainer, "heatmap", self.history, self.csv_path, "heatmap")
+        self._fit.instruments.train_end(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._activations.close()
+        self._fit.activations.close()
         self._order.close()
         self._release_records(trainer, stepped=False)  # the batch never finished
         if trainer.is_global_zero:
-            self._outlets.flush()
+            self._fit.outlets.flush()
+        self._fit.instruments.exception(trainer)
 
     # ---------------------------------------------------------------- the steps of a fit
 
@@ -330,10 +379,10 @@ class GradientFlow(Callback):
             self._history = BoundedHistory(self.history_size)
             self.diagnosis.reset()
             self.activation_diagnosis.reset()
+            self._noise_scale_average.reset()
             self.last_step = None
         self._reset_fit()
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._scaler_in_use = scaler is not None and scaler.is_enabled()
+        self._fit.configure(trainer)
         flows = [cb for cb in trainer.callbacks if isinstance(cb, GradientFlow)]
         namespaces = metric_namespaces([flow.filename for flow in flows])
         self.namespace = next((n for f, n in zip(flows, namespaces) if f is self), NAMESPACE)
@@ -341,55 +390,9 @@ class GradientFlow(Callback):
         self.csv_path = run_dir / self.filename
         return self.csv_path
 
-    def _select_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Find the layers, then warn about settings that they and the Trainer make unusable."""
-        with self._faults.guard("gradients"):
-            self._fit_layers.select(trainer, pl_module, self.include, self.exclude)
-            zero_stage = deepspeed_zero_stage(trainer.strategy)
-            self._grads_unavailable = zero_stage is not None
-            warn_about_fit_settings(
-                zero_stage=zero_stage,
-                log_every_n_steps=trainer.log_every_n_steps,
-                every_n_steps=self.every_n_steps,
-                update_ratio=self.update_ratio,
-                layers=self._fit_layers.layers,
-                faults=self._faults,
-            )
-
     def _measured(self, trainer: pl.Trainer) -> bool:
-        """:meth:`is_measured_step`, guarded: ``False`` when it fails."""
-        measured = False
-        with self._faults.guard("gradients"):
-            measured = self.is_measured_step(trainer)
-        return measured
-
-    def _measure_gradients(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        """Measure ``optimizer``'s layers (every rank) and hold their records until the batch
-        ends, with what the same gradients feed: the summary, histograms, the weights' copy for
-        update ratios, the vanishing/exploding check and the non-finite check."""
-        step = logging_step(trainer)
-        measured = self._fit_layers.measure(trainer, optimizer)
-        if measured is None:
-            return
-        summary = log_summary(trainer, pl_module, optimizer, measured, self.namespace)
-        self.last_step = step
-        scaler_skipped = measured.any_nonfinite if self._scaler_in_use else None
-        held = self._held.hold(measured.records(step, self.stats), summary, scaler_skipped)
-        self._fit_layers.send_histograms_if_due(trainer, measured, step)
-        if trainer.is_global_zero:
-            held.update = self._fit_layers.copy_weights(measured, held.records)
-            self._faults.run("diagnosis", self.diagnosis.check_path, step, measured.path_means())
-        if not scaler_skipped:  # a GradScaler skips such steps: expected in fp16
-            nonfinite = measured.nonfinite_layers()
-            self.diagnosis.nonfinite(step, nonfinite, report=trainer.is_global_zero)
+        return self._fit.measured(trainer, self.every_n_steps)
 
     def _release_records(self, trainer: pl.Trainer, *, stepped: bool) -> None:
-        """The batch is over: store, write and log its records (global rank 0)."""
         values = self.columns[2:]  # after step and layer
-        for held in self._held.release(stepped=stepped, faults=self._faults):
-            if trainer.is_global_zero:
-                self._outlets.emit(
-                    trainer.loggers, held.records, held.summary, self.namespace, values
-                )
+        self._fit.release_records(trainer, values, self.namespace, stepped=stepped)

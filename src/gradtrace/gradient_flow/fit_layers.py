@@ -1,38 +1,39 @@
 """One fit's layers and how they are measured, on every rank: which parameters are layers,
 each optimizer's parameters in data-flow order (:func:`~.step.plan_layers`, rebuilt when the
 layer order changes), the measurement of a step, and the other readers of the same gradients
-and weights: histograms, and the weights before the step for update ratios."""
+and weights: histograms, and the optimizer side of the step (what it did with them)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from gradtrace.compat import loss_scale_tensor, optimizer_handles_unscaling
+from gradtrace.gradient_flow.held_records import PendingOptimizerStep
 from gradtrace.gradient_flow.histogram_loggers import send_histograms
 from gradtrace.gradient_flow.step import Measurement, OptimizerLayers, measure, plan_layers
 from gradtrace.measure.faults import Faults
+from gradtrace.measure.optimizer_stats import OptimizerStep
 from gradtrace.measure.order import LayerOrder
 from gradtrace.measure.selection import Layer, parameter_names, select_layers
 from gradtrace.measure.shards import FSDP1Groups, fsdp1_shard_groups
-from gradtrace.measure.update_ratio import PendingUpdate
 
 __all__ = ["FitLayers"]
 
 
 class FitLayers:
     """The layers of one fit (none until :meth:`select`), ordered by ``order``, with
-    histograms every ``histogram_every_n_steps`` (``None``: never) and copies of the weights
-    for ``update_ratio``; each feature's failures go to ``faults``."""
+    histograms every ``histogram_every_n_steps`` (``None``: never) and the optimizer side of
+    measured steps with ``optimizer_stats``; each feature's failures go to ``faults``."""
 
     def __init__(
         self,
         order: LayerOrder,
         faults: Faults,
         histogram_every_n_steps: int | None,
-        update_ratio: bool,
+        optimizer_stats: bool,
     ) -> None:
         self.layers: list[Layer] = []
         self.names: dict[int, str] = {}
@@ -41,7 +42,7 @@ class FitLayers:
         self._order = order
         self._faults = faults
         self._histogram_every_n_steps = histogram_every_n_steps
-        self._update_ratio = update_ratio
+        self._optimizer_stats = optimizer_stats
         self._plans: dict[tuple[int, int, int], OptimizerLayers] = {}
 
     def select(
@@ -83,15 +84,36 @@ class FitLayers:
         if every and step % every == 0:
             self._faults.run("histograms", self._send_histograms, trainer, measured, step)
 
-    def copy_weights(
-        self, measured: Measurement, records: list[dict[str, Any]]
-    ) -> PendingUpdate | None:
-        """With ``update_ratio``, a copy of the measured layers' weights, to fill
-        ``update_ratio`` into ``records`` once the optimizer has stepped."""
-        if not self._update_ratio:
+    def start_optimizer_side(
+        self,
+        trainer: pl.Trainer,
+        optimizer: torch.optim.Optimizer,
+        measured: Measurement,
+        clipped_norm_key: str,
+        adam: bool,
+    ) -> PendingOptimizerStep | None:
+        """With ``optimizer_stats``, copy the weights ``optimizer`` is about to step and hook
+        its step (every rank), to fill the records of ``measured`` once it has stepped."""
+        if not (self._optimizer_stats and self._faults.active("optimizer_stats")):
             return None
-        params = [measured.plan.params[i] for i in measured.layer_rows]
-        return self._faults.run("update_ratio", PendingUpdate.snapshot, records, params)
+        plan = measured.plan
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaled = scaler is not None and scaler.is_enabled()
+        # An optimizer that unscales itself steps with the gradients still scaled.
+        grad_scale = None
+        if scaled and optimizer_handles_unscaling(optimizer):
+            grad_scale = lambda: loss_scale_tensor(scaler)  # noqa: E731
+        with self._faults.guard("optimizer_stats"):
+            step = OptimizerStep.start(
+                optimizer,
+                [plan.params[i] for i in measured.present],
+                fsdp1_groups=self.fsdp1_groups,
+                grad_scale=grad_scale,
+            )
+            row = {i: k for k, i in enumerate(measured.present)}
+            rows = [row[i] for i in measured.layer_rows]
+            return PendingOptimizerStep(step, rows, clipped_norm_key, adam)
+        return None
 
     def _send_histograms(self, trainer: pl.Trainer, measured: Measurement, step: int) -> None:
         plan = measured.plan

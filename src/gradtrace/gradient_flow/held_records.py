@@ -1,8 +1,9 @@
 """A training batch's records, held from the optimizer steps that measure them until the batch
-ends: its activation statistics and update ratios are known only then."""
+ends: its activation statistics and the optimizer side of its steps are known only then."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,18 +12,55 @@ import lightning.pytorch as pl
 from gradtrace.gradient_flow.activation_recorder import ActivationRecorder
 from gradtrace.gradient_flow.cadence import logging_step
 from gradtrace.measure.faults import Faults
-from gradtrace.measure.update_ratio import PendingUpdate
+from gradtrace.measure.optimizer_stats import ADAM_COLUMNS, OPTIMIZER_COLUMNS, OptimizerStep
 
-__all__ = ["HeldRecords", "StepRecords"]
+__all__ = ["HeldRecords", "PendingOptimizerStep", "StepRecords"]
+
+
+@dataclass
+class PendingOptimizerStep:
+    """The optimizer side of a measured step, to fill into its records once it has stepped."""
+
+    step: OptimizerStep
+    record_rows: list[int]
+    """The row of :attr:`OptimizerStep.params` of each record, in the records' order."""
+    clipped_norm_key: str
+    """The summary scalar of the gradient norm after clipping."""
+    adam: bool
+    """Whether the records have the Adam moment columns."""
+
+    def fill(self, records: list[dict[str, Any]], summary: dict[str, float]) -> None:
+        """Fill the values into ``records`` and ``summary`` (every rank: sharded parameters'
+        partial sums are combined in one collective); NaN when the step never ran."""
+        values = self.step.finish()
+        for record, row in zip(records, self.record_rows):
+            columns = values.columns(row) if values is not None else dict.fromkeys(_ALL, math.nan)
+            record.update({key: columns[key] for key in _columns(self.adam)})
+        summary[self.clipped_norm_key] = (
+            values.grad_norm_clipped if values is not None else math.nan
+        )
+
+    def abandon(self, records: list[dict[str, Any]]) -> None:
+        """The batch failed before the step: its values are NaN."""
+        self.step.abandon()
+        for record in records:
+            record.update(dict.fromkeys(_columns(self.adam), math.nan))
+
+
+def _columns(adam: bool) -> tuple[str, ...]:
+    return (*OPTIMIZER_COLUMNS, *ADAM_COLUMNS) if adam else OPTIMIZER_COLUMNS
+
+
+_ALL = _columns(True)
 
 
 @dataclass
 class StepRecords:
-    """One optimizer step's records and summary scalars, and its update ratios to come."""
+    """One optimizer step's records and summary scalars, and its optimizer side to come."""
 
     records: list[dict[str, Any]]
     summary: dict[str, float]
-    update: PendingUpdate | None = None
+    optimizer_side: PendingOptimizerStep | None = None
 
 
 class HeldRecords:
@@ -67,12 +105,14 @@ class HeldRecords:
             faults.run("diagnosis", recorder.diagnose, logging_step(trainer), stats)
 
     def release(self, *, stepped: bool, faults: Faults) -> list[StepRecords]:
-        """The batch is over: hand over its records, with their update ratios once the
-        optimizer has ``stepped`` (a failed batch abandons them), and hold none."""
+        """The batch is over: hand over its records, with their optimizer side once the
+        optimizer has ``stepped`` (a failed batch abandons it), and hold none. Every rank
+        calls it (sharded parameters' optimizer side is combined in a collective)."""
         steps, self._steps = self._steps, []
         for step in steps:
-            if step.update is not None and stepped:
-                faults.run("update_ratio", step.update.finish)
-            elif step.update is not None:
-                step.update.abandon()
+            pending = step.optimizer_side
+            if pending is not None and stepped and faults.active("optimizer_stats"):
+                faults.run("optimizer_stats", pending.fill, step.records, step.summary)
+            elif pending is not None:
+                pending.abandon(step.records)
         return steps

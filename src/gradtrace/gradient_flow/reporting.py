@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from gradtrace.gradient_flow.step import Measurement
 from gradtrace.measure.activations import ACTIVATION_STATS
 from gradtrace.measure.faults import Faults
+from gradtrace.measure.optimizer_stats import ADAM_COLUMNS, OPTIMIZER_COLUMNS
 from gradtrace.measure.records import BoundedHistory, CsvRecords
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "RecordOutlets",
     "log_summary",
     "metric_namespaces",
+    "optimizer_suffix",
     "record_columns",
 ]
 
@@ -36,14 +38,19 @@ FLUSH_INTERVAL_S = 60.0
 
 
 def record_columns(
-    stats: Sequence[str], *, update_ratio: bool, scaler_in_use: bool, activations: bool
+    stats: Sequence[str],
+    *,
+    optimizer_stats: bool,
+    adam: bool,
+    scaler_in_use: bool,
+    activations: bool,
 ) -> list[str]:
     """The columns of every record and of the CSV, in order: ``step``, ``layer``, ``stats``,
-    then ``update_ratio``, ``scaler_skipped`` (under a GradScaler) and the activation
-    statistics when recorded."""
+    then the optimizer side when recorded (``adam``: with Adam's moments), ``scaler_skipped``
+    (under a GradScaler) and the activation statistics when recorded."""
     columns = ["step", "layer", *stats]
-    if update_ratio:
-        columns.append("update_ratio")
+    if optimizer_stats:
+        columns += OPTIMIZER_COLUMNS + (ADAM_COLUMNS if adam else ())
     if scaler_in_use:
         columns.append("scaler_skipped")
     if activations:
@@ -74,15 +81,21 @@ def log_summary(
     measured: Measurement,
     namespace: str,
 ) -> dict[str, float]:
-    """The summary scalars of ``optimizer``'s step (``/optimizer_<i>`` after the trainer's
-    first optimizer), also logged through ``pl_module``."""
-    index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-    summary = measured.summary_values(namespace, f"/optimizer_{index}" if index else "")
+    """The summary scalars of ``optimizer``'s step (:func:`optimizer_suffix` after their
+    names), also logged through ``pl_module``."""
+    summary = measured.summary_values(namespace, optimizer_suffix(trainer, optimizer))
     for key, value in summary.items():
         # The loggers get them with the per-layer values (step 0 included); this is for
         # EarlyStopping, ModelCheckpoint and the progress bar.
         pl_module.log(key, value, on_step=True, on_epoch=False, logger=False)
     return summary
+
+
+def optimizer_suffix(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
+    """What follows a summary scalar's name: ``/optimizer_<i>`` for the trainer's second and
+    later optimizers, nothing for the first."""
+    index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+    return f"/optimizer_{index}" if index else ""
 
 
 class RecordOutlets:

@@ -12,14 +12,18 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from gradtrace.checks import check_choice, check_int
+from gradtrace.checks import check_choice, check_int, check_range
 from gradtrace.measure.diagnosis import GradientFlowWarning
-from gradtrace.measure.faults import Faults
-from gradtrace.measure.selection import Layer, select_layers
-from gradtrace.measure.shards import is_sharded
+from gradtrace.measure.selection import select_layers
 from gradtrace.measure.stats import STATS
 
-__all__ = ["check_arguments", "deepspeed_zero_stage", "warn_about_fit_settings"]
+__all__ = [
+    "check_arguments",
+    "check_flight_recorder",
+    "check_noise_scale",
+    "deepspeed_zero_stage",
+    "warn_about_fit_settings",
+]
 
 # warnings.warn's stacklevel that points past this module and the callback's two frames
 # (the hook and its helper) at Lightning's call of the hook.
@@ -65,18 +69,32 @@ def check_arguments(
     return stats, _as_tuple(include), _as_tuple(exclude)
 
 
+def check_flight_recorder(flight_recorder: int | None, spike_threshold: float) -> None:
+    """Raise ``ValueError`` unless ``flight_recorder`` is ``None`` or at least 20 steps (fewer
+    could not hold the 10 steps of history the spike rule needs, checked every K // 4 steps)
+    and ``spike_threshold`` is positive."""
+    check_int("flight_recorder", flight_recorder, 20, optional=True)
+    check_range("spike_threshold", spike_threshold, 0.0, low_inclusive=False)
+
+
+def check_noise_scale(noise_scale: bool, noise_scale_decay: float) -> None:
+    """Raise ``ValueError`` unless ``noise_scale`` is a bool and ``noise_scale_decay`` (of its
+    running averages) lies strictly between 0 and 1."""
+    check_choice("noise_scale", noise_scale, (False, True))
+    check_range(
+        "noise_scale_decay", noise_scale_decay, 0.0, 1.0, low_inclusive=False, high_inclusive=False
+    )
+
+
 def warn_about_fit_settings(
     *,
     zero_stage: int | None,
     log_every_n_steps: int,
     every_n_steps: int | None,
-    update_ratio: bool,
-    layers: Sequence[Layer],
-    faults: Faults,
 ) -> None:
     """Warn about settings known only at train start: DeepSpeed (``zero_stage``, ``None``
     without it) leaves nothing to measure, ``log_every_n_steps < 1`` only the first and last
-    step, and sharded parameters no update ratios (switched off in ``faults``)."""
+    step."""
     if zero_stage is not None:
         warnings.warn(
             f"GradientFlow does not measure under DeepSpeed (ZeRO stage {zero_stage}): its "
@@ -92,14 +110,6 @@ def warn_about_fit_settings(
             f"GradientFlow follows Trainer(log_every_n_steps={log_every_n_steps}): "
             "only the first and the last step are measured; pass every_n_steps to measure "
             "more",
-            GradientFlowWarning,
-            stacklevel=_HOOK_CALLER,
-        )
-    if update_ratio and any(is_sharded(layer.param) for layer in layers):
-        faults.disable("update_ratio", ValueError("sharded parameters"))
-        warnings.warn(
-            "GradientFlow(update_ratio=True) needs whole parameters on global rank 0; with "
-            "sharded parameters (FSDP, DTensor) this fit records no update ratios",
             GradientFlowWarning,
             stacklevel=_HOOK_CALLER,
         )

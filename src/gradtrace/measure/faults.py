@@ -26,11 +26,13 @@ FEATURES: dict[str, str] = {
     "activations": "activation statistics",
     "order": "layer order",
     "diagnosis": "vanishing/exploding diagnosis",
-    "update_ratio": "update ratios",
+    "optimizer_stats": "optimizer statistics",
     "files": "the CSV file",
     "loggers": "logger metrics",
     "plots": "plots",
     "histograms": "histograms",
+    "flight_recorder": "the flight recorder",
+    "noise_scale": "the gradient noise scale",
 }
 """The features that switch off one by one, with how a warning names them."""
 

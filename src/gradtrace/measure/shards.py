@@ -38,7 +38,7 @@ __all__ = [
     "Held",
     "fsdp1_shard_groups",
     "held_here",
-    "is_sharded",
+    "param_shard_ranks",
     "reduce_over_ranks",
     "shard_mask",
 ]
@@ -173,6 +173,23 @@ def held_here(param: torch.Tensor, fsdp1_groups: FSDP1Groups | None = None) -> H
     return Held(grad, grad.numel(), shard_ranks)
 
 
+def param_shard_ranks(
+    param: torch.Tensor, fsdp1_groups: FSDP1Groups | None = None
+) -> tuple[int, ...] | None:
+    """Global ranks whose pieces of the parameter ``param`` itself (its values, and optimizer
+    state shaped like it), with this rank's, make the whole tensor; ``None``: whole here.
+
+    Read from the parameter, not its gradient: a DTensor's gradient may be placed otherwise
+    (a ``Replicate`` bias gets a ``Shard`` gradient)."""
+    if is_fsdp1_flattened(param):
+        known = fsdp1_groups if fsdp1_groups is not None else {}
+        return known.get(param, EVERY_RANK)
+    placements = getattr(param, "placements", None)
+    if placements is not None and any(p.is_shard() for p in placements):
+        return _shard_group(param.device_mesh, placements)
+    return None
+
+
 def shard_mask(
     shard_ranks: Sequence[tuple[int, ...] | None], group: Any, device: torch.device
 ) -> torch.Tensor | None:
@@ -203,9 +220,3 @@ def reduce_over_ranks(
         # where, not a product: a nan partial sum times a 0 mask would still be nan.
         gathered = torch.where(keep, gathered, torch.full_like(gathered, fill))
     return getattr(gathered, reduce)(dim=0)
-
-
-def is_sharded(param: torch.Tensor) -> bool:
-    """Whether this rank holds only part of ``param`` (an FSDP1 original parameter or a
-    DTensor), known before any gradient exists."""
-    return is_fsdp1_flattened(param) or hasattr(param, "device_mesh")

@@ -1,10 +1,11 @@
 """ResNets (He et al., 2016): the CIFAR family, its plain twins, and the ImageNet family.
 
 * CIFAR (section 4.2 of the paper): a 3x3 conv with 16 filters, three stages of ``n`` basic
-  blocks with 16, 32 and 64 filters (``depth = 6n + 2``), global average pooling, a linear
-  head. Shortcuts are identities; where a stage halves the resolution and doubles the width
-  the input is subsampled and zero-padded ("option A"), so shortcuts add no parameters and
-  ``plain20/32/...`` (``residual=False``) have exactly as many as ``resnet20/32/...``.
+  blocks with 16, 32 and 64 filters (``depth = 6n + 2``; ``width`` makes them w, 2w, 4w),
+  global average pooling, a linear head. Shortcuts are identities; where a stage halves the
+  resolution and doubles the width the input is subsampled and zero-padded ("option A"),
+  so shortcuts add no parameters and ``plain20/32/...`` (``residual=False``) have exactly
+  as many as ``resnet20/32/...``.
 * ImageNet: torchvision's layout (7x7 stem and max-pool, basic blocks for 18/34, bottleneck
   blocks with the stride on the 3x3 conv for 50/101/152, 1x1 conv + BN projections where the
   shape changes), so parameter counts match torchvision's.
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gradtrace.checks import check_choice
+from gradtrace.checks import check_choice, check_int
 from gradtrace.models.layers import ActLayer, NormLayer, resolve_act_layer, resolve_norm_layer
 from gradtrace.models.registry import register_model
 from gradtrace.models.resnet_blocks import BLOCKS, conv3x3
@@ -144,6 +145,7 @@ def resnet_cifar(
     preact: bool = False,
     norm: str | None = None,
     activation: str | None = None,
+    width: int = 16,
     norm_layer: NormLayer | None = None,
     act_layer: ActLayer | None = None,
 ) -> ResNet:
@@ -151,13 +153,15 @@ def resnet_cifar(
 
     ``norm`` is one of ``batch`` (default), ``group``, ``layer``, ``none`` and ``activation``
     one of ``relu`` (default), ``leaky_relu``, ``elu``, ``selu``, ``sigmoid``, ``tanh``;
-    ``norm_layer``/``act_layer`` take factories instead.
+    ``norm_layer``/``act_layer`` take factories instead. ``width`` sets the stages' filters to
+    ``width``, ``2 * width`` and ``4 * width`` (the paper's 16, 32, 64 by default).
     """
     n = cifar_blocks(depth)
+    check_int("width", width, 1)
     return ResNet(
         "basic",
         (n, n, n),
-        (16, 32, 64),
+        (width, 2 * width, 4 * width),
         stem="cifar",
         downsample="zeropad",
         residual=residual,

@@ -72,6 +72,13 @@ def create_timm_model(
         ) from err
 
 
+# timm model -> (embedding size, attention heads), timm's own configurations.
+_VIT_WIDTHS: dict[str, tuple[int, int]] = {
+    "vit_tiny_patch16_224": (192, 3),
+    "vit_small_patch16_224": (384, 6),
+}
+
+
 def vit_cifar(
     num_classes: int = 10,
     in_chans: int = 3,
@@ -79,12 +86,30 @@ def vit_cifar(
     img_size: int = 32,
     patch_size: int = 4,
     drop_path_rate: float = 0.0,
+    embed_dim: int | None = None,
     *,
     timm_name: str,
 ) -> nn.Module:
     """ViT with 4x4 patches for 32x32 images: timm's ``timm_name`` (fixed by each registered
-    name, see :data:`VIT_CIFAR`) resized to the CIFAR geometry."""
+    name, see :data:`VIT_CIFAR`) resized to the CIFAR geometry. ``embed_dim`` changes the
+    embedding size (the MLPs follow it; default: timm's, 192 for ViT-Ti, 384 for ViT-S), a
+    multiple of the attention heads (3 for ViT-Ti, 6 for ViT-S)."""
     _check_options(img_size, patch_size, drop_path_rate)
+    default_dim, heads = _VIT_WIDTHS[timm_name]
+    if embed_dim is not None:
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < heads:
+            raise ValueError(f"embed_dim must be an integer >= {heads}; got {embed_dim!r}")
+        if embed_dim % heads:
+            raise ValueError(
+                f"embed_dim must be a multiple of the {heads} attention heads of {timm_name}; "
+                f"got {embed_dim}, nearest valid: {embed_dim - embed_dim % heads}, "
+                f"{embed_dim - embed_dim % heads + heads}"
+            )
+        if pretrained and embed_dim != default_dim:
+            raise ValueError(
+                f"pretrained weights exist for embed_dim={default_dim} only; got {embed_dim}"
+            )
+    sizes = {} if embed_dim is None else {"embed_dim": embed_dim}
     return create_timm_model(
         timm_name,
         pretrained=pretrained,
@@ -93,6 +118,7 @@ def vit_cifar(
         img_size=img_size,
         patch_size=patch_size,
         drop_path_rate=drop_path_rate,
+        **sizes,
     )
 
 
