@@ -41,8 +41,15 @@ def zero(stage: int, offload: bool = False) -> GradientsMeasured:
 
 
 def join(rank: int, world: int) -> None:
+    import importlib
+
     import deepspeed
 
+    # DeepSpeed's CPU backend compiles its shared-memory collectives on first use (about 50 s
+    # on a fresh machine, every CI run); gloo carries the same collectives, and the gradient
+    # partitions under test do not depend on which. (The attribute deepspeed.comm.torch is
+    # torch itself: the module is reached by its name.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
 
 
