@@ -21,7 +21,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,6 +35,7 @@ from gradtrace.measure.noise_scale import (
 )
 from helpers.distributed import run_rank_script
 from helpers.fits import quiet_trainer
+from helpers.metrics import MetricsLogger
 
 KEYS = ("noise_scale", "noise_scale_step", "noise_scale_trace", "noise_scale_grad_sq")
 
@@ -128,37 +128,6 @@ def test_hooks_see_each_backward_pass_before_it_is_added_to_grad(monkeypatch) ->
 # ---------------------------------------------------------------- through Lightning
 
 
-class MetricsLogger(Logger):
-    """Every ``log_metrics`` call, in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "metrics"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.steps.setdefault(int(step), {}).update(metrics)
-
-    def noise_scale(self) -> dict[int, dict[str, float]]:
-        """``{step: {key: value}}`` of the noise-scale scalars (without ``grad_flow/``)."""
-        found = {}
-        for step, metrics in self.steps.items():
-            values = {k.split("/", 1)[1]: v for k, v in metrics.items() if "/noise_scale" in k}
-            if values:
-                found[step] = values
-        return found
-
-
 class LinearRegression(pl.LightningModule):
     def __init__(
         self, weight: torch.Tensor, lr: float = 0.0, manual: bool = False, fused: bool = False
@@ -225,7 +194,7 @@ def test_linear_regression_estimate_is_within_10_percent_of_the_closed_form(
     logger, _ = fit_regression(
         tmp_path, data, weight, batch, noise_scale_decay=0.98, accumulate_grad_batches=accumulate
     )
-    logged = logger.noise_scale()
+    logged = logger.named("/noise_scale")
     assert sorted(logged) == list(range(steps))
     assert set(logged[0]) == set(KEYS)
     delta_sq = (weight - w_star).square().sum().item()
@@ -265,10 +234,13 @@ def test_fp16_loss_scale_is_divided_out(tmp_path: Path, fused: bool) -> None:
         accumulate_grad_batches=2,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
     )
-    assert sorted(fp16.noise_scale()) == sorted(fp32.noise_scale()) == [0, 1, 2, 3]
-    for step, values in fp32.noise_scale().items():
+    assert sorted(fp16.named("/noise_scale")) == sorted(fp32.named("/noise_scale")) == [0, 1, 2, 3]
+    for step, values in fp32.named("/noise_scale").items():
         for key, value in values.items():  # fp16 autocast: the forward pass rounds
-            assert fp16.noise_scale()[step][key] == pytest.approx(value, rel=1e-2), (step, key)
+            assert fp16.named("/noise_scale")[step][key] == pytest.approx(value, rel=1e-2), (
+                step,
+                key,
+            )
 
 
 @pytest.mark.slow
@@ -303,7 +275,7 @@ def test_no_second_batch_size_warns_once_and_logs_nothing(tmp_path: Path) -> Non
         assert len(said) == 1, said
         assert needs in said[0]
         assert said[0].startswith("GradientFlow(noise_scale=True) logs no noise scale")
-        assert logger.noise_scale() == {}
+        assert logger.named("/noise_scale") == {}
 
     def reason(**settings: Any) -> str | None:
         fit = {"world_size": 1, "accumulate_grad_batches": 2, "automatic_optimization": True}
@@ -343,7 +315,7 @@ def test_a_step_measured_from_a_later_micro_batch_on_gives_no_estimate(tmp_path:
         accumulate_grad_batches=3,
     )
     trainer.fit(LinearRegression(weight), DataLoader(data, batch_size=8))
-    assert sorted(logger.noise_scale()) == [0, 2]
+    assert sorted(logger.named("/noise_scale")) == [0, 2]
 
 
 def test_a_failing_hook_switches_off_the_noise_scale_alone(tmp_path: Path, monkeypatch) -> None:
@@ -359,7 +331,7 @@ def test_a_failing_hook_switches_off_the_noise_scale_alone(tmp_path: Path, monke
     assert len(said) == 1, said
     assert said[0].startswith("GradientFlow switched off the gradient noise scale")
     assert "RuntimeError: hook failure" in said[0]
-    assert logger.noise_scale() == {}
+    assert logger.named("/noise_scale") == {}
     assert all("grad_flow/grad_norm" in logger.steps[step] for step in range(3))
 
 
@@ -371,8 +343,8 @@ def test_training_is_unchanged_and_resuming_continues_the_average(tmp_path: Path
         options = {"noise_scale": noise_scale, "lr": 0.1, "accumulate_grad_batches": 2}
         fits[noise_scale] = fit_regression(root, data, weight, 16, **options)
     assert torch.equal(fits[False][1].linear.weight, fits[True][1].linear.weight)
-    assert fits[False][0].noise_scale() == {}
-    assert len(fits[True][0].noise_scale()) == 6
+    assert fits[False][0].named("/noise_scale") == {}
+    assert len(fits[True][0].named("/noise_scale")) == 6
 
     # Two epochs straight, or one, a checkpoint and a second: the same running average.
     def two_epochs(root: Path, ckpt: str | None = None, epochs: int = 2) -> GradientFlow:

@@ -13,12 +13,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradtrace import GradientFlow, read_history
 from helpers.fits import quiet_trainer
+from helpers.metrics import MetricsLogger
 
 CLIP = 0.05
 STEPS = 3
@@ -76,28 +76,6 @@ class ByHand(pl.Callback):
         self.steps.append({"clipped": clipped.item(), "layers": layers})
 
 
-class MetricsLogger(Logger):
-    """Keeps what the loggers are sent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def fit(tmp_path: Path, optimizer: str) -> tuple[GradientFlow, ByHand, MetricsLogger]:
     torch.manual_seed(0)
     data = TensorDataset(torch.randint(0, 20, (12, 5)), torch.randint(0, 3, (12,)))
@@ -126,7 +104,7 @@ def test_adamw_update_weight_and_moments_equal_the_state_read_by_hand(tmp_path: 
     assert read_history(flow.csv_path) == flow.history
 
     # the gradient norm before clipping (above CLIP) and after it (CLIP), per step
-    summaries = [m for _, m in logger.metrics if "grad_flow/grad_norm_clipped" in m]
+    summaries = [m for m in logger.steps.values() if "grad_flow/grad_norm_clipped" in m]
     assert len(summaries) == STEPS
     for step, summary in enumerate(summaries):
         assert summary["grad_flow/grad_norm"] > CLIP

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtrace.checks import check_int
-from gradtrace.cli.errors import CommandParser, UserError
+from gradtrace.cli.errors import CommandParser, UserError, require_matplotlib
 from gradtrace.cli.run_files import (
     GRADIENT_FLOW_FILE,
     FinishedRun,
@@ -211,13 +211,7 @@ def compare_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--title", default=None, help="the figure's title (default: none)")
     args = parser.parse_args(list(argv))
-    try:
-        import matplotlib  # noqa: F401  (optional: the "plot" extra)
-    except ImportError:
-        raise UserError(
-            "gradtrace compare draws a figure, which needs matplotlib: "
-            "pip install 'gradtrace[plot]'"
-        ) from None
+    require_matplotlib("compare")
     try:
         rows = compare_runs(
             args.run_dirs,

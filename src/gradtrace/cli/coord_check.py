@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gradtrace.cli.errors import CommandParser, UserError
+from gradtrace.cli.errors import CommandParser, UserError, require_matplotlib
 from gradtrace.cli.model_inputs import (
     add_input_options,
     check_input_options,
@@ -28,10 +27,10 @@ from gradtrace.cli.model_inputs import (
     dataset_batches,
     input_error,
     parse_model_spec,
+    random_batches,
 )
 from gradtrace.data import ChecksumError, DataNotFoundError
 from gradtrace.measure.coord_check import COORD_STATS, FLAT_SLOPE, CoordCheckResult, coord_check
-from gradtrace.measure.probe import random_batch
 
 __all__ = [
     "COORD_COLUMNS",
@@ -224,13 +223,7 @@ def coord_check_main(argv: Sequence[str]) -> int:
     parser = _parser()
     args = parser.parse_args(list(argv))
     _check_arguments(parser, args)
-    try:
-        import matplotlib  # noqa: F401  (optional: the "plot" extra)
-    except ImportError:
-        raise UserError(
-            "gradtrace coord-check draws a figure, which needs matplotlib: "
-            "pip install 'gradtrace[plot]'"
-        ) from None
+    require_matplotlib("coord-check")
     label = args.model
     try:
         name, options = parse_model_spec(label)
@@ -241,9 +234,7 @@ def coord_check_main(argv: Sequence[str]) -> int:
         if args.data != "random":
             batch_fn, input_size, classes = dataset_batches(args)
         else:
-            input_size = tuple(args.input_size or info.input_size)
-            classes = args.num_classes or info.num_classes
-            batch_fn = functools.partial(random_batch, input_size, classes, args.batch_size)
+            batch_fn, input_size, classes = random_batches(args, info.input_size, info.num_classes)
         parameters = [
             check_model_on_meta(
                 f"{label} at {knob}={width}", name, {**options, knob: width}, input_size, classes

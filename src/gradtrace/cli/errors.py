@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
-__all__ = ["CommandParser", "UserError", "one_line"]
+__all__ = ["CommandParser", "UserError", "one_line", "require_matplotlib"]
 
 
 class UserError(Exception):
@@ -30,3 +30,15 @@ class CommandParser(argparse.ArgumentParser):
 def one_line(err: BaseException) -> str:
     """``err``'s message with its lines joined: a user error is printed as one line."""
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def require_matplotlib(command: str) -> None:
+    """Raise :class:`UserError` before any work when ``gradtrace <command>``, which draws a
+    figure, cannot: matplotlib (the ``plot`` extra) is not installed."""
+    try:
+        import matplotlib  # noqa: F401  (optional: the "plot" extra)
+    except ImportError:
+        raise UserError(
+            f"gradtrace {command} draws a figure, which needs matplotlib: "
+            "pip install 'gradtrace[plot]'"
+        ) from None

@@ -6,6 +6,7 @@ training batch to measure it on, read without downloading, and the options that 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from gradtrace.cli.errors import UserError
 from gradtrace.data import DataNotFoundError
-from gradtrace.measure.probe import Batch
+from gradtrace.measure.probe import Batch, random_batch
 
 __all__ = [
     "add_input_options",
@@ -25,6 +26,7 @@ __all__ = [
     "dataset_batches",
     "input_error",
     "parse_model_spec",
+    "random_batches",
 ]
 
 
@@ -189,3 +191,15 @@ def input_error(err: Exception, command: str, dataset: str) -> UserError:
             f"; gradtrace {command} never downloads (gradtrace fit --data.dataset {dataset} does)"
         )
     return UserError(message)
+
+
+def random_batches(
+    args: Any, input_size: Sequence[int], num_classes: int
+) -> tuple[Callable[[int], Batch], tuple[int, ...], int]:
+    """For ``--data random``: a batch of ``--batch-size`` random images per seed, of
+    ``--input-size`` and ``--num-classes`` when given, else the model's own ``input_size``
+    and ``num_classes``; as ``(batch of the seed, input size, classes)`` like
+    :func:`dataset_batches`."""
+    size = tuple(args.input_size or input_size)
+    classes = args.num_classes or num_classes
+    return functools.partial(random_batch, size, classes, args.batch_size), size, classes

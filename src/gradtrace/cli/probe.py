@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gradtrace.cli.errors import CommandParser, UserError
+from gradtrace.cli.errors import CommandParser, UserError, require_matplotlib
 from gradtrace.cli.model_inputs import (
     add_input_options,
     check_input_options,
@@ -27,6 +27,7 @@ from gradtrace.cli.model_inputs import (
     dataset_batches,
     input_error,
     parse_model_spec,
+    random_batches,
 )
 from gradtrace.data import ChecksumError, DataNotFoundError
 from gradtrace.measure.probe import (
@@ -35,7 +36,6 @@ from gradtrace.measure.probe import (
     classification_loss,
     median_range,
     probe,
-    random_batch,
 )
 
 __all__ = ["ProbedModel", "probe_main", "probe_table", "write_probe_csv"]
@@ -185,12 +185,7 @@ def probe_main(argv: Sequence[str]) -> int:
     parser = _parser()
     args = parser.parse_args(list(argv))
     _check_arguments(parser, args)
-    try:
-        import matplotlib  # noqa: F401  (optional: the "plot" extra)
-    except ImportError:
-        raise UserError(
-            "gradtrace probe draws a figure, which needs matplotlib: pip install 'gradtrace[plot]'"
-        ) from None
+    require_matplotlib("probe")
     device = torch.device(args.device)
     dataset = None
     specs = []
@@ -203,9 +198,8 @@ def probe_main(argv: Sequence[str]) -> int:
             if dataset is not None:
                 batch_fn, input_size, classes = dataset
             else:
-                input_size = tuple(args.input_size or info.input_size)
-                classes = args.num_classes or info.num_classes
-                batch_fn = functools.partial(random_batch, input_size, classes, args.batch_size)
+                random = random_batches(args, info.input_size, info.num_classes)
+                batch_fn, input_size, classes = random
             parameters = check_model_on_meta(label, name, options, input_size, classes)
             build = _on_device(name, options, input_size[0], classes, device)
             specs.append((label, build, batch_fn, parameters))

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from gradtrace.gradient_flow.activation_recorder import ActivationRecorder
 from gradtrace.gradient_flow.cadence import logging_step
 from gradtrace.measure.faults import Faults
-from gradtrace.measure.optimizer_stats import ADAM_COLUMNS, OPTIMIZER_COLUMNS, OptimizerStep
+from gradtrace.measure.optimizer_stats import OptimizerStep, optimizer_columns
 
 __all__ = ["HeldRecords", "PendingOptimizerStep", "StepRecords"]
 
@@ -33,25 +33,23 @@ class PendingOptimizerStep:
         """Fill the values into ``records`` and ``summary`` (every rank: sharded parameters'
         partial sums are combined in one collective); NaN when the step never ran."""
         values = self.step.finish()
+        if values is None:
+            self._fill_nan(records)
+            summary[self.clipped_norm_key] = math.nan
+            return
         for record, row in zip(records, self.record_rows):
-            columns = values.columns(row) if values is not None else dict.fromkeys(_ALL, math.nan)
-            record.update({key: columns[key] for key in _columns(self.adam)})
-        summary[self.clipped_norm_key] = (
-            values.grad_norm_clipped if values is not None else math.nan
-        )
+            columns = values.columns(row)
+            record.update({key: columns[key] for key in optimizer_columns(self.adam)})
+        summary[self.clipped_norm_key] = values.grad_norm_clipped
 
     def abandon(self, records: list[dict[str, Any]]) -> None:
         """The batch failed before the step: its values are NaN."""
         self.step.abandon()
+        self._fill_nan(records)
+
+    def _fill_nan(self, records: list[dict[str, Any]]) -> None:
         for record in records:
-            record.update(dict.fromkeys(_columns(self.adam), math.nan))
-
-
-def _columns(adam: bool) -> tuple[str, ...]:
-    return (*OPTIMIZER_COLUMNS, *ADAM_COLUMNS) if adam else OPTIMIZER_COLUMNS
-
-
-_ALL = _columns(True)
+            record.update(dict.fromkeys(optimizer_columns(self.adam), math.nan))
 
 
 @dataclass

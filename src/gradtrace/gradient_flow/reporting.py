@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from gradtrace.gradient_flow.step import Measurement
 from gradtrace.measure.activations import ACTIVATION_STATS
 from gradtrace.measure.faults import Faults
-from gradtrace.measure.optimizer_stats import ADAM_COLUMNS, OPTIMIZER_COLUMNS
+from gradtrace.measure.optimizer_stats import optimizer_columns
 from gradtrace.measure.records import BoundedHistory, CsvRecords
 
 __all__ = [
@@ -50,7 +50,7 @@ def record_columns(
     (under a GradScaler) and the activation statistics when recorded."""
     columns = ["step", "layer", *stats]
     if optimizer_stats:
-        columns += OPTIMIZER_COLUMNS + (ADAM_COLUMNS if adam else ())
+        columns += optimizer_columns(adam)
     if scaler_in_use:
         columns.append("scaler_skipped")
     if activations:

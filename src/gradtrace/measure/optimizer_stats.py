@@ -35,7 +35,14 @@ from gradtrace.measure.shards import (
     shard_mask,
 )
 
-__all__ = ["ADAM_COLUMNS", "OPTIMIZER_COLUMNS", "OptimizerStep", "StepValues", "is_adam_family"]
+__all__ = [
+    "ADAM_COLUMNS",
+    "OPTIMIZER_COLUMNS",
+    "OptimizerStep",
+    "StepValues",
+    "is_adam_family",
+    "optimizer_columns",
+]
 
 OPTIMIZER_COLUMNS: tuple[str, ...] = ("update_norm", "weight_norm", "update_ratio")
 """Per-layer columns for every optimizer: ``||dw||``, ``||w||`` before the step, their ratio."""
@@ -47,6 +54,12 @@ ADAM_COLUMNS: tuple[str, ...] = ("m_mean_abs", "sqrt_v_mean")
 _UPDATE_SQ, _WEIGHT_SQ, _GRAD_SQ, _M_ABS, _SQRT_V, _COUNT = range(6)
 
 GradScale = Callable[[], "torch.Tensor | None"]
+
+
+def optimizer_columns(adam: bool) -> tuple[str, ...]:
+    """The per-layer columns of the optimizer side: :data:`OPTIMIZER_COLUMNS`, then
+    :data:`ADAM_COLUMNS` when ``adam``."""
+    return (*OPTIMIZER_COLUMNS, *ADAM_COLUMNS) if adam else OPTIMIZER_COLUMNS
 
 
 def is_adam_family(optimizer: torch.optim.Optimizer) -> bool:
